@@ -1,0 +1,47 @@
+"""hfguard: protect a PyTorch image classifier against adversarial examples.
+
+    >>> import hfguard
+    >>> guard = hfguard.protect(model).fit(clean_loader)   # doctest: +SKIP
+    >>> verdict = guard.check(images)                       # doctest: +SKIP
+"""
+
+from hfguard.errors import (
+    DataError,
+    DatasetNotAvailableError,
+    HFGuardError,
+    InputError,
+    ModelError,
+    ModelMismatchError,
+    NotFittedError,
+    ShapeError,
+    StateFileError,
+)
+from hfguard.guard import Guard, Inspection, Verdict, protect
+
+__version__ = "0.1.0"
+
+
+def load(path, model, **overrides) -> Guard:
+    """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.io.load_guard`)."""
+    from hfguard.io import load_guard
+
+    return load_guard(path, model, **overrides)
+
+
+__all__ = [
+    "protect",
+    "load",
+    "Guard",
+    "Verdict",
+    "Inspection",
+    "HFGuardError",
+    "NotFittedError",
+    "InputError",
+    "ShapeError",
+    "DataError",
+    "ModelError",
+    "StateFileError",
+    "ModelMismatchError",
+    "DatasetNotAvailableError",
+    "__version__",
+]

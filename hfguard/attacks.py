@@ -1,0 +1,202 @@
+"""Small, tested attacks used by the demo, the benchmarks and the tests.
+
+All attacks work on images in ``[lo, hi]`` (default ``[0, 1]``), take any
+callable ``model`` returning logits, are batched (no per-sample loops), use
+``torch.autograd.grad`` (parameters' ``.grad`` is never touched) and return
+the adversarial images detached.  Random starts use a private generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["fgsm", "pgd", "cw_l2", "orthogonal_pgd"]
+
+Model = Callable[[Tensor], Tensor]
+
+
+def _grad(loss: Tensor, x: Tensor) -> Tensor:
+    return torch.autograd.grad(loss, x)[0]
+
+
+def _normalize_l2(g: Tensor) -> Tensor:
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, lo: float, hi: float) -> Tensor:
+    delta = x_adv - x
+    if norm == "inf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        delta = delta * (eps / n.clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta).clamp(lo, hi)
+
+
+def fgsm(model: Model, x: Tensor, y: Tensor, eps: float, *, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015), L-inf ``eps``."""
+    x = x.detach()
+    xr = x.clone().requires_grad_(True)
+    g = _grad(F.cross_entropy(model(xr), y), xr)
+    return (x + eps * g.sign()).clamp(lo, hi).detach()
+
+
+def pgd(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    steps: int = 40,
+    step_size: float | None = None,
+    norm: str = "inf",
+    random_start: bool = True,
+    seed: int = 0,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Projected gradient descent (Madry et al., 2018) under an L-inf or L2 budget.
+
+    Args:
+        model: callable returning logits.
+        x: (N, ...) clean images in ``[lo, hi]``.
+        y: (N,) true labels.
+        eps: budget (L-inf or L2 radius).
+        steps: iterations.
+        step_size: default ``2.5 * eps / steps``.
+        norm: ``"inf"`` or ``"2"``.
+        random_start: start from a uniform point of the ball.
+        seed: seed of the random start.
+        loss_fn: ``loss_fn(logits, y, x_adv) -> (N,)`` loss to *maximise*;
+            default cross-entropy (use it for detector-aware attacks).
+
+    Returns:
+        Adversarial images (N, ...).
+    """
+    if norm not in ("inf", "2"):
+        raise ValueError(f"norm must be 'inf' or '2', got {norm!r}")
+    x = x.detach()
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if random_start:
+        if norm == "inf":
+            noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+        else:
+            noise = _normalize_l2(torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
+            r = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel())
+            noise = noise * (eps * r).view(-1, *([1] * (x.dim() - 1)))
+        x_adv = _project(x + noise, x, eps, norm, lo, hi)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        xr = x_adv.clone().requires_grad_(True)
+        logits = model(xr)
+        loss = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y, xr)
+        g = _grad(loss.sum(), xr)
+        step = g.sign() if norm == "inf" else _normalize_l2(g)
+        x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi).detach()
+    return x_adv
+
+
+def cw_l2(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    *,
+    c: float = 1.0,
+    kappa: float = 0.0,
+    steps: int = 100,
+    lr: float = 0.01,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
+    """Carlini-Wagner L2 attack with a fixed constant ``c`` (tanh box, Adam).
+
+    Returns, per image, the smallest-L2 successful iterate (or the clean image when none succeeded).
+    """
+    x = x.detach()
+    scale = (hi - lo) / 2
+    w0 = torch.atanh(((x - lo) / scale - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    best = x.clone()
+    best_l2 = torch.full((x.shape[0],), float("inf"), device=x.device)
+    onehot: Tensor | None = None
+    for _ in range(steps):
+        x_adv = (torch.tanh(w) + 1) * scale + lo
+        logits = model(x_adv)
+        if onehot is None:
+            onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        real = (logits * onehot).sum(1)
+        other = (logits - 1e9 * onehot).max(1).values
+        f = (real - other + kappa).clamp_min(0)
+        l2 = (x_adv - x).flatten(1).pow(2).sum(1)
+        loss = (l2 + c * f).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            ok = (logits.argmax(1) != y) & (l2 < best_l2)
+            best_l2 = torch.where(ok, l2, best_l2)
+            best[ok] = x_adv.detach()[ok]
+    return best.detach()
+
+
+def orthogonal_pgd(
+    model: Model,
+    score: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    threshold: float,
+    steps: int = 200,
+    step_size: float | None = None,
+    norm: str = "inf",
+    seed: int = 0,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
+    """Detector-aware PGD (Bryniarski et al., 2022, "orthogonal" variant).
+
+    While an image is still classified correctly it steps on the
+    cross-entropy gradient; once misclassified it steps to lower the
+    detector ``score`` with that gradient projected orthogonally to the
+    classification gradient, so evading the detector does not undo the
+    misclassification.  Returns, per image, the last iterate that was both
+    misclassified and below ``threshold`` (else the final iterate).
+    """
+    x = x.detach()
+    alpha = step_size if step_size is not None else 2.5 * eps / max(1, steps // 4)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps * 0.5
+    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
+    best = x_adv.clone()
+    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    view = (-1, *([1] * (x.dim() - 1)))
+    for _ in range(steps):
+        xr = x_adv.clone().requires_grad_(True)
+        logits = model(xr)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        g_ce = torch.autograd.grad(ce.sum(), xr, retain_graph=False)[0]
+        xs = x_adv.clone().requires_grad_(True)
+        s = score(xs)
+        g_s = torch.autograd.grad(s.sum(), xs)[0]
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y
+            evading = wrong & (s < threshold)
+            best[evading] = x_adv[evading]
+            found |= evading
+            u = _normalize_l2(g_ce)
+            proj = g_s - (g_s * u).flatten(1).sum(1).view(view) * u
+            direction = torch.where(wrong.view(view), -proj, g_ce)
+            step = direction.sign() if norm == "inf" else _normalize_l2(direction)
+            x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi)
+    with torch.no_grad():
+        best[~found] = x_adv[~found]
+    return best.detach()

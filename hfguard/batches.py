@@ -1,0 +1,86 @@
+"""Turning whatever the user passes to ``fit`` into ``(x, y or None)`` batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hfguard.errors import DataError
+
+__all__ = ["iter_batches", "length_hint"]
+
+_X_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
+_Y_KEYS = ("label", "labels", "y", "target", "targets")
+
+
+def _split(item: Any, index: int) -> tuple[Tensor, Tensor | None]:
+    if isinstance(item, Tensor):
+        return item, None
+    if isinstance(item, Mapping):
+        xk = next((k for k in _X_KEYS if k in item), None)
+        if xk is None:
+            raise DataError(f"batch {index} is a dict without an image key; expected one of {_X_KEYS}, got keys {sorted(map(str, item))}")
+        yk = next((k for k in _Y_KEYS if k in item), None)
+        return item[xk], (item[yk] if yk is not None else None)
+    if isinstance(item, (tuple, list)):
+        if len(item) == 1:
+            return item[0], None
+        if len(item) == 2:
+            return item[0], item[1]
+        raise DataError(f"batch {index} is a {type(item).__name__} of {len(item)} items; expected (x,) or (x, y)")
+    raise DataError(f"batch {index} has type {type(item).__name__}; expected a tensor, an (x, y) pair or a dict")
+
+
+def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
+    if not isinstance(x, Tensor):
+        raise DataError(f"batch {index}: images must be a torch.Tensor, got {type(x).__name__}")
+    if y is not None:
+        if not isinstance(y, Tensor):
+            y = torch.as_tensor(y)
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"batch {index}: labels should be a 1-d tensor of {x.shape[0]} entries, got shape {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise DataError(f"batch {index}: labels must be integer class indices, got dtype {y.dtype}")
+    return x, y
+
+
+def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yields ``(x, y)`` batches (``y`` may be None) from a DataLoader, an iterable of
+    batches, an ``(x, y)`` pair of tensors, or a single tensor of images.
+
+    Raises:
+        DataError: an item cannot be read as images (and labels).
+    """
+    if isinstance(data, Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield _check(data[i : i + batch_size], None, i // batch_size)
+        return
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3:
+        x, y = data
+        y = torch.as_tensor(y)
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"labels should be a 1-d tensor with one entry per image ({x.shape[0]}), got shape {tuple(y.shape)}")
+        for i in range(0, x.shape[0], batch_size):
+            yield _check(x[i : i + batch_size], y[i : i + batch_size], i // batch_size)
+        return
+    if not isinstance(data, Iterable):
+        raise DataError(f"fit expects a DataLoader, an iterable of batches or an (x, y) tensor pair; got {type(data).__name__}")
+    for index, item in enumerate(data):
+        yield _check(*_split(item, index), index)
+
+
+def length_hint(data: Any, batch_size: int = 256) -> tuple[int | None, int | None]:
+    """(number of batches, number of samples) when they can be known without iterating."""
+    if isinstance(data, Tensor):
+        n = data.shape[0]
+        return -(-n // batch_size), n
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3:
+        n = data[0].shape[0]
+        return -(-n // batch_size), n
+    batches = len(data) if hasattr(data, "__len__") else None
+    dataset = getattr(data, "dataset", None)
+    samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    return batches, samples

@@ -1,0 +1,98 @@
+"""From class distances to evidence features.
+
+Every watched source (each chosen layer, the logits and the input's HF
+spectrum) gives an (N, K) matrix of normalised squared Mahalanobis distances
+to the K class expectations.  For a clean input the predicted class is, at
+every source, one of the nearest; an adversarial input keeps pointing to its
+origin class in early layers and in its HF spectrum while its late layers
+and logits have moved to the target (the paper's trajectory).  Per source
+the evidence is
+
+* ``log d[pred]``: how far the input is from the predicted class's expectation;
+* ``log(1 + d[pred] - min_c d[c])``: how much closer another class is (the
+  trajectory gap, 0 when the source agrees with the prediction);
+
+plus the decision margin ``-log(logit_1 - logit_2 + 0.01)`` so that minimal
+perturbations parked on the decision boundary are caught too.
+All functions are differentiable almost everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["source_evidence", "margin_evidence", "evidence_features", "origin_class", "feature_names", "parse_feature", "evidence_columns"]
+
+_EPS = 1e-4
+
+
+def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
+    """Distance-to-prediction and trajectory gap for one source.
+
+    Args:
+        dist: (N, K) distances.
+        pred: (N,) predicted classes.
+
+    Returns:
+        ``log(d[pred])`` and ``log1p(d[pred] - min d)``, each (N,).
+    """
+    d_pred = dist.gather(1, pred[:, None]).squeeze(1)
+    gap = d_pred - dist.min(1).values
+    return torch.log(d_pred + _EPS), torch.log1p(gap)
+
+
+def margin_evidence(logits: Tensor) -> Tensor:
+    """``-log(top1 - top2 + 0.01)`` of the logits: large on the decision boundary."""
+    top2 = logits.topk(2, dim=1).values
+    return -torch.log(top2[:, 0] - top2[:, 1] + 0.01)
+
+
+def evidence_features(dists: Sequence[Tensor], logits: Tensor) -> Tensor:
+    """All evidence features (N, 2 * len(dists) + 1); see :func:`feature_names` for the order."""
+    pred = logits.argmax(1)
+    cols = []
+    for d in dists:
+        cols.extend(source_evidence(d, pred))
+    cols.append(margin_evidence(logits))
+    return torch.stack(cols, 1)
+
+
+def feature_names(sources: Sequence[str]) -> list[str]:
+    """Names of the columns of :func:`evidence_features` for the given source names."""
+    names = []
+    for s in sources:
+        names += [f"{s}:distance", f"{s}:gap"]
+    return names + ["margin"]
+
+
+def origin_class(dists: Sequence[Tensor]) -> Tensor:
+    """The class the early evidence points back to: argmin of the summed distances (N,)."""
+    return torch.stack(list(dists), 0).sum(0).argmin(1)
+
+
+def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
+    """``"layer:distance"`` -> ``("distance", source index)``; ``"margin"`` -> ``("margin", -1)``."""
+    if name == "margin":
+        return "margin", -1
+    src, _, kind = name.rpartition(":")
+    if kind not in ("distance", "gap") or src not in sources:
+        raise ValueError(f"unknown evidence feature {name!r}; expected one of {feature_names(sources)}")
+    return kind, list(sources).index(src)
+
+
+def evidence_columns(plan: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor) -> Tensor:
+    """The evidence features named by ``plan`` (see :func:`parse_feature`) as (N, len(plan))."""
+    pred = logits.argmax(1)
+    cache: dict[int, tuple[Tensor, Tensor]] = {}
+    cols = []
+    for kind, src in plan:
+        if kind == "margin":
+            cols.append(margin_evidence(logits))
+            continue
+        if src not in cache:
+            cache[src] = source_evidence(dists[src], pred)
+        cols.append(cache[src][0] if kind == "distance" else cache[src][1])
+    return torch.stack(cols, 1)

@@ -1,0 +1,646 @@
+"""The guard: learns clean class expectations, flags drifting inputs, filters them.
+
+Method, in the words of the paper's three claims:
+
+1. Per-class activations have stable expectations at every layer: at each
+   watched layer (and at the logits) the guard fits K Gaussians with one shared
+   covariance to pooled activations of clean data (:mod:`hfguard.stats`).
+2. An adversarial example follows a trajectory from its origin class to the
+   target: per layer, the evidence is the distance to the *predicted* class's
+   expectation and how much closer another class is (:mod:`hfguard.evidence`).
+3. The perturbation is mostly HF patterns of the target class: the same model
+   is fitted to the log-power of the input's HF DCT blocks, giving class-wise HF
+   signatures (:mod:`hfguard.spectrum`).
+
+The evidence is combined into one score on held-out clean data only and the
+threshold is set at the requested clean false-positive rate
+(:mod:`hfguard.calibrate`).  Under ``policy="filter"`` flagged inputs are
+low-pass filtered (:mod:`hfguard.filters`) and classified again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hfguard import calibrate, evidence, spectrum
+from hfguard.batches import iter_batches, length_hint
+from hfguard.errors import DataError, InputError, ModelError, NotFittedError, ShapeError
+from hfguard.filters import DEFAULT_SIGMAS, choose_sigma, lowpass
+from hfguard.reservoir import Reservoir
+from hfguard.stats import ClassGaussianAccumulator, class_sq_distances
+from hfguard.taps import capture, choose_layers, discover_layers, pooled_grid, watchable_units
+
+__all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
+
+logger = logging.getLogger("hfguard")
+
+POLICIES = ("flag", "filter")
+SPECTRUM = "spectrum"
+LOGITS = "logits"
+
+
+@dataclass
+class Verdict:
+    """Result of :meth:`Guard.check` (all tensors have N rows).
+
+    Attributes:
+        logits: (N, K) logits; under ``policy="filter"`` the filtered input's logits for flagged rows.
+        score: (N,) combined score, higher = more adversarial.
+        flagged: (N,) bool, ``score > threshold``.
+        filtered: (N,) bool, rows that were low-pass filtered and classified again.
+        predicted: (N,) class from ``logits``.
+        origin: (N,) nearest class expectation at the first watched layer: where the input came from.
+    """
+
+    logits: Tensor
+    score: Tensor
+    flagged: Tensor
+    filtered: Tensor
+    predicted: Tensor
+    origin: Tensor
+
+
+@dataclass
+class Inspection:
+    """Result of :meth:`Guard.inspect`: where each source puts the input, layer by layer.
+
+    Attributes:
+        sources: names of the sources, in forward order: the watched layers, ``"logits"``, then ``"spectrum"``.
+        distances: (N, S, K) normalised squared Mahalanobis distance to each class expectation.
+        affinity: (N, S, K) class posterior under each source's Gaussian model (rows sum to 1).
+        nearest: (N, S) nearest class per source.
+        predicted: (N,) the model's predicted class.
+        origin: (N,) nearest class at the first watched layer.
+    """
+
+    sources: list[str]
+    distances: Tensor
+    affinity: Tensor
+    nearest: Tensor
+    predicted: Tensor
+    origin: Tensor
+
+    def trajectory(self, i: int) -> list[tuple[str, int]]:
+        """``[(source, nearest class), ...]`` for row ``i``: the path from origin to prediction."""
+        return [(s, int(c)) for s, c in zip(self.sources, self.nearest[i])]
+
+
+class ClassGaussian(nn.Module):
+    """Buffers of one source's fitted class Gaussians; ``forward(z)`` gives (N, K) distances."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("whitener", torch.zeros(dim, dim))
+        self.register_buffer("white_means", torch.zeros(num_classes, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return class_sq_distances(z.to(self.whitener.dtype), self.whitener, self.white_means)
+
+
+class Guard(nn.Module):
+    """Wraps a classifier; learns from clean data what its activations and spectra look like.
+
+    Use :func:`hfguard.protect` to build one.  ``__init__`` only stores settings;
+    :meth:`fit` learns and returns ``self``.
+
+    Args:
+        model: a classifier returning logits (N, K).
+        layers: ``"auto"`` or a list of module names (as in ``model.named_modules()``).
+        policy: ``"flag"`` (logits unchanged) or ``"filter"`` (flagged inputs are
+            low-pass filtered and classified again).
+        fpr: target false-positive rate on clean data for the threshold.
+        normalize: ``(mean, std)`` per channel when the model expects normalised
+            inputs; the guard's spectra and filter act on ``x * std + mean``.
+        max_features: largest pooled feature dimension per layer.
+        calibration_size: clean samples held out (reservoir-sampled) for the
+            combination and the threshold; at most 30 % of the data when its size is known.
+        filter_sigma: ``"auto"`` (choose from clean data) or a Gaussian sigma in pixels.
+        max_filter_flip: with ``filter_sigma="auto"``, the largest fraction of
+            clean predictions the filter may change.
+        score_features: evidence combined into the score: ``"auto"`` (the first
+            watched layer's distance and trajectory gap, and the decision
+            margin: the best clean-only combination measured on Fashion-MNIST,
+            see ``benchmarks/results``), ``"all"`` (every source's distance and
+            gap, and the margin), or a list of names from
+            ``guard.fit_report["feature_names"]`` such as ``"spectrum:gap"``.
+        batch_size: batch size used when ``fit`` gets tensors.
+        seed: seed of the held-out sampling.
+        progress: show a progress bar during ``fit``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: str | Sequence[str] = "auto",
+        policy: str = "flag",
+        fpr: float = 0.05,
+        normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+        max_features: int = 512,
+        calibration_size: int = 4000,
+        filter_sigma: str | float = "auto",
+        max_filter_flip: float = 0.02,
+        score_features: str | Sequence[str] = "auto",
+        batch_size: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"protect() expects a torch.nn.Module, got {type(model).__name__}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not 0.0 < float(fpr) < 1.0:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
+        if not (layers == "auto" or (isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers))):
+            raise ValueError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
+        if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
+            raise ValueError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
+        if int(calibration_size) < 40:
+            raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
+        if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
+            raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
+        self.model = model
+        self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
+        self.layers_setting = layers if layers == "auto" else list(layers)
+        self.policy = policy
+        self.fpr = float(fpr)
+        self.max_features = int(max_features)
+        self.calibration_size = int(calibration_size)
+        self.filter_sigma_setting = filter_sigma
+        self.max_filter_flip = float(max_filter_flip)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.progress = progress
+        self.temperature = 1.0
+        self.plan: list[tuple[str, int]] = []
+        self.layers: list[str] = []
+        self.grids: dict[str, int] = {}
+        self.spec: dict[str, Any] | None = None
+        self.fit_report: dict[str, Any] = {}
+        self._warned_train = False
+        if normalize is None:
+            mean, std = torch.zeros(1), torch.ones(1)
+        else:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalize)
+            if mean.shape != std.shape or (std <= 0).any():
+                raise ValueError(f"normalize must be (mean, std) with equal lengths and std > 0, got {normalize!r}")
+        self.normalize = None if normalize is None else (mean.tolist(), std.tolist())
+        self.register_buffer("norm_mean", mean.view(-1, 1, 1))
+        self.register_buffer("norm_std", std.view(-1, 1, 1))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`fit` (or :func:`hfguard.load`) has run."""
+        return self.spec is not None
+
+    @property
+    def threshold(self) -> float:
+        """Score threshold: ``score > threshold`` is flagged."""
+        self._require_fitted()
+        return float(self.threshold_)
+
+    @property
+    def sources(self) -> list[str]:
+        """Evidence sources in order: watched layers, ``"logits"``, ``"spectrum"``."""
+        return [*self.layers, LOGITS, SPECTRUM]
+
+    def _require_fitted(self) -> None:
+        if self.spec is None:
+            raise NotFittedError("This Guard instance is not fitted yet. Call 'fit' with clean data before using it.")
+
+    def _allocate(self, spec: dict[str, Any]) -> None:
+        """Creates every learned buffer from a spec (used by ``fit`` and by ``load``)."""
+        k = spec["num_classes"]
+        c, h, w = spec["input_shape"]
+        gh, gw = spec["spectral_grid"]
+        self.layers = list(spec["layers"])
+        self.grids = dict(zip(self.layers, spec["grids"]))
+        dims = [*spec["dims"], k, len(spec["hf_index"])]
+        self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
+        self.register_buffer("dct_h", spectrum.dct_matrix(h))
+        self.register_buffer("dct_w", spectrum.dct_matrix(w))
+        self.register_buffer("pool_h", spectrum.pool_matrix(h, gh))
+        self.register_buffer("pool_w", spectrum.pool_matrix(w, gw))
+        self.register_buffer("hf_index", torch.tensor(spec["hf_index"], dtype=torch.long))
+        names = spec["score_features"]
+        self.plan = [evidence.parse_feature(n, self.sources) for n in names]
+        nf = len(names)
+        self.register_buffer("evidence_mean", torch.zeros(nf))
+        self.register_buffer("evidence_std", torch.ones(nf))
+        self.register_buffer("threshold_", torch.zeros(()))
+        self.register_buffer("sigma_", torch.zeros(()))
+        self.spec = spec
+
+    def guard_state(self) -> dict[str, Tensor]:
+        """The guard's own learned tensors (``state_dict`` without the wrapped model's weights)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    # --------------------------------------------------------------- helpers
+    @contextlib.contextmanager
+    def _eval_model(self) -> Iterator[None]:
+        """Runs the model in eval mode and restores its mode afterwards, even on error."""
+        was_training = self.model.training
+        if was_training and not self._warned_train:
+            warnings.warn(
+                "the wrapped model is in training mode; hfguard evaluates it in eval mode and restores the mode afterwards",
+                stacklevel=4,
+            )
+            self._warned_train = True
+        try:
+            if was_training:
+                self.model.eval()
+            yield
+        finally:
+            if was_training:
+                self.model.train(True)
+
+    def _watched_modules(self) -> list[tuple[str, nn.Module]]:
+        named = dict(self.model.named_modules())
+        missing = [n for n in self.layers if n not in named]
+        if missing:
+            raise ModelError(f"layers {missing} are not modules of the model; available: {list(named)[1:20]}...")
+        return [(n, named[n]) for n in self.layers]
+
+    def _check_input(self, x: Any, *, fitted: bool = True) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ShapeError(f"expected a 4-d batch of images (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise InputError(f"expected floating-point images (e.g. float32 in [0, 1]), got dtype {x.dtype}")
+        if fitted and self.spec is not None and tuple(x.shape[1:]) != tuple(self.spec["input_shape"]):
+            raise ShapeError(
+                f"this guard was fitted on images of shape (C, H, W) = {tuple(self.spec['input_shape'])}, got {tuple(x.shape[1:])}"
+            )
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise InputError(f"input contains NaN or Inf values ({int((~torch.isfinite(x)).sum())} of {x.numel()} entries)")
+        return x
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Model input -> pixel image (undoes ``normalize``)."""
+        return x * self.norm_std + self.norm_mean
+
+    def from_pixels(self, pixels: Tensor) -> Tensor:
+        """Pixel image -> model input (applies ``normalize``)."""
+        return (pixels - self.norm_mean) / self.norm_std
+
+    def _forward_model(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        if not isinstance(out, Tensor):
+            raise ModelError(f"the model must return a logits tensor (N, K); got {type(out).__name__}")
+        if out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ModelError(f"the model must return logits of shape (N, K) = ({x.shape[0]}, K); got {tuple(out.shape)}")
+        return out
+
+    def _spectral(self, x: Tensor) -> Tensor:
+        pixels = self.to_pixels(x).to(self.dct_h.dtype)
+        return spectrum.hf_features(pixels, self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index)
+
+    def _features(self, x: Tensor, needed: set[int] | None = None) -> tuple[Tensor, list[Tensor | None]]:
+        """ONE model pass: logits and the pooled features of the sources in ``needed`` (default: all)."""
+        n_layers = len(self.layers)
+        wanted = set(range(n_layers + 2)) if needed is None else needed
+        modules = [m for i, m in enumerate(self._watched_modules()) if i in wanted]
+        with capture(modules, self.grids) as store:
+            logits = self._forward_model(x)
+        missing = [n for n, _ in modules if n not in store]
+        if missing:
+            raise ModelError(f"layers {missing} did not run during the forward pass")
+        feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
+        return logits, feats
+
+    def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [g(f) for g, f in zip(self.gaussians, feats)]
+
+    def _needed(self) -> set[int]:
+        """Sources the score and the origin need (0 = first watched layer, for the origin)."""
+        return {src for kind, src in self.plan if kind != "margin"} | {0}
+
+    def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One pass: logits, score and origin, computing only the sources the score uses."""
+        needed = self._needed()
+        logits, feats = self._features(x, needed)
+        dists = {i: self.gaussians[i](feats[i]) for i in needed}
+        ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
+        score = calibrate.combine(ev, self.evidence_mean, self.evidence_std, self.temperature)
+        return logits, score, dists[0].argmin(1)
+
+    def _filtered_logits(self, x: Tensor) -> Tensor:
+        return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))
+
+    def _empty_verdict(self, x: Tensor) -> Verdict:
+        k = self.spec["num_classes"]
+        z = torch.zeros(0, dtype=torch.long, device=x.device)
+        b = torch.zeros(0, dtype=torch.bool, device=x.device)
+        return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
+
+    # ------------------------------------------------------------------- fit
+    def fit(self, data: Any) -> "Guard":
+        """Learns the clean expectations, HF signatures, score combination and threshold.
+
+        One streaming pass over ``data``: per-class sums are accumulated (memory
+        does not grow with the dataset), while a seeded uniform reservoir of
+        clean samples is held out for calibrating the score and its threshold.
+        Fitting again replaces everything learned before.
+
+        Args:
+            data: a DataLoader or iterable yielding ``(x, y)`` pairs, ``x``
+                batches, or dicts with an image key; or an ``(x, y)`` pair of
+                tensors; or a tensor of images.  Labels are optional: without
+                them the model's own predictions on the clean data are used
+                as classes.  Data must be clean (no adversarial examples).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            DataError: empty data, inconsistent shapes, labels out of range,
+                or a class with too few samples.
+            ModelError: the model does not return (N, K) logits.
+        """
+        from tqdm.auto import tqdm
+
+        n_batches, n_samples = length_hint(data, self.batch_size)
+        capacity = self.calibration_size
+        if n_samples is not None:
+            capacity = max(40, min(capacity, int(0.3 * n_samples)))
+        res = Reservoir(capacity, seed=self.seed)
+        images = Reservoir(min(capacity, 1024), seed=self.seed + 1)
+        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
+        accs: list[ClassGaussianAccumulator] = []
+        spec: dict[str, Any] | None = None
+        seen_labels = False
+        with self._eval_model(), torch.no_grad():
+            bar = tqdm(iter_batches(data, self.batch_size), total=n_batches, desc="hfguard fit", disable=not self.progress, leave=False)
+            for index, (x, y) in enumerate(bar):
+                if x.shape[0] == 0:
+                    continue
+                x = self._check_input(x, fitted=False).to(device)
+                if spec is None:
+                    spec = self._prepare(x)
+                    accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]]
+                elif tuple(x.shape[1:]) != tuple(spec["input_shape"]):
+                    raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(spec['input_shape'])}")
+                logits, feats = self._features(x)
+                k = spec["num_classes"]
+                if y is None:
+                    y = logits.argmax(1)
+                else:
+                    seen_labels = True
+                    y = y.to(device)
+                    if bool((y < 0).any() or (y >= k).any()):
+                        raise DataError(f"batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
+                rows = {f"f{i}": f.float().cpu() for i, f in enumerate(feats)}
+                rows["y"] = y.cpu()
+                rest = res.offer(rows)
+                for i, acc in enumerate(accs):
+                    acc.update(rest[f"f{i}"], rest["y"])
+                images.offer({"x": self.to_pixels(x).float().cpu()})
+            bar.close()
+        if spec is None:
+            raise DataError("fit got no data: the loader or iterable yielded no images")
+        for acc in accs:
+            acc.all_reduce()
+        counts = accs[0].count.long()
+        few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
+        if few:
+            what = "labels" if seen_labels else "the model's predictions"
+            raise DataError(
+                f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
+                + ", ".join(f"class {c} has {n}" for c, n in few)
+            )
+        self._finish(spec, accs, res.contents(), images.contents()["x"])
+        return self
+
+    def _prepare(self, x: Tensor) -> dict[str, Any]:
+        """Chooses layers and sizes on the first batch."""
+        example = x[: min(len(x), 8)]
+        infos, out = discover_layers(self.model, example)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            got = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
+            raise ModelError(f"the model must return logits of shape (N, K); got {got}")
+        k = int(out.shape[1])
+        if k < 2:
+            raise ModelError(f"the model must have at least 2 outputs (classes); got {k}")
+        if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype), atol=1e-4):
+            warnings.warn("the model's outputs look like probabilities (non-negative, rows sum to 1); hfguard expects logits", stacklevel=3)
+        by_name = {i.name: i for i in infos}
+        if self.layers_setting == "auto":
+            units = dict(watchable_units(self.model))
+            layers = choose_layers(infos, units, k)
+            if not layers:
+                raise ModelError("no watchable layer found automatically; pass layers=[...] with module names")
+        else:
+            layers = list(self.layers_setting)
+            named = dict(self.model.named_modules())
+            for n in layers:
+                if n not in named:
+                    raise ModelError(f"layer {n!r} is not a module of the model; some valid names: {list(named)[1:12]}")
+            # explicitly named modules may be inside custom blocks: describe them now
+            infos2, _ = discover_layers(self.model, example, [(n, named[n]) for n in layers])
+            by_name.update({i.name: i for i in infos2})
+            for n in layers:
+                info = by_name.get(n)
+                if info is None:
+                    raise ModelError(f"layer {n!r} did not run during the forward pass")
+                if info.calls != 1:
+                    raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
+        grids, dims = [], []
+        for n in layers:
+            shape = by_name[n].shape
+            g = pooled_grid(shape, self.max_features)
+            grids.append(g)
+            dims.append(shape[0] * g * g if len(shape) == 3 else int(torch.tensor(shape).prod()))
+        c, h, w = (int(s) for s in x.shape[1:])
+        if self.norm_mean.numel() not in (1, c):
+            raise ValueError(f"normalize has {self.norm_mean.numel()} channels but the images have {c}")
+        grid = spectrum.spectral_grid(h, w)
+        hf_index = spectrum.hf_block_mask(grid).nonzero().flatten().tolist()
+        names = evidence.feature_names([*layers, LOGITS, SPECTRUM])
+        if self.score_features_setting == "auto":
+            chosen = [f"{layers[0]}:distance", f"{layers[0]}:gap", "margin"]
+        elif self.score_features_setting == "all":
+            chosen = names
+        else:
+            chosen = list(self.score_features_setting)
+            for c in chosen:
+                evidence.parse_feature(c, [*layers, LOGITS, SPECTRUM])
+        spec = {
+            "score_features": chosen,
+            "layers": layers,
+            "grids": grids,
+            "dims": dims,
+            "num_classes": k,
+            "input_shape": [c, h, w],
+            "layer_shapes": {n: list(by_name[n].shape) for n in layers},
+            "spectral_grid": list(grid),
+            "hf_index": hf_index,
+        }
+        self._allocate(spec)
+        self.to(x.device)
+        logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(layers, dims)))
+        return spec
+
+    def _finish(self, spec: dict[str, Any], accs: list[ClassGaussianAccumulator], held: dict[str, Tensor], images: Tensor) -> None:
+        """Turns sums into buffers, calibrates on the held-out reservoir, picks the filter."""
+        dtype = self.dct_h.dtype
+        finals = [acc.finalize() for acc in accs]
+        shrink = [f.shrinkage for f in finals]
+        n_src = len(accs)
+        dev = self.dct_h.device
+        feats = [held[f"f{i}"].to(dev, dtype) for i in range(n_src)]
+        names = evidence.feature_names(self.sources)
+        chosen = spec["score_features"]
+        for g, acc_model in zip(self.gaussians, finals):
+            g.whitener.copy_(acc_model.whitener.to(dtype))
+            g.white_means.copy_((acc_model.means @ acc_model.whitener).to(dtype))
+        with torch.no_grad():
+            dists = dict(enumerate(self._distances(feats)))
+            ev = evidence.evidence_columns(self.plan, dists, feats[-2])
+            ev_all = evidence.evidence_features(list(dists.values()), feats[-2])
+        n = ev.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 2))
+        a, b = perm[: n // 2], perm[n // 2 :]
+        mean, std = calibrate.fit_standardizer(ev[a])
+        self.evidence_mean.copy_(mean)
+        self.evidence_std.copy_(std)
+        with torch.no_grad():
+            scores_b = calibrate.combine(ev[b], mean, std, self.temperature)
+        self.threshold_.fill_(calibrate.threshold_at_fpr(scores_b, self.fpr))
+        flip_rates: dict[float, float] = {}
+        if self.filter_sigma_setting == "auto":
+            def predict(p: Tensor) -> Tensor:
+                return self._forward_model(self.from_pixels(p.to(dev, dtype))).argmax(1)
+
+            with self._eval_model(), torch.no_grad():
+                sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, self.max_filter_flip, self.batch_size)
+        else:
+            sigma = float(self.filter_sigma_setting)
+        self.sigma_.fill_(sigma)
+        self.fit_report = {
+            "samples_in_statistics": int(accs[0].count.sum()),
+            "samples_held_out": n,
+            "class_counts": accs[0].count.long().tolist(),
+            "shrinkage": dict(zip(self.sources, shrink)),
+            "calibration_fpr": float((scores_b > self.threshold_).float().mean()),
+            "filter_sigma": sigma,
+            "filter_flip_rates": flip_rates,
+            "feature_names": names,
+            "score_features": chosen,
+            "calibration_evidence_mean": dict(zip(names, ev_all.mean(0).tolist())),
+        }
+        logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(self.threshold_), sigma)
+
+    # ------------------------------------------------------------- inference
+    def score(self, x: Tensor) -> Tensor:
+        """Adversarial score (N,), higher = more suspicious; differentiable w.r.t. ``x``.
+
+        Shape:
+            x: (N, C, H, W) -> (N,)
+
+        Raises:
+            NotFittedError: before ``fit``.
+            InputError, ShapeError: wrong dtype, rank, size or non-finite values.
+        """
+        self._require_fitted()
+        x = self._check_input(x)
+        if x.shape[0] == 0:
+            return x.new_zeros(0)
+        with self._eval_model():
+            return self._evaluate(x)[1]
+
+    def detect(self, x: Tensor) -> Tensor:
+        """(N,) bool: ``score(x) > threshold`` (threshold calibrated at ``fpr`` on held-out clean data)."""
+        with torch.no_grad():
+            return self.score(x) > self.threshold_
+
+    def check(self, x: Tensor) -> Verdict:
+        """Everything about a batch in one model pass (plus one pass over the flagged rows under ``policy="filter"``).
+
+        Raises:
+            NotFittedError: before ``fit``.
+            InputError, ShapeError: wrong dtype, rank, size or non-finite values.
+        """
+        self._require_fitted()
+        x = self._check_input(x)
+        if x.shape[0] == 0:
+            return self._empty_verdict(x)
+        with self._eval_model(), torch.no_grad():
+            logits, score, origin = self._evaluate(x)
+            flagged = score > self.threshold_
+            filtered = torch.zeros_like(flagged)
+            if self.policy == "filter" and bool(flagged.any()):
+                logits = logits.clone()
+                logits[flagged] = self._filtered_logits(x[flagged]).to(logits.dtype)
+                filtered = flagged.clone()
+            return Verdict(logits, score, flagged, filtered, logits.argmax(1), origin)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits like ``model(x)``; under ``policy="filter"`` flagged rows are filtered and classified again.
+
+        Differentiable: gradients flow through the model and, for flagged rows,
+        through the (differentiable) low-pass filter, so attacks see the true defence.
+        """
+        self._require_fitted()
+        x = self._check_input(x)
+        with self._eval_model():
+            if self.policy == "flag" or x.shape[0] == 0:
+                return self._forward_model(x)
+            logits, score, _ = self._evaluate(x)
+            flagged = (score > self.threshold_).detach()
+            if not bool(flagged.any()):
+                return logits
+            out = logits.clone()
+            out[flagged] = self._filtered_logits(x[flagged]).to(out.dtype)
+            return out
+
+    def inspect(self, x: Tensor) -> Inspection:
+        """Per-source class distances and affinities: the trajectory from origin to prediction."""
+        self._require_fitted()
+        x = self._check_input(x)
+        with self._eval_model(), torch.no_grad():
+            logits, feats = self._features(x)
+            dists = self._distances(feats)
+        d = torch.stack(dists, 1)
+        dims = torch.tensor([f.shape[1] for f in feats], dtype=d.dtype, device=d.device)
+        affinity = torch.softmax(-0.5 * d * dims[None, :, None], dim=2)
+        return Inspection(self.sources, d, affinity, d.argmin(2), logits.argmax(1), d[:, 0].argmin(1))
+
+    # -------------------------------------------------------------------- io
+    def save(self, path: str) -> None:
+        """Writes the learned state to ``path`` (safetensors + JSON header; no pickle)."""
+        from hfguard.io import save_guard
+
+        save_guard(self, path)
+
+    def extra_repr(self) -> str:
+        state = f"layers={self.layers}, threshold={float(self.threshold_):.4f}" if self.fitted else "not fitted"
+        return f"policy={self.policy!r}, fpr={self.fpr}, {state}"
+
+
+def protect(
+    model: nn.Module,
+    *,
+    layers: str | Sequence[str] = "auto",
+    policy: str = "flag",
+    fpr: float = 0.05,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    **options: Any,
+) -> Guard:
+    """Wraps ``model`` in an unfitted :class:`Guard`; call ``.fit(clean_data)`` next.
+
+    Example:
+        >>> guard = hfguard.protect(model).fit(train_loader)   # doctest: +SKIP
+        >>> verdict = guard.check(images)                        # doctest: +SKIP
+    """
+    return Guard(model, layers=layers, policy=policy, fpr=fpr, normalize=normalize, **options)

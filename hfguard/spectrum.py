@@ -1,0 +1,87 @@
+"""Spectral transforms in an exportable form, and the HF features of an image.
+
+The 2-D DCT-II is written as two matrix products (``C_h @ x @ C_w.T``) so it
+exports to plain ONNX ``MatMul`` and runs as fast as any small GEMM.  The HF
+features of an image are the log-power of its DCT coefficients averaged over
+channels and over square blocks of the frequency plane, keeping only blocks
+whose (row + column) frequency index is at least half of the grid: a
+class-wise HF signature is the class mean of those features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["dct_matrix", "dct2", "pool_matrix", "spectral_grid", "hf_block_mask", "hf_features", "radial_spectrum"]
+
+
+def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
+    """Orthonormal DCT-II matrix ``C`` (n, n): ``C @ v`` is the DCT of ``v``, ``C.T @ c`` inverts it."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c.to(dtype=dtype, device=device)
+
+
+def dct2(x: Tensor, ch: Tensor, cw: Tensor) -> Tensor:
+    """2-D orthonormal DCT of ``x`` (..., H, W) with DCT matrices ``ch`` (H, H) and ``cw`` (W, W)."""
+    return ch @ x @ cw.T
+
+
+def pool_matrix(n: int, g: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Averaging matrix (g, n) that pools ``n`` positions into ``g`` bins like ``adaptive_avg_pool1d``."""
+    p = torch.zeros(g, n, dtype=torch.float64)
+    for b in range(g):
+        lo, hi = (b * n) // g, -((-(b + 1) * n) // g)
+        p[b, lo:hi] = 1.0 / (hi - lo)
+    return p.to(dtype)
+
+
+def spectral_grid(h: int, w: int, max_grid: int = 8) -> tuple[int, int]:
+    """Size of the frequency-block grid for an ``h`` x ``w`` image (at most ``max_grid`` per side)."""
+    return min(h, max_grid), min(w, max_grid)
+
+
+def hf_block_mask(grid: tuple[int, int]) -> Tensor:
+    """Boolean mask (gh * gw,) of the HF frequency blocks: normalised index ``i/gh + j/gw >= 0.5``."""
+    gh, gw = grid
+    i = torch.arange(gh, dtype=torch.float64)[:, None] / gh
+    j = torch.arange(gw, dtype=torch.float64)[None, :] / gw
+    return ((i + j) >= 0.5).flatten()
+
+
+def hf_features(pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, index: Tensor, eps: float = 1e-6) -> Tensor:
+    """HF spectral features of a batch of pixel images.
+
+    Args:
+        pixels: (N, C, H, W) images in pixel units.
+        ch, cw: DCT matrices for H and W.
+        ph, pw: frequency pooling matrices (gh, H) and (gw, W), see :func:`pool_matrix`.
+        index: (F,) long indices of the HF blocks in the flattened grid (``hf_block_mask(grid).nonzero()``).
+        eps: floor inside the logarithm.
+
+    Returns:
+        (N, F) log-power features; differentiable w.r.t. ``pixels``.
+    """
+    coeff = dct2(pixels, ch, cw)
+    power = (coeff * coeff).mean(1)
+    blocks = (ph @ power @ pw.T).flatten(1)
+    return torch.log(blocks.index_select(1, index) + eps)
+
+
+def radial_spectrum(pixels: Tensor, ch: Tensor, cw: Tensor, bins: int = 16) -> Tensor:
+    """Radially averaged DCT power (N, bins): bin ``b`` covers normalised radius ``[b/bins, (b+1)/bins)``."""
+    coeff = dct2(pixels, ch, cw)
+    power = (coeff * coeff).mean(1)
+    h, w = power.shape[-2:]
+    r = torch.sqrt((torch.arange(h, device=pixels.device)[:, None] / h) ** 2 + (torch.arange(w, device=pixels.device)[None, :] / w) ** 2)
+    r = (r / math.sqrt(2.0) * bins).long().clamp_max(bins - 1).flatten()
+    flat = power.flatten(1)
+    out = torch.zeros(flat.shape[0], bins, dtype=flat.dtype, device=flat.device)
+    out.index_add_(1, r, flat)
+    counts = torch.bincount(r, minlength=bins).clamp_min(1).to(flat.dtype)
+    return out / counts
