@@ -160,6 +160,7 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 3,
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)
     return model.eval()
 
 

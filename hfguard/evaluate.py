@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd
 
-__all__ = ["Attack", "standard_attacks", "evaluate_guard", "adaptive_attacks", "latency", "fit_cost", "auroc", "roc_plot", "format_table"]
+__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "latency", "fit_cost", "auroc", "roc_plot", "format_table"]
 
 
 @dataclass
@@ -79,11 +79,28 @@ def _with_policy(guard: Any, policy: str) -> Any:
     return other
 
 
-def evaluate_guard(guard: Any, x: Tensor, y: Tensor, attacks: list[Attack], *, progress: bool = True) -> dict[str, Any]:
-    """Clean and per-attack metrics of a fitted guard on test images ``x`` (pixels in [0, 1]) and labels ``y``."""
+def generate(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, attacks: list[Attack], *, progress: bool = True) -> dict[str, tuple[Tensor, float]]:
+    """Runs every attack once on the bare model: ``{name: (x_adv, seconds)}``."""
     from tqdm.auto import tqdm
 
+    out = {}
+    for att in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        xa = att.run(model, x, y)
+        out[att.name] = (xa, time.perf_counter() - t0)
+    return out
+
+
+def evaluate_guard(
+    guard: Any, x: Tensor, y: Tensor, attacks: list[Attack] | dict[str, tuple[Tensor, float]], *, progress: bool = True
+) -> dict[str, Any]:
+    """Clean and per-attack metrics of a fitted guard on test images ``x`` (pixels in [0, 1]) and labels ``y``.
+
+    ``attacks`` is a list of :class:`Attack` (run here on the bare model) or
+    the output of :func:`generate` (to score several guards on the same images).
+    """
     model = guard.model
+    adversarials = attacks if isinstance(attacks, dict) else generate(model, x, y, attacks, progress=progress)
     flag, filt = _with_policy(guard, "flag"), _with_policy(guard, "filter")
     clean = flag.check(x)
     clean_f = filt.check(x)
@@ -99,16 +116,13 @@ def evaluate_guard(guard: Any, x: Tensor, y: Tensor, attacks: list[Attack], *, p
         "attacks": {},
     }
     out["clean_accuracy_cost_filter_policy"] = out["clean_accuracy"] - out["clean_accuracy_filter_policy"]
-    for att in tqdm(attacks, desc="attacks", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        xa = att.run(model, x, y)
-        seconds = time.perf_counter() - t0
+    for name, (xa, seconds) in adversarials.items():
         va, fa = flag.check(xa), filt.check(xa)
         ok = correct & (va.predicted != y)
         a, lo, hi = auroc(clean.score, va.score[ok])
         n_ok = int(ok.sum())
         rate = (lambda t: float(t[ok].float().mean()) if n_ok else float("nan"))
-        out["attacks"][att.name] = {
+        out["attacks"][name] = {
             "success_rate": float(ok.sum() / correct.sum().clamp_min(1)),
             "n_successful": n_ok,
             "auroc": a,
@@ -124,6 +138,13 @@ def evaluate_guard(guard: Any, x: Tensor, y: Tensor, attacks: list[Attack], *, p
         }
     out["_clean_scores"] = clean.score.detach()
     return out
+
+
+def naive_mahalanobis(guard: Any, x: Tensor) -> Tensor:
+    """The naive baseline: sum over watched layers of the distance to the *nearest* class (Lee et al. style)."""
+    with torch.no_grad():
+        _, feats = guard._features(x)
+        return sum(g(f).min(1).values for g, f in zip(list(guard.gaussians)[: len(guard.layers)], feats[: len(guard.layers)]))
 
 
 def adaptive_attacks(guard: Any, x: Tensor, y: Tensor, eps_list: list[float], *, steps: int = 200, progress: bool = True) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class Guard(nn.Module):
             inputs; the guard's spectra and filter act on ``x * std + mean``.
         max_features: largest pooled feature dimension per layer.
         calibration_size: clean samples held out (reservoir-sampled) for the
-            combination and the threshold; at most 30 % of the data when its size is known.
+            combination and the threshold; at most 30 % of the data (at least 40).
         filter_sigma: ``"auto"`` (choose from clean data) or a Gaussian sigma in pixels.
         max_filter_flip: with ``filter_sigma="auto"``, the largest fraction of
             clean predictions the filter may change.
@@ -370,10 +370,8 @@ class Guard(nn.Module):
         """
         from tqdm.auto import tqdm
 
-        n_batches, n_samples = length_hint(data, self.batch_size)
+        n_batches, _ = length_hint(data, self.batch_size)
         capacity = self.calibration_size
-        if n_samples is not None:
-            capacity = max(40, min(capacity, int(0.3 * n_samples)))
         res = Reservoir(capacity, seed=self.seed)
         images = Reservoir(min(capacity, 1024), seed=self.seed + 1)
         device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
@@ -405,10 +403,18 @@ class Guard(nn.Module):
                 rest = res.offer(rows)
                 for i, acc in enumerate(accs):
                     acc.update(rest[f"f{i}"], rest["y"])
-                images.offer({"x": self.to_pixels(x).float().cpu()})
+                images.offer({"x": self.to_pixels(x).detach().cpu()})
             bar.close()
         if spec is None:
             raise DataError("fit got no data: the loader or iterable yielded no images")
+        held = res.contents()
+        keep = min(len(res), max(40, int(0.3 * res.seen)))
+        if keep < len(res):  # small data: hand the excess of the hold-out back to the statistics (sums)
+            order = torch.randperm(len(res), generator=torch.Generator().manual_seed(self.seed + 3))
+            back = {k: v[order[keep:]] for k, v in held.items()}
+            held = {k: v[order[:keep]] for k, v in held.items()}
+            for i, acc in enumerate(accs):
+                acc.update(back[f"f{i}"], back["y"])
         for acc in accs:
             acc.all_reduce()
         counts = accs[0].count.long()
@@ -419,7 +425,7 @@ class Guard(nn.Module):
                 f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
                 + ", ".join(f"class {c} has {n}" for c, n in few)
             )
-        self._finish(spec, accs, res.contents(), images.contents()["x"])
+        self._finish(spec, accs, held, images.contents()["x"])
         return self
 
     def _prepare(self, x: Tensor) -> dict[str, Any]:
@@ -520,7 +526,7 @@ class Guard(nn.Module):
         flip_rates: dict[float, float] = {}
         if self.filter_sigma_setting == "auto":
             def predict(p: Tensor) -> Tensor:
-                return self._forward_model(self.from_pixels(p.to(dev, dtype))).argmax(1)
+                return self._forward_model(self.from_pixels(p.to(dev)).to(p.dtype)).argmax(1)
 
             with self._eval_model(), torch.no_grad():
                 sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, self.max_filter_flip, self.batch_size)

@@ -28,10 +28,10 @@ _KEY = "hfguard"
 def _digest(header: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
+        t = tensors[k].detach().cpu().contiguous().reshape(-1)
         h.update(k.encode())
         h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(str(tuple(tensors[k].shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

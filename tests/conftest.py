@@ -1,0 +1,69 @@
+"""Shared tiny, seeded fixtures: a digits CNN trained in about a second, and a guard fitted on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hfguard
+from hfguard.data import load_digits, small_cnn, train_classifier
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits):
+    torch.manual_seed(0)
+    return train_classifier(small_cnn(1, 10, 8), digits.x_train, digits.y_train, epochs=15, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted(digits_model, digits):
+    return hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+
+
+class CustomNet(nn.Module):
+    """A custom module with functional ReLUs and an in-place ReLU after a watched conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.act(self.conv1(x))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture()
+def custom_net():
+    torch.manual_seed(0)
+    return CustomNet().eval()
+
+
+def model_state(model: nn.Module):
+    """Everything about a model that hfguard promises not to change."""
+    return {
+        "training": [m.training for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def assert_same_state(before, after):
+    assert before["training"] == after["training"]
+    assert before["hooks"] == after["hooks"]
+    assert before["requires_grad"] == after["requires_grad"]
+    for a, b in zip(before["params"], after["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(before["grads"], after["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)

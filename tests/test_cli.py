@@ -1,0 +1,32 @@
+import json
+import subprocess
+import sys
+
+from hfguard.cli import main, run_demo
+
+
+def test_demo_end_to_end_on_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("HFGUARD_CACHE", str(tmp_path / "cache"))
+    res = run_demo("digits", str(tmp_path / "out"), n_test=120, progress=False, cw_steps=20, pgd_steps=10)
+    assert (tmp_path / "out" / "roc-digits.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "out" / "demo-digits.json").read_text())
+    assert 0.85 < saved["clean_accuracy"] <= 1.0
+    for name, r in saved["attacks"].items():
+        assert 0.0 <= r["success_rate"] <= 1.0
+        if r["n_successful"] >= 10:
+            assert 0.5 < r["auroc"] <= 1.0, name
+    assert "| attack |" in res["table"]
+
+
+def test_cli_reports_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
+    from hfguard import data
+
+    monkeypatch.setattr(data, "FASHION_DIRS", (str(tmp_path / "none"),))
+    monkeypatch.delenv("HFGUARD_FASHION_MNIST", raising=False)
+    assert main(["demo", "--dataset", "fashion-mnist", "--out", str(tmp_path)]) == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "hfguard", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout

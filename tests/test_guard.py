@@ -1,0 +1,332 @@
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+import hfguard
+from hfguard.attacks import pgd
+from hfguard.data import small_cnn, train_classifier
+
+from .conftest import assert_same_state, model_state
+
+
+def test_fit_returns_self(digits_model, digits):
+    g = hfguard.protect(digits_model, progress=False)
+    assert g.fit((digits.x_train, digits.y_train)) is g
+    assert g.fitted and isinstance(g, nn.Module)
+
+
+@pytest.mark.parametrize("call", ["score", "detect", "check", "inspect", "forward", "save"])
+def test_unfitted_guard_raises_not_fitted(digits_model, digits, call, tmp_path):
+    g = hfguard.protect(digits_model, progress=False)
+    with pytest.raises(hfguard.NotFittedError) as info:
+        if call == "save":
+            g.save(str(tmp_path / "g.safetensors"))
+        elif call == "forward":
+            g(digits.x_test[:2])
+        else:
+            getattr(g, call)(digits.x_test[:2])
+    assert isinstance(info.value, ValueError)
+    assert "fit" in str(info.value)
+
+
+def test_score_shape_dtype_and_detect_consistency(fitted, digits):
+    x = digits.x_test[:17]
+    s = fitted.score(x)
+    assert s.shape == (17,) and s.dtype == torch.float32
+    assert torch.equal(fitted.detect(x), s.detach() > fitted.threshold)
+
+
+def test_score_is_differentiable(fitted, digits):
+    x = digits.x_test[:8].clone().requires_grad_(True)
+    fitted.score(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_score_gradcheck_float64(digits_model, digits):
+    m64 = small_cnn(1, 10, 8).double()
+    m64.load_state_dict({k: v.double() for k, v in digits_model.state_dict().items()})
+    g = hfguard.protect(m64.eval(), progress=False).fit((digits.x_train.double(), digits.y_train)).double()
+    # jitter so that no ReLU / max-pool input sits exactly on a kink (digits have many exact zeros)
+    jitter = 0.05 * torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = (digits.x_test[:3].double() * 0.9 + jitter).requires_grad_(True)
+    assert torch.autograd.gradcheck(g.score, (x,), eps=1e-7, atol=1e-4)
+
+
+def test_check_matches_score_and_model(fitted, digits):
+    x = digits.x_test[:32]
+    v = fitted.check(x)
+    with torch.no_grad():
+        assert torch.allclose(v.logits, fitted.model(x), atol=1e-5)
+        assert torch.allclose(v.score, fitted.score(x), atol=1e-5)
+    assert torch.equal(v.predicted, v.logits.argmax(1))
+    assert torch.equal(v.flagged, v.score > fitted.threshold)
+    assert not v.filtered.any()  # flag policy never filters
+    assert v.origin.shape == (32,)
+
+
+def test_forward_under_flag_policy_is_the_model(fitted, digits):
+    x = digits.x_test[:10]
+    with torch.no_grad():
+        assert torch.equal(fitted(x), fitted.model(x))
+
+
+def test_clean_fpr_near_target_and_pgd_separated(fitted, digits, digits_model):
+    x, y = digits.x_test, digits.y_test
+    clean = fitted.check(x)
+    assert 0.01 <= clean.flagged.float().mean().item() <= 0.12
+    xa = pgd(digits_model, x, y, 0.15, steps=20)
+    adv = fitted.check(xa)
+    ok = (clean.predicted == y) & (adv.predicted != y)
+    assert ok.sum() > 100
+    auc = roc_auc_score(np.r_[np.zeros(len(x)), np.ones(int(ok.sum()))], np.r_[clean.score, adv.score[ok]])
+    assert auc > 0.9
+    assert adv.flagged[ok].float().mean() > 0.4  # chance level is the clean FPR (~0.05)
+
+
+def test_filter_policy_filters_exactly_the_flagged_rows(fitted, digits, digits_model):
+    g = hfguard.protect(digits_model, policy="filter", progress=False).fit((digits.x_train, digits.y_train))
+    x = torch.cat([digits.x_test[:40], pgd(digits_model, digits.x_test[:40], digits.y_test[:40], 0.15, steps=10)])
+    v = g.check(x)
+    assert v.flagged.any() and (~v.flagged).any()
+    assert torch.equal(v.filtered, v.flagged)
+    with torch.no_grad():
+        plain = digits_model(x)
+        assert torch.allclose(v.logits[~v.flagged], plain[~v.flagged], atol=1e-5)
+        assert not torch.allclose(v.logits[v.flagged], plain[v.flagged])
+        assert torch.allclose(g(x), v.logits, atol=1e-5)
+
+
+def test_filter_policy_forward_is_differentiable(digits_model, digits):
+    g = hfguard.protect(digits_model, policy="filter", progress=False, filter_sigma=0.8).fit((digits.x_train, digits.y_train))
+    x = pgd(digits_model, digits.x_test[:20], digits.y_test[:20], 0.2, steps=10).requires_grad_(True)
+    g(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_labels_are_optional(digits_model, digits):
+    g = hfguard.protect(digits_model, progress=False).fit(digits.x_train)
+    assert g.check(digits.x_test[:5]).score.shape == (5,)
+
+
+def test_dataloader_dicts_and_lists(digits_model, digits):
+    ds = torch.utils.data.TensorDataset(digits.x_train, digits.y_train)
+    loader = torch.utils.data.DataLoader(ds, batch_size=100, shuffle=False)
+    g1 = hfguard.protect(digits_model, progress=False).fit(loader)
+    dicts = [{"image": x, "label": y} for x, y in loader]
+    g2 = hfguard.protect(digits_model, progress=False).fit(dicts)
+    x = digits.x_test[:20]
+    assert torch.allclose(g1.score(x), g2.score(x))
+
+
+def test_fit_is_deterministic_and_refit_replaces(digits_model, digits):
+    a = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    b = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    for (k, v), (k2, v2) in zip(a.guard_state().items(), b.guard_state().items()):
+        assert k == k2 and torch.equal(v, v2)
+    before = a.threshold
+    a.fit((digits.x_train[:600], digits.y_train[:600]))
+    assert a.fit_report["samples_in_statistics"] + a.fit_report["samples_held_out"] == 600
+    assert a.threshold != before
+
+
+def test_model_unchanged_after_every_public_call(digits_model, digits, tmp_path):
+    digits_model.train()  # also checks that train mode is restored
+    before = model_state(digits_model)
+    with pytest.warns(UserWarning, match="training mode"):
+        g = hfguard.protect(digits_model, policy="filter", progress=False).fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:16]
+    g.check(x)
+    g.score(x).sum().backward()
+    g.detect(x)
+    g.inspect(x)
+    g(x)
+    g.save(str(tmp_path / "g.safetensors"))
+    hfguard.load(str(tmp_path / "g.safetensors"), digits_model).check(x)
+    for p in digits_model.parameters():
+        p.grad = None
+    before["grads"] = [None for _ in before["grads"]]
+    assert_same_state(before, model_state(digits_model))
+    digits_model.eval()
+
+
+def test_model_unchanged_when_forward_raises(digits, fitted):
+    class Exploding(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.explode = False
+
+        def forward(self, x):
+            out = self.inner(x)
+            if self.explode:
+                raise RuntimeError("boom")
+            return out
+
+    inner = small_cnn(1, 10, 8)
+    model = Exploding(inner).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = hfguard.protect(model, progress=False).fit((digits.x_train, digits.y_train))
+    before = model_state(model)
+    model.explode = True
+    for call in (g.check, g.score, g.inspect):
+        with pytest.raises(RuntimeError, match="boom"):
+            call(digits.x_test[:4])
+    with pytest.raises(RuntimeError, match="boom"):
+        hfguard.protect(model, progress=False).fit((digits.x_train, digits.y_train))
+    assert_same_state(before, model_state(model))
+
+
+def test_inspect_reports_a_trajectory(fitted, digits):
+    r = fitted.inspect(digits.x_test[:6])
+    s = len(r.sources)
+    assert r.sources[-2:] == ["logits", "spectrum"]
+    assert r.distances.shape == (6, s, 10) and r.affinity.shape == (6, s, 10)
+    assert torch.allclose(r.affinity.sum(2), torch.ones(6, s))
+    assert len(r.trajectory(0)) == s
+    # on clean, correctly classified digits the logits' nearest class is the prediction
+    assert (r.nearest[:, -2] == r.predicted).float().mean() > 0.8
+
+
+def test_threads_get_their_own_activations(fitted, digits):
+    inputs = [digits.x_test[i * 8 : (i + 1) * 8] for i in range(8)]
+    serial = [fitted.check(x).score for x in inputs]
+    results = {}
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        out = []
+        for _ in range(50):
+            out.append(fitted.check(inputs[i]).score)
+        results[i] = out
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        for s in results[i]:
+            assert torch.allclose(s, serial[i], atol=1e-5)
+
+
+def test_explicit_layers_and_custom_module_with_inplace_relu(custom_net, digits):
+    g = hfguard.protect(custom_net, layers=["conv1", "conv2"], progress=False).fit((digits.x_train, digits.y_train))
+    assert g.layers == ["conv1", "conv2"]
+    x = digits.x_test[:4].clone().requires_grad_(True)
+    g.score(x).sum().backward()  # conv1's output is overwritten by an in-place ReLU
+    assert torch.isfinite(x.grad).all()
+
+
+def test_normalize_maps_back_to_pixels(digits_model, digits):
+    mean, std = 0.3, 0.2
+
+    class Normalized(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z * std + mean)
+
+    model = Normalized(digits_model).eval()
+    g = hfguard.protect(model, normalize=([mean], [std]), progress=False).fit(((digits.x_train - mean) / std, digits.y_train))
+    plain = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:20]
+    assert torch.allclose(g.score((x - mean) / std), plain.score(x), atol=1e-3)
+
+
+def test_empty_batch_gives_empty_results(fitted):
+    v = fitted.check(torch.zeros(0, 1, 8, 8))
+    assert v.score.shape == (0,) and v.logits.shape == (0, 10) and v.flagged.dtype == torch.bool
+    assert fitted.score(torch.zeros(0, 1, 8, 8)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "x, err",
+    [
+        (torch.zeros(1, 8, 8), hfguard.ShapeError),
+        (torch.zeros(1, 1, 1, 8, 8), hfguard.ShapeError),
+        (torch.zeros(2, 3, 8, 8), hfguard.ShapeError),
+        (torch.zeros(2, 1, 9, 9), hfguard.ShapeError),
+        (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), hfguard.InputError),
+        (torch.full((2, 1, 8, 8), float("nan")), hfguard.InputError),
+        (np.zeros((2, 1, 8, 8)), hfguard.InputError),
+    ],
+)
+def test_bad_inputs_raise_typed_errors(fitted, x, err):
+    with pytest.raises(err) as info:
+        fitted.check(x)
+    assert isinstance(info.value, ValueError)
+
+
+def test_noncontiguous_and_channels_last_inputs(fitted, digits):
+    x = digits.x_test[:8]
+    ref = fitted.score(x)
+    assert torch.allclose(fitted.score(x.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5)
+    wide = torch.zeros(8, 1, 8, 16)
+    wide[..., ::2] = x
+    assert torch.allclose(fitted.score(wide[..., ::2]), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"policy": "block"}, {"fpr": 0.0}, {"fpr": 1.5}, {"layers": "all"}, {"layers": []}, {"filter_sigma": -1}, {"score_features": []}],
+)
+def test_bad_settings_raise_value_error(digits_model, kwargs):
+    with pytest.raises(ValueError):
+        hfguard.protect(digits_model, **kwargs)
+
+
+def test_fit_data_errors(digits_model, digits):
+    g = hfguard.protect(digits_model, progress=False)
+    with pytest.raises(hfguard.DataError, match="no data"):
+        g.fit([])
+    with pytest.raises(hfguard.DataError, match=r"labels must be in \[0, 9\]"):
+        g.fit((digits.x_train, digits.y_train + 5))
+    with pytest.raises(hfguard.DataError, match="shape"):
+        g.fit([digits.x_train[:50], torch.zeros(50, 1, 9, 9)])
+    with pytest.raises(hfguard.DataError, match="class 3 has"):
+        keep = digits.y_train != 3
+        x = torch.cat([digits.x_train[keep], digits.x_train[digits.y_train == 3][:1]])
+        y = torch.cat([digits.y_train[keep], torch.tensor([3])])
+        g.fit((x, y))
+    with pytest.raises(hfguard.DataError, match="dict without an image key"):
+        g.fit([{"pixels": digits.x_train[:10]}])
+
+
+def test_model_returning_dict_is_a_model_error(digits):
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 36, 10)
+
+        def forward(self, x):
+            return {"logits": self.fc(torch.relu(self.c(x)).flatten(1))}
+
+    with pytest.raises(hfguard.ModelError, match="logits"):
+        hfguard.protect(DictModel(), progress=False).fit(digits.x_train[:100])
+
+
+def test_probability_outputs_warn(digits_model, digits):
+    model = nn.Sequential(digits_model, nn.Softmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match="probabilities"):
+        hfguard.protect(model, progress=False).fit((digits.x_train, digits.y_train))
+
+
+def test_resnet18_end_to_end():
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None, num_classes=4).eval()
+    x = torch.rand(96, 3, 32, 32)
+    g = hfguard.protect(m, progress=False, calibration_size=40).fit((x, torch.arange(96) % 4))
+    assert g.layers == ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert g.check(x[:5]).score.shape == (5,)

@@ -1,0 +1,111 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import hfguard
+from hfguard.data import small_cnn
+
+
+@pytest.fixture()
+def saved(fitted, tmp_path):
+    path = tmp_path / "guard.safetensors"
+    fitted.save(str(path))
+    return path
+
+
+def test_round_trip_gives_identical_scores_and_settings(fitted, digits, saved, digits_model):
+    g2 = hfguard.load(str(saved), digits_model)
+    x = digits.x_test[:50]
+    assert torch.equal(fitted.score(x), g2.score(x))
+    assert g2.threshold == fitted.threshold and g2.layers == fitted.layers and g2.policy == fitted.policy
+    assert torch.equal(g2.check(x).flagged, fitted.check(x).flagged)
+
+
+def test_state_dict_carries_the_learned_state(fitted, digits, digits_model):
+    sd = fitted.state_dict()
+    assert any(k.startswith("gaussians.") for k in sd) and "threshold_" in sd
+    g2 = hfguard.load  # the file format is the state_dict without the model's weights
+    assert set(fitted.guard_state()) == {k for k in sd if not k.startswith("model.")}
+
+
+def test_load_with_policy_override(saved, digits_model):
+    assert hfguard.load(str(saved), digits_model, policy="filter").policy == "filter"
+
+
+def test_missing_file(tmp_path, digits_model):
+    with pytest.raises(hfguard.StateFileError, match="no guard file"):
+        hfguard.load(str(tmp_path / "nope.safetensors"), digits_model)
+
+
+def test_truncated_file(saved, digits_model):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(hfguard.StateFileError):
+        hfguard.load(str(saved), digits_model)
+
+
+def test_random_bytes(tmp_path, digits_model):
+    p = tmp_path / "junk.safetensors"
+    p.write_bytes(os.urandom(4096))
+    with pytest.raises(hfguard.StateFileError):
+        hfguard.load(str(p), digits_model)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/hfguard-pwned",))
+
+
+def test_pickle_file_is_refused_without_executing(tmp_path, digits_model):
+    p = tmp_path / "evil.safetensors"
+    p.write_bytes(pickle.dumps(_Boom()))
+    if os.path.exists("/tmp/hfguard-pwned"):
+        os.remove("/tmp/hfguard-pwned")
+    with pytest.raises(hfguard.StateFileError):
+        hfguard.load(str(p), digits_model)
+    assert not os.path.exists("/tmp/hfguard-pwned")
+
+
+def test_tampered_header_is_detected(saved, digits_model):
+    data = bytearray(saved.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["hfguard"])
+    meta["threshold"] = 1e9
+    meta["spec"]["layers"] = meta["spec"]["layers"]  # keep structure
+    header["__metadata__"]["hfguard"] = json.dumps(meta, sort_keys=True)
+    new = json.dumps(header).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    saved.write_bytes(len(new).to_bytes(8, "little") + new + bytes(data[8 + n :]))
+    with pytest.raises(hfguard.StateFileError, match="modified"):
+        hfguard.load(str(saved), digits_model)
+
+
+def test_tampered_tensor_is_detected(saved, digits_model):
+    data = bytearray(saved.read_bytes())
+    data[-3] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    with pytest.raises(hfguard.StateFileError, match="modified"):
+        hfguard.load(str(saved), digits_model)
+
+
+def test_foreign_safetensors_file(tmp_path, digits_model):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(3)}, str(p))
+    with pytest.raises(hfguard.StateFileError, match="not an hfguard"):
+        hfguard.load(str(p), digits_model)
+
+
+def test_other_model_is_refused(saved):
+    other = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    with pytest.raises(hfguard.ModelMismatchError):
+        hfguard.load(str(saved), other)
+    wider = small_cnn(1, 12, 8)
+    with pytest.raises(hfguard.ModelMismatchError, match="outputs"):
+        hfguard.load(str(saved), wider)

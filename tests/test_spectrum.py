@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import torch
+from scipy.fft import dctn
+
+from hfguard import spectrum
+
+
+@pytest.mark.parametrize("n", [5, 8, 28])
+def test_dct_matrix_is_orthonormal(n):
+    c = spectrum.dct_matrix(n, dtype=torch.float64)
+    assert torch.allclose(c @ c.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_dct2_matches_scipy():
+    x = torch.rand(2, 3, 8, 6, dtype=torch.float64)
+    out = spectrum.dct2(x, spectrum.dct_matrix(8, dtype=torch.float64), spectrum.dct_matrix(6, dtype=torch.float64))
+    ref = dctn(x.numpy(), type=2, norm="ortho", axes=(-2, -1))
+    assert np.allclose(out.numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, g", [(28, 8), (8, 8), (10, 3)])
+def test_pool_matrix_matches_adaptive_pool(n, g):
+    v = torch.rand(4, n, dtype=torch.float64)
+    ref = torch.nn.functional.adaptive_avg_pool1d(v[:, None], g)[:, 0]
+    assert torch.allclose(v @ spectrum.pool_matrix(n, g, dtype=torch.float64).T, ref)
+
+
+def test_hf_mask_excludes_dc_and_keeps_highest():
+    m = spectrum.hf_block_mask((8, 8))
+    assert not m[0] and m[-1]
+
+
+def _hf(x):
+    h, w = x.shape[-2:]
+    grid = spectrum.spectral_grid(h, w)
+    idx = spectrum.hf_block_mask(grid).nonzero().flatten()
+    args = (spectrum.dct_matrix(h, dtype=x.dtype), spectrum.dct_matrix(w, dtype=x.dtype), spectrum.pool_matrix(h, grid[0], dtype=x.dtype), spectrum.pool_matrix(w, grid[1], dtype=x.dtype), idx)
+    return spectrum.hf_features(x, *args)
+
+
+def test_hf_features_shape_and_noise_response():
+    x = torch.zeros(3, 1, 12, 12)
+    x[:, :, 3:9, 3:9] = 1.0
+    f_clean = _hf(x)
+    f_noisy = _hf(x + 0.1 * torch.randn_like(x))
+    assert f_clean.shape == (3, int(spectrum.hf_block_mask((8, 8)).sum()))
+    assert (f_noisy.mean(1) > f_clean.mean(1)).all()
+
+
+def test_hf_features_gradcheck():
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_hf, (x,))
+
+
+def test_radial_spectrum_of_constant_image_is_dc_only():
+    x = torch.ones(1, 1, 8, 8)
+    r = spectrum.radial_spectrum(x, spectrum.dct_matrix(8), spectrum.dct_matrix(8), bins=4)
+    assert r[0, 0] > 0 and torch.allclose(r[0, 1:], torch.zeros(3), atol=1e-10)

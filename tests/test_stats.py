@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+
+from hfguard.errors import DataError
+from hfguard.stats import ClassGaussianAccumulator, class_sq_distances, fit_tied_gaussian, oas_shrinkage
+
+
+def _data(n=300, d=6, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    z = torch.randn(n, d, generator=g) + 3.0 * torch.nn.functional.one_hot(y, d).float()
+    return z, y
+
+
+def test_merge_is_exact():
+    z, y = _data()
+    full = ClassGaussianAccumulator(3, 6)
+    full.update(z, y)
+    a, b = ClassGaussianAccumulator(3, 6), ClassGaussianAccumulator(3, 6)
+    a.update(z[:100], y[:100])
+    b.update(z[100:], y[100:])
+    a.merge(b)
+    assert torch.allclose(a.sums, full.sums) and torch.allclose(a.scatter, full.scatter) and torch.equal(a.count, full.count)
+
+
+def test_shuffled_stream_gives_same_model():
+    z, y = _data()
+    perm = torch.randperm(len(z), generator=torch.Generator().manual_seed(1))
+    m1, m2 = ClassGaussianAccumulator(3, 6), ClassGaussianAccumulator(3, 6)
+    for i in range(0, 300, 64):
+        m1.update(z[i : i + 64], y[i : i + 64])
+        m2.update(z[perm][i : i + 64], y[perm][i : i + 64])
+    f1, f2 = m1.finalize(), m2.finalize()
+    assert torch.allclose(f1.means, f2.means, atol=1e-10)
+    assert torch.allclose(f1.whitener @ f1.whitener.T, f2.whitener @ f2.whitener.T, atol=1e-8)
+
+
+def test_distances_match_numpy_reference():
+    z, y = _data()
+    acc = ClassGaussianAccumulator(3, 6)
+    acc.update(z, y)
+    m = acc.finalize()
+    d = class_sq_distances(z.double(), m.whitener, m.means @ m.whitener)
+    prec = m.whitener @ m.whitener.T
+    ref = np.stack([np.einsum("ij,jk,ik->i", (z.double() - mu).numpy(), prec.numpy(), (z.double() - mu).numpy()) for mu in m.means], 1) / 6
+    assert np.allclose(d.numpy(), ref, rtol=1e-6, atol=1e-8)
+
+
+def test_shrinkage_keeps_covariance_invertible_when_dim_exceeds_samples():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(12, 50, generator=g)
+    y = torch.arange(12) % 3
+    acc = ClassGaussianAccumulator(3, 50)
+    acc.update(z, y)
+    m = acc.finalize()
+    assert 0 < m.shrinkage <= 1
+    prec = m.whitener @ m.whitener.T
+    assert torch.isfinite(prec).all()
+    assert torch.linalg.cond(prec) < 1e4
+
+
+def test_oas_is_zero_like_for_many_samples_and_one_for_identity():
+    cov = torch.eye(5, dtype=torch.float64)
+    assert oas_shrinkage(cov, 10) == 1.0
+    a = torch.randn(2000, 5, dtype=torch.float64) * torch.tensor([1, 2, 3, 4, 5.0], dtype=torch.float64)
+    assert oas_shrinkage(torch.cov(a.T), 2000) < 0.05
+
+
+def test_empty_class_is_named():
+    acc = ClassGaussianAccumulator(3, 2)
+    acc.update(torch.randn(5, 2), torch.tensor([0, 0, 1, 1, 0]))
+    with pytest.raises(DataError, match=r"class\(es\) \[2\]"):
+        acc.finalize()
+
+
+def test_distances_are_differentiable():
+    z, y = _data(d=4)
+    acc = ClassGaussianAccumulator(3, 4)
+    acc.update(z, y)
+    m = acc.finalize()
+    x = z[:5].double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: class_sq_distances(t, m.whitener, m.means @ m.whitener), (x,))
+
+
+def test_fit_tied_gaussian_rejects_too_few_samples():
+    with pytest.raises(DataError):
+        fit_tied_gaussian(torch.tensor([1.0, 1.0]), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
