@@ -11,6 +11,7 @@ the evidence is
 * ``log d[pred]``: how far the input is from the predicted class's expectation;
 * ``log(1 + d[pred] - min_c d[c])``: how much closer another class is (the
   trajectory gap, 0 when the source agrees with the prediction);
+* ``log min_c d[c]``: how far the input is from *every* class expectation;
 
 plus the decision margin ``-log(logit_1 - logit_2 + 0.01)`` so that minimal
 perturbations parked on the decision boundary are caught too.
@@ -27,21 +28,22 @@ from torch import Tensor
 __all__ = ["source_evidence", "margin_evidence", "evidence_features", "origin_class", "feature_names", "parse_feature", "evidence_columns"]
 
 _EPS = 1e-4
+_KINDS = ("distance", "gap", "nearest")
 
 
-def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor]:
-    """Distance-to-prediction and trajectory gap for one source.
+def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Distance-to-prediction, trajectory gap and distance-to-nearest-class for one source.
 
     Args:
         dist: (N, K) distances.
         pred: (N,) predicted classes.
 
     Returns:
-        ``log(d[pred])`` and ``log1p(d[pred] - min d)``, each (N,).
+        ``log(d[pred])``, ``log1p(d[pred] - min d)`` and ``log(min d)``, each (N,).
     """
     d_pred = dist.gather(1, pred[:, None]).squeeze(1)
-    gap = d_pred - dist.min(1).values
-    return torch.log(d_pred + _EPS), torch.log1p(gap)
+    d_min = dist.min(1).values
+    return torch.log(d_pred + _EPS), torch.log1p(d_pred - d_min), torch.log(d_min + _EPS)
 
 
 def margin_evidence(logits: Tensor) -> Tensor:
@@ -51,7 +53,7 @@ def margin_evidence(logits: Tensor) -> Tensor:
 
 
 def evidence_features(dists: Sequence[Tensor], logits: Tensor) -> Tensor:
-    """All evidence features (N, 2 * len(dists) + 1); see :func:`feature_names` for the order."""
+    """All evidence features (N, 3 * len(dists) + 1); see :func:`feature_names` for the order."""
     pred = logits.argmax(1)
     cols = []
     for d in dists:
@@ -64,7 +66,7 @@ def feature_names(sources: Sequence[str]) -> list[str]:
     """Names of the columns of :func:`evidence_features` for the given source names."""
     names = []
     for s in sources:
-        names += [f"{s}:distance", f"{s}:gap"]
+        names += [f"{s}:distance", f"{s}:gap", f"{s}:nearest"]
     return names + ["margin"]
 
 
@@ -78,7 +80,7 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
     if name == "margin":
         return "margin", -1
     src, _, kind = name.rpartition(":")
-    if kind not in ("distance", "gap") or src not in sources:
+    if kind not in _KINDS or src not in sources:
         raise ValueError(f"unknown evidence feature {name!r}; expected one of {feature_names(sources)}")
     return kind, list(sources).index(src)
 
@@ -86,7 +88,7 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
 def evidence_columns(plan: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor) -> Tensor:
     """The evidence features named by ``plan`` (see :func:`parse_feature`) as (N, len(plan))."""
     pred = logits.argmax(1)
-    cache: dict[int, tuple[Tensor, Tensor]] = {}
+    cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     cols = []
     for kind, src in plan:
         if kind == "margin":
@@ -94,5 +96,5 @@ def evidence_columns(plan: Sequence[tuple[str, int]], dists: dict[int, Tensor], 
             continue
         if src not in cache:
             cache[src] = source_evidence(dists[src], pred)
-        cols.append(cache[src][0] if kind == "distance" else cache[src][1])
+        cols.append(cache[src][_KINDS.index(kind)])
     return torch.stack(cols, 1)

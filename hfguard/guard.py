@@ -126,10 +126,11 @@ class Guard(nn.Module):
         max_filter_flip: with ``filter_sigma="auto"``, the largest fraction of
             clean predictions the filter may change.
         score_features: evidence combined into the score: ``"auto"`` (the first
-            watched layer's distance and trajectory gap, and the decision
-            margin: the best clean-only combination measured on Fashion-MNIST,
-            see ``benchmarks/results``), ``"all"`` (every source's distance and
-            gap, and the margin), or a list of names from
+            watched layer's distance to the predicted class, trajectory gap and
+            distance to the nearest class, and the decision margin: the best
+            clean-only combination measured on Fashion-MNIST, see
+            ``benchmarks/results``), ``"all"`` (every source's three features
+            and the margin), or a list of names from
             ``guard.fit_report["feature_names"]`` such as ``"spectrum:gap"``.
         batch_size: batch size used when ``fit`` gets tensors.
         seed: seed of the held-out sampling.
@@ -235,8 +236,8 @@ class Guard(nn.Module):
         names = spec["score_features"]
         self.plan = [evidence.parse_feature(n, self.sources) for n in names]
         nf = len(names)
-        self.register_buffer("evidence_mean", torch.zeros(nf))
-        self.register_buffer("evidence_std", torch.ones(nf))
+        self.register_buffer("evidence_mean", torch.zeros(k, nf))
+        self.register_buffer("evidence_std", torch.ones(k, nf))
         self.register_buffer("threshold_", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
         self.spec = spec
@@ -332,7 +333,7 @@ class Guard(nn.Module):
         logits, feats = self._features(x, needed)
         dists = {i: self.gaussians[i](feats[i]) for i in needed}
         ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
-        score = calibrate.combine(ev, self.evidence_mean, self.evidence_std, self.temperature)
+        score = calibrate.combine(ev, logits.argmax(1), self.evidence_mean, self.evidence_std, self.temperature)
         return logits, score, dists[0].argmin(1)
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
@@ -474,7 +475,7 @@ class Guard(nn.Module):
         hf_index = spectrum.hf_block_mask(grid).nonzero().flatten().tolist()
         names = evidence.feature_names([*layers, LOGITS, SPECTRUM])
         if self.score_features_setting == "auto":
-            chosen = [f"{layers[0]}:distance", f"{layers[0]}:gap", "margin"]
+            chosen = [f"{layers[0]}:distance", f"{layers[0]}:gap", f"{layers[0]}:nearest", "margin"]
         elif self.score_features_setting == "all":
             chosen = names
         else:
@@ -517,11 +518,12 @@ class Guard(nn.Module):
         n = ev.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 2))
         a, b = perm[: n // 2], perm[n // 2 :]
-        mean, std = calibrate.fit_standardizer(ev[a])
+        pred = feats[-2].argmax(1)
+        mean, std = calibrate.fit_standardizer(ev[a], pred[a], spec["num_classes"])
         self.evidence_mean.copy_(mean)
         self.evidence_std.copy_(std)
         with torch.no_grad():
-            scores_b = calibrate.combine(ev[b], mean, std, self.temperature)
+            scores_b = calibrate.combine(ev[b], pred[b], mean, std, self.temperature)
         self.threshold_.fill_(calibrate.threshold_at_fpr(scores_b, self.fpr))
         flip_rates: dict[float, float] = {}
         if self.filter_sigma_setting == "auto":

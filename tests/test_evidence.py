@@ -6,9 +6,10 @@ from hfguard import evidence
 def test_gap_is_zero_when_prediction_is_nearest():
     d = torch.tensor([[0.1, 2.0, 3.0], [1.0, 0.2, 0.5]])
     pred = torch.tensor([0, 1])
-    dist, gap = evidence.source_evidence(d, pred)
+    dist, gap, nearest = evidence.source_evidence(d, pred)
     assert torch.allclose(gap, torch.zeros(2))
-    _, gap2 = evidence.source_evidence(d, torch.tensor([2, 2]))
+    assert torch.allclose(dist, nearest)
+    _, gap2, _ = evidence.source_evidence(d, torch.tensor([2, 2]))
     assert (gap2 > 0).all()
 
 
