@@ -34,7 +34,7 @@ from hfguard import calibrate, evidence, spectrum
 from hfguard.batches import iter_batches, length_hint
 from hfguard.errors import DataError, InputError, ModelError, NotFittedError, ShapeError
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma, lowpass
-from hfguard.reservoir import Reservoir
+from hfguard.reservoir import Reservoir, content_priority
 from hfguard.stats import ClassGaussianAccumulator, class_sq_distances
 from hfguard.taps import capture, choose_layers, discover_layers, pooled_grid, watchable_units
 
@@ -350,8 +350,9 @@ class Guard(nn.Module):
         """Learns the clean expectations, HF signatures, score combination and threshold.
 
         One streaming pass over ``data``: per-class sums are accumulated (memory
-        does not grow with the dataset), while a seeded uniform reservoir of
-        clean samples is held out for calibrating the score and its threshold.
+        does not grow with the dataset), while a uniform sample of clean images,
+        chosen by a seeded hash of their content (so independent of the data's
+        order), is held out for calibrating the score and its threshold.
         Fitting again replaces everything learned before.
 
         Args:
@@ -373,8 +374,8 @@ class Guard(nn.Module):
 
         n_batches, _ = length_hint(data, self.batch_size)
         capacity = self.calibration_size
-        res = Reservoir(capacity, seed=self.seed)
-        images = Reservoir(min(capacity, 1024), seed=self.seed + 1)
+        res = Reservoir(capacity)
+        images = Reservoir(min(capacity, 1024))
         device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
         accs: list[ClassGaussianAccumulator] = []
         spec: dict[str, Any] | None = None
@@ -401,10 +402,11 @@ class Guard(nn.Module):
                         raise DataError(f"batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
                 rows = {f"f{i}": f.float().cpu() for i, f in enumerate(feats)}
                 rows["y"] = y.cpu()
-                rest = res.offer(rows)
+                priority = content_priority(self.to_pixels(x), self.seed)
+                rest = res.offer(rows, priority)
                 for i, acc in enumerate(accs):
                     acc.update(rest[f"f{i}"], rest["y"])
-                images.offer({"x": self.to_pixels(x).detach().cpu()})
+                images.offer({"x": self.to_pixels(x).detach().cpu()}, 1.0 - priority)
             bar.close()
         if spec is None:
             raise DataError("fit got no data: the loader or iterable yielded no images")

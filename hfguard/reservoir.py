@@ -1,9 +1,13 @@
-"""A seeded reservoir sample that returns what it does not keep.
+"""An order-independent uniform hold-out sample that returns what it does not keep.
 
 The guard holds out a uniform random sample of the clean stream for
-calibration while every other sample goes into the statistics: items the
-reservoir rejects or evicts are handed back to the caller, so after one pass
-the statistics hold exactly the samples that are not in the reservoir.
+calibration while every other sample goes into the statistics.  The sample is
+a *bottom-k sketch*: each row gets a pseudo-random priority computed from its
+content (:func:`content_priority`), and the ``capacity`` rows with the lowest
+priorities are kept.  Rows that are rejected or evicted are handed back to the
+caller, so after one pass the statistics hold exactly the rows that are not in
+the sample, and the sample does not depend on the order of the data: the same
+data shuffled gives the same statistics up to floating-point summation order.
 """
 
 from __future__ import annotations
@@ -11,59 +15,70 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Reservoir"]
+__all__ = ["Reservoir", "content_priority"]
+
+
+def content_priority(x: Tensor, seed: int = 0) -> Tensor:
+    """Pseudo-random priority in [0, 1) per row of ``x`` (N, ...), a function of the row's values only."""
+    flat = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
+    r = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v = (flat @ r) * 7919.0 + flat.sum(1) * 104729.0
+    return torch.frac(torch.abs(v))
 
 
 class Reservoir:
-    """Uniform sample of at most ``capacity`` rows of a stream of dicts of tensors.
+    """The ``capacity`` rows with the smallest priorities seen in a stream of dicts of tensors.
 
     Args:
         capacity: rows kept.
-        seed: seed of the private generator (deterministic given the stream order).
     """
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
         self.seen = 0
         self.items: dict[str, Tensor] = {}
-        self._gen = torch.Generator().manual_seed(seed)
+        self.priority = torch.zeros(0, dtype=torch.float64)
 
     def __len__(self) -> int:
-        return min(self.seen, self.capacity)
+        return len(self.priority)
 
-    def offer(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Offers a batch (rows along dim 0); returns the rows that are *not* kept now
-        (rejected newcomers and evicted older rows)."""
-        n = next(iter(batch.values())).shape[0]
+    def offer(self, batch: dict[str, Tensor], priority: Tensor) -> dict[str, Tensor]:
+        """Offers a batch (rows along dim 0) with its priorities (N,); returns the rows that are
+        *not* kept now (rejected newcomers and evicted older rows)."""
+        n = len(priority)
+        self.seen += n
         if n == 0:
             return batch
         batch = {k: v.detach() for k, v in batch.items()}
-        t = torch.arange(self.seen, self.seen + n, dtype=torch.float64)
-        slot = torch.floor(torch.rand(n, generator=self._gen, dtype=torch.float64) * (t + 1)).long()
-        slot = torch.where(t < self.capacity, t.long(), slot)
-        self.seen += n
-        take = (slot < self.capacity).nonzero().flatten()
-        # Of several newcomers aimed at one slot, the last wins (as in the sequential algorithm).
-        last = torch.full((self.capacity,), -1, dtype=torch.long)
-        last.scatter_reduce_(0, slot[take], take, reduce="amax")
-        win_idx = last[last >= 0].sort().values
-        win_slot = slot[win_idx]
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[win_idx] = True
-        out = {k: v[~keep] for k, v in batch.items()}
-        if not self.items:
-            self.items = {k: v.new_empty((self.capacity, *v.shape[1:])) for k, v in batch.items()}
-            self._filled = torch.zeros(self.capacity, dtype=torch.bool)
-        occupied = win_slot[self._filled[win_slot]]
-        if len(occupied):
-            out = {k: torch.cat([out[k], self.items[k][occupied]]) for k in out}
+        room = self.capacity - len(self)
+        if room > 0:  # filling up: keep the first `room` newcomers as they come
+            take = min(room, n)
+            for k, v in batch.items():
+                self.items[k] = v[:take].clone() if k not in self.items else torch.cat([self.items[k], v[:take]])
+            self.priority = torch.cat([self.priority, priority[:take].double()])
+            batch = {k: v[take:] for k, v in batch.items()}
+            priority = priority[take:]
+            if len(priority) == 0:
+                return batch
+        cand = priority.double() < self.priority.max()
+        if not bool(cand.any()):
+            return batch
+        c_idx = cand.nonzero().flatten()
+        allp = torch.cat([self.priority, priority.double()[c_idx]])
+        order = torch.argsort(allp, stable=True)
+        keep, drop = order[: self.capacity], order[self.capacity :]
+        freed = drop[drop < self.capacity].sort().values  # slots of evicted kept rows
+        incoming = c_idx[keep[keep >= self.capacity] - self.capacity].sort().values  # newcomers that win
+        rejected = torch.ones(len(priority), dtype=torch.bool)
+        rejected[incoming] = False
+        out = {}
         for k, v in batch.items():
-            self.items[k][win_slot] = v[win_idx]
-        self._filled[win_slot] = True
+            out[k] = torch.cat([v[rejected], self.items[k][freed]])
+            self.items[k][freed] = v[incoming]
+        self.priority[freed] = priority.double()[incoming]
         return out
 
     def contents(self) -> dict[str, Tensor]:
-        """The kept rows, in slot order."""
-        if not self.items:
-            return {}
-        return {k: v[self._filled] for k, v in self.items.items()}
+        """The kept rows, in order of priority (so the result does not depend on the stream order)."""
+        order = torch.argsort(self.priority, stable=True)
+        return {k: v[order] for k, v in self.items.items()}
