@@ -19,8 +19,12 @@ __all__ = ["Reservoir", "content_priority"]
 
 
 def content_priority(x: Tensor, seed: int = 0) -> Tensor:
-    """Pseudo-random priority in [0, 1) per row of ``x`` (N, ...), a function of the row's values only."""
-    flat = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
+    """Pseudo-random priority in [0, 1) per row of ``x`` (N, ...), a function of the row's values only.
+
+    Values are quantised to 1/64 first, so float round-off (e.g. from a
+    normalise/denormalise round trip) does not change a row's priority.
+    """
+    flat = torch.round(x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64) * 64.0)
     r = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v = (flat @ r) * 7919.0 + flat.sum(1) * 104729.0
     return torch.frac(torch.abs(v))

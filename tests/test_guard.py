@@ -330,3 +330,12 @@ def test_resnet18_end_to_end():
     g = hfguard.protect(m, progress=False, calibration_size=40).fit((x, torch.arange(96) % 4))
     assert g.layers == ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     assert g.check(x[:5]).score.shape == (5,)
+
+
+def test_shuffled_data_gives_the_same_guard(digits_model, digits):
+    perm = torch.randperm(len(digits.x_train), generator=torch.Generator().manual_seed(3))
+    a = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    b = hfguard.protect(digits_model, progress=False).fit((digits.x_train[perm], digits.y_train[perm]))
+    for (k, v), (_, w) in zip(a.guard_state().items(), b.guard_state().items()):
+        assert torch.allclose(v.float(), w.float(), rtol=1e-4, atol=1e-4), k
+    assert abs(a.threshold - b.threshold) < 1e-4
