@@ -135,6 +135,11 @@ class Guard(nn.Module):
         batch_size: batch size used when ``fit`` gets tensors.
         seed: seed of the held-out sampling.
         progress: show a progress bar during ``fit``.
+        input_range: declared pixel range; pixels outside it (after undoing
+            ``normalize``) warn, or raise under ``strict``.  ``None`` disables the check.
+        strict: raise :class:`InputError` instead of warning for out-of-range pixels.
+        nonfinite: ``"raise"`` (default) for NaN/Inf inputs, or ``"flag"``: such
+            rows get score ``inf`` and are flagged by ``check``/``detect``.
     """
 
     def __init__(
@@ -153,6 +158,9 @@ class Guard(nn.Module):
         batch_size: int = 256,
         seed: int = 0,
         progress: bool = True,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+        strict: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -169,6 +177,13 @@ class Guard(nn.Module):
             raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
         if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
             raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
+        if nonfinite not in ("raise", "flag"):
+            raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
+        if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):
+            raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+        self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
+        self.strict = bool(strict)
+        self.nonfinite = nonfinite
         self.model = model
         self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
         self.layers_setting = layers if layers == "auto" else list(layers)
@@ -272,7 +287,9 @@ class Guard(nn.Module):
             raise ModelError(f"layers {missing} are not modules of the model; available: {list(named)[1:20]}...")
         return [(n, named[n]) for n in self.layers]
 
-    def _check_input(self, x: Any, *, fitted: bool = True) -> Tensor:
+    def _check_input(self, x: Any, *, fitted: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Validates a batch; returns it (cast to the model's dtype) and, under
+        ``nonfinite="flag"``, the mask of rows that held NaN/Inf (replaced by 0)."""
         if not isinstance(x, Tensor):
             raise InputError(f"expected a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -283,9 +300,38 @@ class Guard(nn.Module):
             raise ShapeError(
                 f"this guard was fitted on images of shape (C, H, W) = {tuple(self.spec['input_shape'])}, got {tuple(x.shape[1:])}"
             )
-        if x.numel() and not bool(torch.isfinite(x).all()):
-            raise InputError(f"input contains NaN or Inf values ({int((~torch.isfinite(x)).sum())} of {x.numel()} entries)")
-        return x
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
+        if x.dtype != dtype:
+            warnings.warn(f"input dtype {x.dtype} differs from the model's {dtype}; hfguard casts it to {dtype}", stacklevel=3)
+            x = x.to(dtype)
+        bad = None
+        if x.numel() == 0:
+            return x, bad
+        lo_c, hi_c = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))  # NaN propagates: one pass checks both
+        if not bool(torch.isfinite(lo_c).all() and torch.isfinite(hi_c).all()):
+            finite = torch.isfinite(x)
+            if self.nonfinite == "raise":
+                raise InputError(
+                    f"input contains NaN or Inf values ({int((~finite).sum())} of {x.numel()} entries); "
+                    "pass nonfinite='flag' to protect() to flag such rows instead"
+                )
+            bad = ~finite.flatten(1).all(1)
+            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            lo_c, hi_c = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+        if self.input_range is not None:
+            plo = (lo_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).min()
+            phi = (hi_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).max()
+            lo, hi = self.input_range
+            tol = 1e-3 * (hi - lo)
+            if float(plo) < lo - tol or float(phi) > hi + tol:
+                msg = (
+                    f"pixel values should lie in [{lo}, {hi}] (after undoing `normalize`), got values from {float(plo):.4g} to {float(phi):.4g}"
+                    + ("" if self.normalize else "; if the model takes normalised images pass normalize=(mean, std)")
+                )
+                if self.strict:
+                    raise InputError(msg)
+                warnings.warn(msg, stacklevel=3)
+        return x, bad
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Model input -> pixel image (undoes ``normalize``)."""
@@ -385,7 +431,10 @@ class Guard(nn.Module):
             for index, (x, y) in enumerate(bar):
                 if x.shape[0] == 0:
                     continue
-                x = self._check_input(x, fitted=False).to(device)
+                x, bad = self._check_input(x, fitted=False)
+                if bad is not None:
+                    raise DataError(f"batch {index} holds NaN or Inf values in {int(bad.sum())} images; fit needs clean, finite images")
+                x = x.to(device)
                 if spec is None:
                     spec = self._prepare(x)
                     accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]]
@@ -563,11 +612,12 @@ class Guard(nn.Module):
             InputError, ShapeError: wrong dtype, rank, size or non-finite values.
         """
         self._require_fitted()
-        x = self._check_input(x)
+        x, bad = self._check_input(x)
         if x.shape[0] == 0:
             return x.new_zeros(0)
         with self._eval_model():
-            return self._evaluate(x)[1]
+            score = self._evaluate(x)[1]
+        return score if bad is None else score.masked_fill(bad, float("inf"))
 
     def detect(self, x: Tensor) -> Tensor:
         """(N,) bool: ``score(x) > threshold`` (threshold calibrated at ``fpr`` on held-out clean data)."""
@@ -582,11 +632,13 @@ class Guard(nn.Module):
             InputError, ShapeError: wrong dtype, rank, size or non-finite values.
         """
         self._require_fitted()
-        x = self._check_input(x)
+        x, bad = self._check_input(x)
         if x.shape[0] == 0:
             return self._empty_verdict(x)
         with self._eval_model(), torch.no_grad():
             logits, score, origin = self._evaluate(x)
+            if bad is not None:
+                score = score.masked_fill(bad, float("inf"))
             flagged = score > self.threshold_
             filtered = torch.zeros_like(flagged)
             if self.policy == "filter" and bool(flagged.any()):
@@ -602,7 +654,9 @@ class Guard(nn.Module):
         through the (differentiable) low-pass filter, so attacks see the true defence.
         """
         self._require_fitted()
-        x = self._check_input(x)
+        x, bad = self._check_input(x)
+        if bad is not None:
+            raise InputError("guard(x) cannot return logits for images holding NaN or Inf; use guard.check(x), which flags them")
         with self._eval_model():
             if self.policy == "flag" or x.shape[0] == 0:
                 return self._forward_model(x)
@@ -617,7 +671,9 @@ class Guard(nn.Module):
     def inspect(self, x: Tensor) -> Inspection:
         """Per-source class distances and affinities: the trajectory from origin to prediction."""
         self._require_fitted()
-        x = self._check_input(x)
+        x, bad = self._check_input(x)
+        if bad is not None:
+            raise InputError("inspect() needs finite images; the batch holds NaN or Inf")
         with self._eval_model(), torch.no_grad():
             logits, feats = self._features(x)
             dists = self._distances(feats)

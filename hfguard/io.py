@@ -54,6 +54,9 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "threshold": float(guard.threshold_),
         "filter_sigma": float(guard.sigma_),
         "max_features": guard.max_features,
+        "input_range": guard.input_range,
+        "strict": guard.strict,
+        "nonfinite": guard.nonfinite,
     }
     meta = {_KEY: json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
     save_file(tensors, os.fspath(path), metadata=meta)
@@ -109,6 +112,10 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "normalize": header["normalize"],
         "max_features": header["max_features"],
         "filter_sigma": header["filter_sigma"],
+        "input_range": header["input_range"],
+        "strict": header["strict"],
+        "nonfinite": header["nonfinite"],
+        "score_features": spec["score_features"],
     }
     settings.update(overrides)
     guard = Guard(model, **settings)

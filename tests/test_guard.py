@@ -339,3 +339,36 @@ def test_shuffled_data_gives_the_same_guard(digits_model, digits):
     for (k, v), (_, w) in zip(a.guard_state().items(), b.guard_state().items()):
         assert torch.allclose(v.float(), w.float(), rtol=1e-4, atol=1e-4), k
     assert abs(a.threshold - b.threshold) < 1e-4
+
+
+def test_out_of_range_pixels_warn_and_strict_raises(digits_model, digits, fitted):
+    x = digits.x_test[:4] * 3.0
+    with pytest.warns(UserWarning, match=r"pixel values should lie in \[0.0, 1.0\].*normalize"):
+        fitted.check(x)
+    strict = hfguard.protect(digits_model, progress=False, strict=True).fit((digits.x_train, digits.y_train))
+    with pytest.raises(hfguard.InputError, match="got values from"):
+        strict.check(x)
+    assert strict.check(digits.x_test[:4]).score.shape == (4,)
+
+
+def test_nonfinite_rows_can_be_flagged(digits_model, digits):
+    g = hfguard.protect(digits_model, progress=False, nonfinite="flag").fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:6].clone()
+    x[2, 0, 3, 3] = float("nan")
+    x[4, 0, 0, 0] = float("inf")
+    v = g.check(x)
+    assert v.flagged[2] and v.flagged[4] and torch.isinf(v.score[[2, 4]]).all()
+    assert torch.equal(g.detect(x), v.flagged)
+    clean_rows = [0, 1, 3, 5]
+    assert torch.allclose(v.score[clean_rows], g.check(digits.x_test[:6][clean_rows]).score, atol=1e-4)
+    with pytest.raises(hfguard.InputError):
+        g(x)
+    with pytest.raises(hfguard.DataError, match="NaN or Inf"):
+        g.fit(x)
+
+
+def test_float64_input_is_cast_with_a_warning(fitted, digits):
+    x = digits.x_test[:5]
+    with pytest.warns(UserWarning, match="casts it to torch.float32"):
+        s64 = fitted.score(x.double())
+    assert torch.allclose(s64, fitted.score(x))
