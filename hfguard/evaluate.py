@@ -182,22 +182,33 @@ def adaptive_attacks(guard: Any, x: Tensor, y: Tensor, eps_list: list[float], *,
     return res
 
 
-def latency(guard: Any, x: Tensor, *, repeats: int = 30) -> dict[str, float]:
-    """Median seconds of ``model(x)`` and ``guard.check(x)``, timed interleaved in the same run."""
+def latency(guard: Any, x: Tensor, *, repeats: int = 60) -> dict[str, float]:
+    """Seconds of ``model(x)`` and ``guard.check(x)``, timed as interleaved pairs in the same run.
+
+    The order inside a pair alternates; ``ratio`` is the median of the per-pair
+    ratios (robust to load changes during the run), ``ratio_of_minimums`` the
+    ratio of the fastest runs.
+    """
     model = guard.model
     tm, tg = [], []
     with torch.no_grad():
-        model(x)
-        guard.check(x)
-        for _ in range(repeats):
-            t = time.perf_counter()
+        for _ in range(3):
             model(x)
-            tm.append(time.perf_counter() - t)
-            t = time.perf_counter()
             guard.check(x)
-            tg.append(time.perf_counter() - t)
-    m, g = statistics.median(tm), statistics.median(tg)
-    return {"batch": len(x), "model_s": m, "check_s": g, "ratio": g / m}
+        for i in range(repeats):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t = time.perf_counter()
+                model(x) if which == 0 else guard.check(x)
+                (tm if which == 0 else tg).append(time.perf_counter() - t)
+    ratios = [g / m for g, m in zip(tg, tm)]
+    return {
+        "batch": len(x),
+        "repeats": repeats,
+        "model_s": statistics.median(tm),
+        "check_s": statistics.median(tg),
+        "ratio": statistics.median(ratios),
+        "ratio_of_minimums": min(tg) / min(tm),
+    }
 
 
 def fit_cost(make_guard: Callable[[], Any], x: Tensor, y: Tensor | None, batch_size: int = 256) -> dict[str, float]:

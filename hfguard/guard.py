@@ -421,7 +421,7 @@ class Guard(nn.Module):
         n_batches, _ = length_hint(data, self.batch_size)
         capacity = self.calibration_size
         res = Reservoir(capacity)
-        images = Reservoir(min(capacity, 1024))
+        images = Reservoir(min(capacity, 512))
         device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
         accs: list[ClassGaussianAccumulator] = []
         spec: dict[str, Any] | None = None

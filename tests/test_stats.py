@@ -86,3 +86,23 @@ def test_distances_are_differentiable():
 def test_fit_tied_gaussian_rejects_too_few_samples():
     with pytest.raises(DataError):
         fit_tied_gaussian(torch.tensor([1.0, 1.0]), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(1, 299), max_size=5), seed=st.integers(0, 100))
+def test_any_split_merges_to_the_same_sums(cuts, seed):
+    z, y = _data(seed=seed)
+    bounds = [0, *sorted(set(cuts)), 300]
+    full = ClassGaussianAccumulator(3, 6)
+    full.update(z, y)
+    merged = ClassGaussianAccumulator(3, 6)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        part = ClassGaussianAccumulator(3, 6)
+        part.update(z[lo:hi], y[lo:hi])
+        merged.merge(part)
+    assert torch.equal(merged.count, full.count)
+    assert torch.allclose(merged.sums, full.sums) and torch.allclose(merged.scatter, full.scatter)
