@@ -29,14 +29,14 @@ def section() -> str:
     for name, r in h["attacks"].items():
         lo, hi = r["auroc_ci95"]
         lines.append(
-            f"| {name} | {r['success_rate']:.3f} | **{r['auroc']:.3f}** [{lo:.3f}, {hi:.3f}] | {r['tpr_at_threshold']:.3f} | "
+            f"| {name} | {r['success_rate']:.3f} | {r['auroc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['tpr_at_threshold']:.3f} | "
             f"{allf['attacks'][name]['auroc']:.3f} | {naive[name]:.3f} | {r['restored_by_filter']:.3f} |"
         )
     lat, fit = core["latency_batch256"], core["fit_cost"]
     lines += [
         "",
         f"Filter policy: clean accuracy {h['clean_accuracy_filter_policy']:.3f} vs {h['clean_accuracy']:.3f} unfiltered "
-        f"(cost {h['clean_accuracy_cost_filter_policy'] * 100:+.1f} points; sigma {h['filter_sigma']:.2f}).",
+        f"(change {-h['clean_accuracy_cost_filter_policy'] * 100:+.1f} points; Gaussian sigma {h['filter_sigma']:.2f} px).",
         f"Cost: `guard.check` {lat['ratio']:.3f}x the bare forward at batch {lat['batch']} ({lat['check_s'] * 1e3:.1f} ms vs "
         f"{lat['model_s'] * 1e3:.1f} ms, same run); `fit` {fit['ratio']:.2f}x one inference pass over the same {fit['n']} images.",
         "",

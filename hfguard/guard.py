@@ -307,7 +307,8 @@ class Guard(nn.Module):
         bad = None
         if x.numel() == 0:
             return x, bad
-        lo_c, hi_c = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))  # NaN propagates: one pass checks both
+        xd = x.detach()
+        lo_c, hi_c = xd.amin(dim=(0, 2, 3)), xd.amax(dim=(0, 2, 3))  # NaN propagates: one pass checks both
         if not bool(torch.isfinite(lo_c).all() and torch.isfinite(hi_c).all()):
             finite = torch.isfinite(x)
             if self.nonfinite == "raise":
@@ -317,7 +318,7 @@ class Guard(nn.Module):
                 )
             bad = ~finite.flatten(1).all(1)
             x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            lo_c, hi_c = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+            lo_c, hi_c = x.detach().amin(dim=(0, 2, 3)), x.detach().amax(dim=(0, 2, 3))
         if self.input_range is not None:
             plo = (lo_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).min()
             phi = (hi_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).max()
