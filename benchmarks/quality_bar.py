@@ -21,6 +21,25 @@ from hfguard.data import cached_model, load_dataset
 from hfguard.evaluate import adaptive_attacks, auroc, evaluate_guard, fit_cost, format_table, generate, latency, naive_mahalanobis, roc_plot, standard_attacks
 
 
+def onnx_latency(guard, x, path: Path, threads: int, repeats: int = 40) -> dict:
+    """onnxruntime (exported guard) vs torch eager ``guard.check``, interleaved in the same run."""
+    import statistics
+
+    guard.export_onnx(str(path), x[:8])
+    og = hfguard.OnnxGuard(str(path), threads=threads)
+    v, o = guard.check(x), og.check(x)
+    te, to = [], []
+    for i in range(repeats):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t = time.perf_counter()
+            guard.check(x) if which == 0 else og.check(x)
+            (te if which == 0 else to).append(time.perf_counter() - t)
+    path.unlink()
+    return {"eager_check_s": statistics.median(te), "onnxruntime_check_s": statistics.median(to),
+            "ratio_onnx_over_eager": statistics.median([b / a for a, b in zip(te, to)]),
+            "max_abs_score_diff": float((o.score - v.score).abs().max()), "flags_identical": bool((o.flagged == v.flagged).all())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dataset", default="fashion-mnist")
@@ -51,6 +70,7 @@ def main() -> None:
     res["fit_report"] = {k: v for k, v in guard.fit_report.items() if k not in ("calibration_evidence_mean",)}
     x, y = split.x_test[: a.n_test], split.y_test[: a.n_test]
     res["latency_batch256"] = latency(guard, split.x_test[:256])
+    res["onnx_latency_batch256"] = onnx_latency(guard, split.x_test[:256], Path(a.out) / ".guard.onnx", a.threads)
     advs = generate(model, x, y, standard_attacks(a.dataset), progress=True)
     main_res = evaluate_guard(guard, x, y, advs, progress=True)
     roc_plot(main_res, str(Path(a.out) / f"{a.dataset}-core-roc.png"), f"hfguard (default score) on {a.dataset}, small CNN")
@@ -80,6 +100,7 @@ def main() -> None:
           *[f"| {k} | {v['evasion_rate']:.3f} | {v['misclassified_rate']:.3f} |" for k, v in res["adaptive"].items() if isinstance(v, dict)], "",
           "## Cost", "",
           f"- `guard.check` latency, batch 256: {res['latency_batch256']['check_s'] * 1e3:.1f} ms vs bare `model(x)` {res['latency_batch256']['model_s'] * 1e3:.1f} ms: **{res['latency_batch256']['ratio']:.3f}x** (median of {res['latency_batch256']['repeats']} interleaved pairs; ratio of the fastest runs {res['latency_batch256']['ratio_of_minimums']:.3f}x)",
+          f"- onnxruntime ({a.threads} threads) running the exported guard: {res['onnx_latency_batch256']['onnxruntime_check_s'] * 1e3:.1f} ms vs eager `guard.check` {res['onnx_latency_batch256']['eager_check_s'] * 1e3:.1f} ms: **{res['onnx_latency_batch256']['ratio_onnx_over_eager']:.3f}x** (max score difference {res['onnx_latency_batch256']['max_abs_score_diff']:.1e}, flags identical: {res['onnx_latency_batch256']['flags_identical']})",
           f"- `fit` on {res['fit_cost']['n']} images: {res['fit_cost']['fit_s']:.1f} s vs one inference pass {res['fit_cost']['inference_pass_s']:.1f} s: **{res['fit_cost']['ratio']:.2f}x**", ""]
     (out / f"{a.dataset}-core.md").write_text("\n".join(md))
     print("\n".join(md))

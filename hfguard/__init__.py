@@ -21,6 +21,14 @@ from hfguard.guard import Guard, Inspection, Verdict, protect
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    if name == "OnnxGuard":  # lazy: importing onnxruntime costs time
+        from hfguard.onnx import OnnxGuard
+
+        return OnnxGuard
+    raise AttributeError(f"module 'hfguard' has no attribute {name!r}")
+
+
 def load(path, model, **overrides) -> Guard:
     """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.io.load_guard`)."""
     from hfguard.io import load_guard
@@ -34,6 +42,7 @@ __all__ = [
     "Guard",
     "Verdict",
     "Inspection",
+    "OnnxGuard",
     "HFGuardError",
     "NotFittedError",
     "InputError",

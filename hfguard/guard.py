@@ -98,11 +98,13 @@ class ClassGaussian(nn.Module):
 
     def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
+        self.register_buffer("center", torch.zeros(dim))
         self.register_buffer("whitener", torch.zeros(dim, dim))
         self.register_buffer("white_means", torch.zeros(num_classes, dim))
 
     def forward(self, z: Tensor) -> Tensor:
-        return class_sq_distances(z.to(self.whitener.dtype), self.whitener, self.white_means)
+        # centring first keeps the float32 expansion ||u||^2 - 2 u.m + ||m||^2 free of cancellation
+        return class_sq_distances(z.to(self.whitener.dtype) - self.center, self.whitener, self.white_means)
 
 
 class Guard(nn.Module):
@@ -561,8 +563,10 @@ class Guard(nn.Module):
         names = evidence.feature_names(self.sources)
         chosen = spec["score_features"]
         for g, acc_model in zip(self.gaussians, finals):
+            center = acc_model.means.mean(0)
+            g.center.copy_(center.to(dtype))
             g.whitener.copy_(acc_model.whitener.to(dtype))
-            g.white_means.copy_((acc_model.means @ acc_model.whitener).to(dtype))
+            g.white_means.copy_(((acc_model.means - center) @ acc_model.whitener).to(dtype))
         with torch.no_grad():
             dists = dict(enumerate(self._distances(feats)))
             ev = evidence.evidence_columns(self.plan, dists, feats[-2])
@@ -689,6 +693,13 @@ class Guard(nn.Module):
         from hfguard.io import save_guard
 
         save_guard(self, path)
+
+    def export_onnx(self, path: str, example_input: Tensor, *, opset: int = 17) -> None:
+        """Writes this guard's ``check`` as one ONNX file (outputs ``logits``, ``score``,
+        ``flagged``, ``origin``; dynamic batch); run it with :class:`hfguard.OnnxGuard`."""
+        from hfguard.onnx import export_onnx
+
+        export_onnx(self, path, example_input, opset=opset)
 
     def extra_repr(self) -> str:
         state = f"layers={self.layers}, threshold={float(self.threshold_):.4f}" if self.fitted else "not fitted"

@@ -1,0 +1,103 @@
+"""ONNX export of a fitted guard and an onnxruntime runner with the ``check`` interface.
+
+The exported graph is the guard's one-pass ``check``: the hooks that capture
+activations fire while the TorchScript exporter traces the forward, so the
+watched layers, the class-distance evidence, the calibrated score, the flag
+and (under ``policy="filter"``) the Gaussian low-pass branch are all plain
+ONNX ops (Conv, MatMul, TopK, Gather, ReduceLogSumExp, Where).  Under
+``policy="filter"`` the filtered branch is computed for every row and
+selected with ``Where`` (a graph has no data-dependent batch split).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hfguard.errors import InputError, ShapeError
+
+__all__ = ["export_onnx", "OnnxGuard", "OUTPUTS"]
+
+OUTPUTS = ("logits", "score", "flagged", "origin")
+
+
+class _CheckGraph(nn.Module):
+    def __init__(self, guard: Any) -> None:
+        super().__init__()
+        self.guard = guard
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        g = self.guard
+        logits, score, origin = g._evaluate(x)
+        flagged = score > g.threshold_
+        if g.policy == "filter":
+            logits = torch.where(flagged[:, None], g._filtered_logits(x).to(logits.dtype), logits)
+        return logits, score, flagged, origin
+
+
+def export_onnx(guard: Any, path: str | os.PathLike, example_input: Tensor, *, opset: int = 17) -> None:
+    """Writes ``guard``'s ``check`` as ONE ``.onnx`` file with a dynamic batch dimension.
+
+    Outputs: ``logits`` (N, K; filtered logits for flagged rows under ``policy="filter"``),
+    ``score`` (N,), ``flagged`` (N,) bool, ``origin`` (N,) int64.
+    """
+    guard._require_fitted()
+    x, _ = guard._check_input(example_input)
+    graph = _CheckGraph(guard)
+    # traced with autograd on: the pooling then takes its reshape-mean form, whose sizes export as constants
+    with guard._eval_model(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on constant folding and Python values
+        torch.onnx.export(
+            graph,
+            (x,),
+            os.fspath(path),
+            input_names=["input"],
+            output_names=list(OUTPUTS),
+            dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}},
+            opset_version=opset,
+            dynamo=False,
+        )
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "hfguard_policy", guard.policy
+    onnx.save(model, os.fspath(path))
+
+
+class OnnxGuard:
+    """Runs an exported guard under onnxruntime; :meth:`check` returns a :class:`hfguard.Verdict`.
+
+    Args:
+        path: the ``.onnx`` file written by :meth:`Guard.export_onnx`.
+        threads: intra-op threads for onnxruntime (None: its default).
+        providers: onnxruntime execution providers (default CPU).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(inp.shape[1:])
+        self.policy = self.session.get_modelmeta().custom_metadata_map.get("hfguard_policy", "flag")
+
+    def check(self, x: Tensor) -> Any:
+        from hfguard.guard import Verdict
+
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            raise InputError(f"expected a floating-point torch.Tensor of images, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ShapeError(f"this model takes images of shape {self.input_shape}, got {tuple(x.shape[1:])}")
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})
+        logits, score, flagged, origin = (torch.from_numpy(o) for o in out)
+        filtered = flagged.clone() if self.policy == "filter" else torch.zeros_like(flagged)
+        return Verdict(logits, score, flagged, filtered, logits.argmax(1), origin)
