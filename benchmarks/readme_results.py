@@ -38,7 +38,10 @@ def section() -> str:
         f"Filter policy: clean accuracy {h['clean_accuracy_filter_policy']:.3f} vs {h['clean_accuracy']:.3f} unfiltered "
         f"(change {-h['clean_accuracy_cost_filter_policy'] * 100:+.1f} points; Gaussian sigma {h['filter_sigma']:.2f} px).",
         f"Cost: `guard.check` {lat['ratio']:.3f}x the bare forward at batch {lat['batch']} ({lat['check_s'] * 1e3:.1f} ms vs "
-        f"{lat['model_s'] * 1e3:.1f} ms, same run); `fit` {fit['ratio']:.2f}x one inference pass over the same {fit['n']} images.",
+        f"{lat['model_s'] * 1e3:.1f} ms, median of {lat['repeats']} interleaved pairs; this shared 2-core machine varies by several "
+        f"percent between runs); `fit` {fit['ratio']:.2f}x one inference pass over the same {fit['n']} images.",
+        f"ONNX: the exported guard under onnxruntime takes {core['onnx_latency_batch256']['ratio_onnx_over_eager']:.2f}x the time of "
+        f"eager `guard.check` (max score difference {core['onnx_latency_batch256']['max_abs_score_diff']:.1e}, identical flags).",
         "",
         f"Adaptive attacks (first {core['adaptive']['n_images']} test images; evasion = misclassified by the defended pipeline and not flagged):",
         "",

@@ -462,16 +462,19 @@ class Guard(nn.Module):
             bar.close()
         if spec is None:
             raise DataError("fit got no data: the loader or iterable yielded no images")
-        held = res.contents()
-        keep = min(len(res), max(40, int(0.3 * res.seen)))
-        if keep < len(res):  # small data: hand the excess of the hold-out back to the statistics (sums)
-            order = torch.randperm(len(res), generator=torch.Generator().manual_seed(self.seed + 3))
+        held, lost, seen = res.merged()  # across ranks under torch.distributed
+        for i, acc in enumerate(accs):
+            if lost:
+                acc.update(lost[f"f{i}"], lost["y"])
+            acc.all_reduce()
+        n_held = len(held["y"])
+        keep = min(n_held, max(40, int(0.3 * seen)))
+        if keep < n_held:  # small data: hand the excess of the hold-out back to the statistics (sums)
+            order = torch.randperm(n_held, generator=torch.Generator().manual_seed(self.seed + 3))
             back = {k: v[order[keep:]] for k, v in held.items()}
             held = {k: v[order[:keep]] for k, v in held.items()}
             for i, acc in enumerate(accs):
                 acc.update(back[f"f{i}"], back["y"])
-        for acc in accs:
-            acc.all_reduce()
         counts = accs[0].count.long()
         few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
         if few:
@@ -480,7 +483,7 @@ class Guard(nn.Module):
                 f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
                 + ", ".join(f"class {c} has {n}" for c, n in few)
             )
-        self._finish(spec, accs, held, images.contents()["x"])
+        self._finish(spec, accs, held, images.merged()[0]["x"])
         return self
 
     def _prepare(self, x: Tensor) -> dict[str, Any]:

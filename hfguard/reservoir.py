@@ -82,6 +82,17 @@ class Reservoir:
         self.priority[freed] = priority.double()[incoming]
         return out
 
+    def merged(self) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+        """``(sample, lost, seen)``: under ``torch.distributed`` the global sample over all ranks,
+        this rank's rows that fell out of it, and the total rows seen; otherwise ``(contents(), {}, seen)``."""
+        from hfguard.distributed import all_reduce_sum, is_distributed, merge_samples
+
+        if not is_distributed():
+            return self.contents(), {}, self.seen
+        order = torch.argsort(self.priority, stable=True)
+        merged, lost = merge_samples({k: v[order] for k, v in self.items.items()}, self.priority[order], self.capacity)
+        return merged, lost, all_reduce_sum(self.seen)
+
     def contents(self) -> dict[str, Tensor]:
         """The kept rows, in order of priority (so the result does not depend on the stream order)."""
         order = torch.argsort(self.priority, stable=True)

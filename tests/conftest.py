@@ -67,3 +67,21 @@ def assert_same_state(before, after):
         assert torch.equal(a, b)
     for a, b in zip(before["grads"], after["grads"]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def assert_equivalent_guards(a, b, x, rtol=1e-4, atol=1e-5):
+    """Same learned state up to float summation order. A whitening matrix is unique only up to a
+    rotation (eigenvectors of repeated eigenvalues), so it is compared through the precision
+    ``W @ W.T``, and the whitened class means through the scores they produce."""
+    sa, sb = a.guard_state(), b.guard_state()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        v, w = sa[k].double(), sb[k].double()
+        if k.endswith("white_means"):
+            continue
+        if k.endswith("whitener"):
+            v, w = v @ v.T, w @ w.T
+        scale = float(v.abs().max()) if v.numel() else 1.0
+        assert torch.allclose(v, w, rtol=rtol, atol=atol * max(scale, 1.0)), k  # float32 storage: relative to magnitude
+    assert abs(a.threshold - b.threshold) < 1e-4
+    assert torch.allclose(a.score(x), b.score(x), atol=1e-4)
