@@ -1,4 +1,4 @@
-"""Command line: ``hfguard demo`` (and ``python -m hfguard demo``)."""
+"""Command line: ``hfguard demo`` and ``hfguard report`` (also ``python -m hfguard ...``)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="hfguard-demo", help="folder for the ROC plot and the JSON of every number")
     demo.add_argument("--n-test", type=int, default=None, help="test images to attack (default: all for digits, 1000 for fashion-mnist)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep = sub.add_parser("report", help="measure the paper's three claims on the demo model: HTML page, PNG figures, JSON")
+    rep.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
+    rep.add_argument("--out", default="hfguard-report", help="folder for report.html, report.json and the figures")
+    rep.add_argument("--n", type=int, default=None, help="test images (default: all for digits, 1000 for fashion-mnist)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -69,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hfguard demo on {args.dataset}: watched layers {result['layers']}, score uses {result['score_features']}")
         print(result["table"])
         print(f"\nwrote {Path(args.out) / f'roc-{args.dataset}.png'} and {Path(args.out) / f'demo-{args.dataset}.json'}")
+    if args.command == "report":
+        from hfguard.errors import DatasetNotAvailableError
+        from hfguard.report import run_report
+
+        try:
+            res = run_report(args.dataset, args.out, n=args.n, progress=True)
+        except DatasetNotAvailableError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for key in ("claim1", "claim2", "claim3"):
+            print(f"{key}: {res[key]['verdict']}. {res['summary'][key]}")
+        print(f"\nwrote {Path(args.out) / 'report.html'}")
     return 0
 
 

@@ -1,0 +1,292 @@
+"""``hfguard report``: measure the paper's three claims on a model, with figures and verdicts.
+
+Writes ``report.html`` (self-contained text, PNG figures beside it) and
+``report.json`` (every number).  Each claim gets a measured result and a plain
+verdict (supported / partly supported / not supported on this model); the
+thresholds of the verdicts are stated in the report itself.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hfguard import spectrum
+from hfguard.attacks import pgd
+from hfguard.filters import lowpass
+
+__all__ = ["claim_stability", "claim_trajectory", "claim_hf", "write_report", "run_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def claim_stability(guard: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
+    """Claim 1: per layer, within/between-class dispersion ratio and nearest-expectation accuracy."""
+    with torch.no_grad():
+        _, feats = guard._features(x)
+        insp = guard.inspect(x)
+    k = guard.spec["num_classes"]
+    ratios, acc = [], []
+    for i, name in enumerate(guard.sources[:-1]):  # layers and logits (the spectrum is claim 3's)
+        z = feats[i].double()
+        means = torch.stack([z[y == c].mean(0) if (y == c).any() else z.mean(0) for c in range(k)])
+        within = (z - means[y]).norm(dim=1).mean()
+        between = torch.cdist(means, means)[~torch.eye(k, dtype=torch.bool)].mean()
+        ratios.append(float(within / between))
+        acc.append(float((insp.nearest[:, i] == y).float().mean()))
+    supported = min(acc) >= 0.8
+    partly = max(acc) >= 0.8
+    return {
+        "layers": guard.sources[:-1],
+        "within_between_ratio": ratios,
+        "nearest_expectation_accuracy": acc,
+        "verdict": "supported" if supported else ("partly supported" if partly else "not supported"),
+        "rule": "supported if the nearest class expectation is the true class for >= 80% of clean test images at every layer; partly if at some layer",
+    }
+
+
+def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 20) -> dict[str, Any]:
+    """Claim 2: per PGD iteration and layer, how often the nearest class is the final target."""
+    model = guard.model
+    snaps = [x]
+    x_adv = x
+    alpha = 2.5 * eps / steps
+    for _ in range(steps):  # PGD without random start, keeping every iterate
+        x_adv = pgd(model, x_adv, y, eps, steps=1, step_size=alpha, random_start=False)
+        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+        snaps.append(x_adv)
+    with torch.no_grad():
+        final = model(x_adv).argmax(1)
+    ok = (final != y) & (model(x).argmax(1) == y)
+    if int(ok.sum()) == 0:
+        return {"verdict": "not supported", "n_successful": 0, "reason": "PGD succeeded on no image"}
+    target = final[ok]
+    rates, origin_rates = [], []
+    for s in snaps:
+        insp = guard.inspect(s[ok])
+        rates.append((insp.nearest[:, :-1] == target[:, None]).float().mean(0).tolist())
+        origin_rates.append((insp.nearest[:, :-1] == y[ok][:, None]).float().mean(0).tolist())
+    last = np.array(rates[-1])
+    cross = [int(np.argmax(np.array(r) > 0.5)) if max(r) > 0.5 else None for r in np.array(rates[-1:])]
+    insp_final = guard.inspect(x_adv[ok])
+    per_image_cross = []
+    for row in (insp_final.nearest[:, :-1] == target[:, None]).tolist():
+        per_image_cross.append(row.index(True) if True in row else len(row))
+    increasing = last[-1] > last[0] + 0.2
+    early_origin = origin_rates[-1][0] > 0.5
+    verdict = "supported" if (increasing and early_origin) else ("partly supported" if increasing or early_origin else "not supported")
+    return {
+        "layers": guard.sources[:-1],
+        "eps": eps,
+        "steps": steps,
+        "n_successful": int(ok.sum()),
+        "target_rate": rates,
+        "origin_rate": origin_rates,
+        "mean_crossover_layer_index": float(np.mean(per_image_cross)),
+        "first_layer_with_majority_target": cross[0],
+        "verdict": verdict,
+        "rule": "supported if, on the final adversarials, the first layer still points to the origin for > 50% and the last layer's target rate exceeds the first layer's by > 0.2",
+        "_affinity_examples": insp_final.affinity[:4].tolist(),
+        "_targets": target[:4].tolist(),
+        "_origins": y[ok][:4].tolist(),
+    }
+
+
+def claim_hf(guard: Any, x: Tensor, y: Tensor, eps: float, sigmas: tuple[float, ...] = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0)) -> dict[str, Any]:
+    """Claim 3: spectrum of the perturbation, match to class HF signatures, low- vs high-pass ablation."""
+    model = guard.model
+    x_adv = pgd(model, x, y, eps, steps=40)
+    with torch.no_grad():
+        pred_c, pred_a = model(x).argmax(1), model(x_adv).argmax(1)
+    ok = (pred_c == y) & (pred_a != y)
+    delta = (x_adv - x)[ok]
+    xo, target = x[ok], pred_a[ok]
+    h, w = x.shape[-2:]
+    ch, cw = guard.dct_h, guard.dct_w
+    rad_delta = spectrum.radial_spectrum(delta, ch, cw).mean(0)
+    rad_clean = spectrum.radial_spectrum(x, ch, cw).mean(0)
+    # HF signature match: the HF log-power profile of the perturbation vs each class's mean profile
+    def hf(p: Tensor) -> Tensor:
+        return spectrum.hf_features(p, ch, cw, guard.pool_h, guard.pool_w, guard.hf_index)
+
+    with torch.no_grad():
+        sig = torch.stack([hf(x[y == c]).mean(0) for c in range(guard.spec["num_classes"]) if (y == c).any()])
+        classes = [c for c in range(guard.spec["num_classes"]) if (y == c).any()]
+        prof = hf(delta)
+        prof_c = prof - prof.mean(1, keepdim=True)
+        sig_c = sig - sig.mean(1, keepdim=True)
+        corr = F.normalize(prof_c, dim=1) @ F.normalize(sig_c, dim=1).T
+        best = torch.tensor(classes)[corr.argmax(1)]
+    match_rate = float((best == target).float().mean()) if len(target) else float("nan")
+    chance = 1.0 / len(classes)
+    low, high = [], []
+    with torch.no_grad():
+        for s in sigmas:
+            lp = lowpass(delta, s)
+            low.append(float((model((xo + lp).clamp(0, 1)).argmax(1) != y[ok]).float().mean()))
+            high.append(float((model((xo + delta - lp).clamp(0, 1)).argmax(1) != y[ok]).float().mean()))
+    hf_dominant = np.mean(high) > np.mean(low)
+    matches = match_rate > 2 * chance
+    verdict = "supported" if (hf_dominant and matches) else ("partly supported" if (hf_dominant or matches) else "not supported")
+    nb = len(rad_delta)
+    hf_share_delta = float(rad_delta[nb // 2 :].sum() / rad_delta.sum())
+    hf_share_clean = float(rad_clean[nb // 2 :].sum() / rad_clean.sum())
+    return {
+        "eps": eps,
+        "n_successful": int(ok.sum()),
+        "radial_power_perturbation": rad_delta.tolist(),
+        "radial_power_clean": rad_clean.tolist(),
+        "hf_power_share_perturbation": hf_share_delta,
+        "hf_power_share_clean": hf_share_clean,
+        "target_signature_match_rate": match_rate,
+        "chance": chance,
+        "sigmas": list(sigmas),
+        "success_lowpassed_perturbation": low,
+        "success_highpassed_perturbation": high,
+        "verdict": verdict,
+        "rule": "supported if the high-passed perturbation keeps more attack success than the low-passed one (mean over sigmas) and the perturbation's HF profile matches the target class's HF signature more than twice as often as chance",
+    }
+
+
+def _figures(res: dict[str, Any], out: Path) -> dict[str, str]:
+    plt = _plt()
+    files = {}
+    c1 = res["claim1"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    idx = range(len(c1["layers"]))
+    ax.plot(idx, c1["nearest_expectation_accuracy"], "o-", label="nearest class expectation = true class")
+    ax.plot(idx, c1["within_between_ratio"], "s--", label="within / between class distance")
+    ax.set_xticks(list(idx), c1["layers"], rotation=30)
+    ax.set_xlabel("watched layer (forward order)")
+    ax.set_ylabel("rate / ratio (unitless)")
+    ax.set_title("Claim 1: stability of per-class expectations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "claim1.png", dpi=110)
+    plt.close(fig)
+    files["claim1"] = "claim1.png"
+    c2 = res["claim2"]
+    if c2.get("n_successful"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        im = axes[0].imshow(np.array(c2["target_rate"]).T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        axes[0].set_yticks(range(len(c2["layers"])), c2["layers"])
+        axes[0].set_xlabel("PGD iteration")
+        axes[0].set_ylabel("layer")
+        axes[0].set_title("rate of 'nearest class = final target'")
+        fig.colorbar(im, ax=axes[0], label="fraction of successful adversarials")
+        aff = np.array(c2["_affinity_examples"])
+        for j in range(min(4, len(aff))):
+            t, o = c2["_targets"][j], c2["_origins"][j]
+            axes[1].plot(aff[j, :-1, t], "-", label=f"ex.{j} target {t}")
+            axes[1].plot(aff[j, :-1, o], ":", label=f"ex.{j} origin {o}")
+        axes[1].set_xticks(range(len(c2["layers"])), c2["layers"], rotation=30)
+        axes[1].set_xlabel("layer")
+        axes[1].set_ylabel("class affinity (posterior, 0-1)")
+        axes[1].set_title("example trajectories: solid = target, dotted = origin")
+        axes[1].legend(fontsize=6, ncol=2)
+        fig.suptitle("Claim 2: feature trajectory from origin to target")
+        fig.tight_layout()
+        fig.savefig(out / "claim2.png", dpi=110)
+        plt.close(fig)
+        files["claim2"] = "claim2.png"
+    c3 = res["claim3"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    nb = len(c3["radial_power_clean"])
+    r = (np.arange(nb) + 0.5) / nb
+    axes[0].semilogy(r, c3["radial_power_clean"], "o-", label="clean images")
+    axes[0].semilogy(r, c3["radial_power_perturbation"], "s-", label="PGD perturbation")
+    axes[0].set_xlabel("normalised DCT radius (0 = DC, 1 = highest frequency)")
+    axes[0].set_ylabel("mean power (log scale)")
+    axes[0].set_title("radially averaged spectrum")
+    axes[0].legend()
+    axes[1].plot(c3["sigmas"], c3["success_lowpassed_perturbation"], "o-", label="low-passed perturbation only")
+    axes[1].plot(c3["sigmas"], c3["success_highpassed_perturbation"], "s-", label="high-passed perturbation only")
+    axes[1].set_xlabel("Gaussian cutoff sigma (pixels)")
+    axes[1].set_ylabel("attack success rate")
+    axes[1].set_ylim(0, 1.02)
+    axes[1].set_title("which part of the perturbation fools the model")
+    axes[1].legend()
+    fig.suptitle("Claim 3: the perturbation is high-frequency")
+    fig.tight_layout()
+    fig.savefig(out / "claim3.png", dpi=110)
+    plt.close(fig)
+    files["claim3"] = "claim3.png"
+    return files
+
+
+def _summary(res: dict[str, Any]) -> dict[str, str]:
+    c1, c2, c3 = res["claim1"], res["claim2"], res["claim3"]
+    acc = c1["nearest_expectation_accuracy"]
+    s1 = f"nearest class expectation = true class for {min(acc):.0%} to {max(acc):.0%} of clean images across layers ({', '.join(f'{a:.2f}' for a in acc)})."
+    if c2.get("n_successful"):
+        last = c2["target_rate"][-1]
+        s2 = (f"on {c2['n_successful']} successful PGD examples, the nearest class is the final target at {last[0]:.0%} of images at the first layer "
+              f"and {last[-1]:.0%} at the logits; the first layer still points to the origin for {c2['origin_rate'][-1][0]:.0%}; mean crossover layer index {c2['mean_crossover_layer_index']:.1f}.")
+    else:
+        s2 = "PGD succeeded on no image."
+    s3 = (f"{c3['hf_power_share_perturbation']:.0%} of the perturbation's power is in the upper half of the frequency radius (clean images: {c3['hf_power_share_clean']:.0%}); "
+          f"its HF profile is closest to the target class's signature for {c3['target_signature_match_rate']:.0%} of images (chance {c3['chance']:.0%}); "
+          f"mean success of the high-passed vs low-passed perturbation {np.mean(c3['success_highpassed_perturbation']):.0%} vs {np.mean(c3['success_lowpassed_perturbation']):.0%}.")
+    return {"claim1": s1, "claim2": s2, "claim3": s3}
+
+
+def write_report(res: dict[str, Any], out: Path) -> None:
+    """Figures, ``report.json`` and ``report.html`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = _figures(res, out)
+    summary = _summary(res)
+    res["summary"] = summary
+    clean = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v) for k, v in res.items()}
+    (out / "report.json").write_text(json.dumps(clean, indent=2))
+    titles = {
+        "claim1": "Claim 1: per-class activations have stable expectations at every layer",
+        "claim2": "Claim 2: adversarial examples follow a feature trajectory from origin to target",
+        "claim3": "Claim 3: the perturbation is mainly HF patterns common in target-class images",
+    }
+    parts = [f"<html><head><meta charset='utf-8'><title>hfguard report: {html.escape(res['dataset'])}</title></head><body style='font-family:sans-serif;max-width:60em'>",
+             f"<h1>hfguard report: {html.escape(res['dataset'])}</h1><p>{html.escape(res['setup'])}</p>"]
+    for key, title in titles.items():
+        c = res[key]
+        parts.append(f"<h2>{html.escape(title)}</h2><p><b>Verdict on this model: {html.escape(c['verdict'])}.</b> {html.escape(summary[key])}</p>")
+        parts.append(f"<p><i>Rule: {html.escape(c.get('rule', ''))}</i></p>")
+        if key in files:
+            parts.append(f"<img src='{files[key]}' style='max-width:100%'>")
+    parts.append("<p>All numbers: <a href='report.json'>report.json</a>.</p></body></html>")
+    (out / "report.html").write_text("\n".join(parts))
+
+
+def run_report(dataset: str = "digits", out: str = "hfguard-report", *, n: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Trains/loads the demo model, fits a guard, measures the three claims, writes the report."""
+    import hfguard
+    from hfguard.data import cached_model, load_dataset
+
+    torch.manual_seed(0)
+    split = load_dataset(dataset)
+    model = cached_model(dataset, "cnn", progress=progress)
+    guard = hfguard.protect(model, progress=progress).fit((split.x_train, split.y_train))
+    n = n or (len(split.x_test) if dataset == "digits" else 1000)
+    x, y = split.x_test[:n], split.y_test[:n]
+    eps = 0.15 if dataset == "digits" else 0.1
+    res: dict[str, Any] = {
+        "dataset": dataset,
+        "setup": f"small CNN, guard fitted on {len(split.x_train)} clean training images; claims measured on {n} test images; PGD L-inf eps {eps}.",
+        "claim1": claim_stability(guard, x, y),
+        "claim2": claim_trajectory(guard, x[: min(n, 300)], y[: min(n, 300)], eps),
+        "claim3": claim_hf(guard, x, y, eps),
+    }
+    write_report(res, Path(out))
+    return res
