@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["source_evidence", "margin_evidence", "evidence_features", "origin_class", "feature_names", "parse_feature", "evidence_columns"]
+__all__ = ["source_evidence", "margin_evidence", "evidence_features", "feature_names", "parse_feature", "evidence_columns"]
 
 _EPS = 1e-4
 _KINDS = ("distance", "gap", "nearest")
@@ -68,11 +68,6 @@ def feature_names(sources: Sequence[str]) -> list[str]:
     for s in sources:
         names += [f"{s}:distance", f"{s}:gap", f"{s}:nearest"]
     return names + ["margin"]
-
-
-def origin_class(dists: Sequence[Tensor]) -> Tensor:
-    """The class the early evidence points back to: argmin of the summed distances (N,)."""
-    return torch.stack(list(dists), 0).sum(0).argmin(1)
 
 
 def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:

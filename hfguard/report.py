@@ -22,7 +22,7 @@ from hfguard import spectrum
 from hfguard.attacks import pgd
 from hfguard.filters import lowpass
 
-__all__ = ["claim_stability", "claim_trajectory", "claim_hf", "write_report", "run_report"]
+__all__ = ["claim_stability", "claim_trajectory", "claim_hf", "write_report", "report", "run_report"]
 
 
 def _plt():
@@ -279,13 +279,23 @@ def run_report(dataset: str = "digits", out: str = "hfguard-report", *, n: int |
     model = cached_model(dataset, "cnn", progress=progress)
     guard = hfguard.protect(model, progress=progress).fit((split.x_train, split.y_train))
     n = n or (len(split.x_test) if dataset == "digits" else 1000)
-    x, y = split.x_test[:n], split.y_test[:n]
     eps = 0.15 if dataset == "digits" else 0.1
+    setup = f"small CNN, guard fitted on {len(split.x_train)} clean training images; claims measured on {n} test images; PGD L-inf eps {eps}."
+    return report(guard, split.x_test[:n], split.y_test[:n], out, eps=eps, name=dataset, setup=setup)
+
+
+def report(guard: Any, x: Tensor, y: Tensor, out: str = "hfguard-report", *, eps: float = 0.1, name: str = "model", setup: str = "") -> dict[str, Any]:
+    """The three claims measured on a user's fitted guard and labelled clean images (pixels in [0, 1]).
+
+    Example:
+        >>> from hfguard.report import report
+        >>> res = report(guard, x_test, y_test, "my-report", eps=8 / 255)   # doctest: +SKIP
+    """
     res: dict[str, Any] = {
-        "dataset": dataset,
-        "setup": f"small CNN, guard fitted on {len(split.x_train)} clean training images; claims measured on {n} test images; PGD L-inf eps {eps}.",
+        "dataset": name,
+        "setup": setup or f"{len(x)} labelled clean images; PGD L-inf eps {eps}.",
         "claim1": claim_stability(guard, x, y),
-        "claim2": claim_trajectory(guard, x[: min(n, 300)], y[: min(n, 300)], eps),
+        "claim2": claim_trajectory(guard, x[:300], y[:300], eps),
         "claim3": claim_hf(guard, x, y, eps),
     }
     write_report(res, Path(out))
