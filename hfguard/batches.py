@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hfguard.errors import DataError
 
-__all__ = ["iter_batches", "length_hint"]
+__all__ = ["iter_batches", "batch_count_hint"]
 
 _X_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 _Y_KEYS = ("label", "labels", "y", "target", "targets")
@@ -72,15 +72,9 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
         yield _check(*_split(item, index), index)
 
 
-def length_hint(data: Any, batch_size: int = 256) -> tuple[int | None, int | None]:
-    """(number of batches, number of samples) when they can be known without iterating."""
-    if isinstance(data, Tensor):
-        n = data.shape[0]
-        return -(-n // batch_size), n
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3:
-        n = data[0].shape[0]
-        return -(-n // batch_size), n
-    batches = len(data) if hasattr(data, "__len__") else None
-    dataset = getattr(data, "dataset", None)
-    samples = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
-    return batches, samples
+def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:
+    """Number of batches ``iter_batches`` will yield, when it can be known without iterating (for progress bars)."""
+    if isinstance(data, Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3):
+        n = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
+        return -(-n // batch_size)
+    return len(data) if hasattr(data, "__len__") else None

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hfguard import calibrate, evidence, spectrum
-from hfguard.batches import iter_batches, length_hint
+from hfguard.batches import batch_count_hint, iter_batches
 from hfguard.errors import DataError, InputError, ModelError, NotFittedError, ShapeError
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma, lowpass
 from hfguard.reservoir import Reservoir, content_priority
@@ -421,7 +421,7 @@ class Guard(nn.Module):
         """
         from tqdm.auto import tqdm
 
-        n_batches, _ = length_hint(data, self.batch_size)
+        n_batches = batch_count_hint(data, self.batch_size)
         capacity = self.calibration_size
         res = Reservoir(capacity)
         images = Reservoir(min(capacity, 512))

@@ -71,7 +71,7 @@ def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 
         snaps.append(x_adv)
     with torch.no_grad():
         final = model(x_adv).argmax(1)
-    ok = (final != y) & (model(x).argmax(1) == y)
+        ok = (final != y) & (model(x).argmax(1) == y)
     if int(ok.sum()) == 0:
         return {"verdict": "not supported", "n_successful": 0, "reason": "PGD succeeded on no image"}
     target = final[ok]
@@ -81,7 +81,8 @@ def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 
         rates.append((insp.nearest[:, :-1] == target[:, None]).float().mean(0).tolist())
         origin_rates.append((insp.nearest[:, :-1] == y[ok][:, None]).float().mean(0).tolist())
     last = np.array(rates[-1])
-    cross = [int(np.argmax(np.array(r) > 0.5)) if max(r) > 0.5 else None for r in np.array(rates[-1:])]
+    majority = last > 0.5
+    first_majority = int(np.argmax(majority)) if majority.any() else None
     insp_final = guard.inspect(x_adv[ok])
     per_image_cross = []
     for row in (insp_final.nearest[:, :-1] == target[:, None]).tolist():
@@ -97,7 +98,7 @@ def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 
         "target_rate": rates,
         "origin_rate": origin_rates,
         "mean_crossover_layer_index": float(np.mean(per_image_cross)),
-        "first_layer_with_majority_target": cross[0],
+        "first_layer_with_majority_target": first_majority,
         "verdict": verdict,
         "rule": "supported if, on the final adversarials, the first layer still points to the origin for > 50% and the last layer's target rate exceeds the first layer's by > 0.2",
         "_affinity_examples": insp_final.affinity[:4].tolist(),
