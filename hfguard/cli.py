@@ -1,4 +1,4 @@
-"""Command line: ``hfguard demo`` and ``hfguard report`` (also ``python -m hfguard ...``)."""
+"""Command line: ``hfguard demo``, ``hfguard report`` and ``hfguard bench`` (also ``python -m hfguard ...``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hfguard.evaluate import jsonable as _jsonable
+
 __all__ = ["main", "run_demo"]
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 def run_demo(dataset: str = "digits", out: str = "hfguard-demo", *, n_test: int | None = None, progress: bool = True, cw_steps: int = 100, pgd_steps: int = 40) -> dict[str, Any]:
@@ -60,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
     rep.add_argument("--out", default="hfguard-report", help="folder for report.html, report.json and the figures")
     rep.add_argument("--n", type=int, default=None, help="test images (default: all for digits, 1000 for fashion-mnist)")
+    bench = sub.add_parser("bench", help="hfguard next to real peer detectors under own, torchattacks and adaptive attacks: JSON, Markdown, plots (needs hfguard[bench])")
+    from hfguard.bench.run import add_arguments
+
+    add_arguments(bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -73,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hfguard demo on {args.dataset}: watched layers {result['layers']}, score uses {result['score_features']}")
         print(result["table"])
         print(f"\nwrote {Path(args.out) / f'roc-{args.dataset}.png'} and {Path(args.out) / f'demo-{args.dataset}.json'}")
+    if args.command == "bench":
+        from hfguard.bench.run import run_from_args
+
+        return run_from_args(args, "hfguard bench")
     if args.command == "report":
         from hfguard.errors import DatasetNotAvailableError
         from hfguard.report import run_report

@@ -16,6 +16,7 @@ __all__ = [
     "StateFileError",
     "ModelMismatchError",
     "DatasetNotAvailableError",
+    "MissingDependencyError",
 ]
 
 
@@ -53,3 +54,7 @@ class ModelMismatchError(StateFileError):
 
 class DatasetNotAvailableError(HFGuardError, FileNotFoundError):
     """A dataset is not installed on this machine."""
+
+
+class MissingDependencyError(HFGuardError, ImportError):
+    """An optional dependency (an extra such as ``hfguard[bench]``) is not installed."""

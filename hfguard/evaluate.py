@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd
 
-__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "latency", "fit_cost", "auroc", "roc_plot", "format_table"]
+__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "latency", "relative_latency", "fit_cost", "auroc", "roc_plot", "format_table", "jsonable"]
 
 
 @dataclass
@@ -190,24 +190,31 @@ def latency(guard: Any, x: Tensor, *, repeats: int = 60) -> dict[str, float]:
     ratio of the fastest runs.
     """
     model = guard.model
-    tm, tg = [], []
+    r = relative_latency(lambda: model(x), lambda: guard.check(x), repeats=repeats)
+    return {"batch": len(x), "repeats": repeats, "model_s": r["base_s"], "check_s": r["other_s"], "ratio": r["ratio"], "ratio_of_minimums": r["ratio_of_minimums"]}
+
+
+def relative_latency(base: Callable[[], Any], other: Callable[[], Any], *, repeats: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Seconds of ``base()`` and ``other()``, timed as interleaved pairs (alternating order) in the same run.
+
+    ``ratio`` is the median of per-pair ratios, robust to load changes during the run.
+    """
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-            guard.check(x)
+        for _ in range(warmup):
+            base()
+            other()
+        tb, to = [], []
         for i in range(repeats):
             for which in ((0, 1) if i % 2 == 0 else (1, 0)):
                 t = time.perf_counter()
-                model(x) if which == 0 else guard.check(x)
-                (tm if which == 0 else tg).append(time.perf_counter() - t)
-    ratios = [g / m for g, m in zip(tg, tm)]
+                base() if which == 0 else other()
+                (tb if which == 0 else to).append(time.perf_counter() - t)
     return {
-        "batch": len(x),
+        "base_s": statistics.median(tb),
+        "other_s": statistics.median(to),
+        "ratio": statistics.median(o / b for o, b in zip(to, tb)),
+        "ratio_of_minimums": min(to) / min(tb),
         "repeats": repeats,
-        "model_s": statistics.median(tm),
-        "check_s": statistics.median(tg),
-        "ratio": statistics.median(ratios),
-        "ratio_of_minimums": min(tg) / min(tm),
     }
 
 
@@ -272,3 +279,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{r['tpr_at_threshold']:.3f} | {r['accuracy_filter_policy']:.3f} | {r['restored_by_filter']:.3f} | {r['caught_or_correct']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with private keys (leading ``_``, e.g. raw score tensors) dropped and NaN as ``None``, ready for ``json.dumps``."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj

@@ -676,13 +676,30 @@ class Guard(nn.Module):
             out[flagged] = self._filtered_logits(x[flagged]).to(out.dtype)
             return out
 
-    def inspect(self, x: Tensor) -> Inspection:
-        """Per-source class distances and affinities: the trajectory from origin to prediction."""
+    def logits_and_score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, score)`` from ONE model pass, both differentiable w.r.t. ``x`` (for detector-aware attacks).
+
+        The logits are the bare model's (no filter policy); see :meth:`forward` for the defended logits.
+        """
+        self._require_fitted()
+        x, bad = self._check_input(x)
+        if bad is not None:
+            raise InputError("logits_and_score() needs finite images; the batch holds NaN or Inf")
+        with self._eval_model():
+            logits, score, _ = self._evaluate(x)
+        return logits, score
+
+    def inspect(self, x: Tensor, *, differentiable: bool = False) -> Inspection:
+        """Per-source class distances and affinities: the trajectory from origin to prediction.
+
+        With ``differentiable=True`` the distances keep their graph to ``x``
+        (an attack can push every layer toward a chosen class).
+        """
         self._require_fitted()
         x, bad = self._check_input(x)
         if bad is not None:
             raise InputError("inspect() needs finite images; the batch holds NaN or Inf")
-        with self._eval_model(), torch.no_grad():
+        with self._eval_model(), torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
             logits, feats = self._features(x)
             dists = self._distances(feats)
         d = torch.stack(dists, 1)

@@ -1,0 +1,138 @@
+"""Adaptive attacks: attacks that know the defence, reported as evasion rates.
+
+Evasion: the clean image was classified correctly, and the attacked image is
+misclassified by the defended pipeline *and* not flagged by the detector's
+real score at its calibrated threshold (the twin score only steers the attack).
+
+1. ``pipeline PGD``: PGD on what the deployment returns. For hfguard that is
+   ``guard(x)`` under the filter policy: the Gaussian filter is differentiable,
+   so the true gradient flows through it; a BPDA variant (identity backward
+   through the filter) is run as well. The guard is deterministic, so EOT has
+   one sample. For flag-only peers the deployment returns the model's logits,
+   so this is PGD on the model.
+2. ``CE - lambda * score``: PGD maximising cross-entropy minus lambda times the
+   detector's score standardised on clean data, lambda swept.
+3. ``orthogonal PGD`` (Bryniarski et al. 2022): steps on the classification
+   loss until misclassified, then lowers the score with its gradient
+   projected orthogonally to the classification gradient.
+4. ``feature trajectory``: targeted at each image's runner-up class, pushes
+   every watched layer's activations (and the logits) toward that class's
+   expectations under hfguard's fitted Gaussians: the attack the paper's
+   theory suggests. The same images are scored by every detector.
+
+``best of all (per image)`` counts an image as evaded when any attack above
+evaded on it: the number to quote as the detector's adaptive robustness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hfguard.attacks import orthogonal_pgd, pgd
+from hfguard.bench.peers import Detector, HFGuardDetector
+from hfguard.filters import lowpass
+
+__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "trajectory_attack", "adaptive_suite"]
+
+
+def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, repaired: bool = False) -> dict[str, float]:
+    """Evasion and misclassification rates over the correctly classified clean images."""
+    flagged = detector.score_all(x_adv) > detector.threshold
+    pred = detector.repaired(x_adv) if repaired else detector._batched(lambda b: detector.model(b).argmax(1), x_adv)
+    wrong = correct & (pred != y)
+    n = correct.sum().clamp_min(1)
+    return {"evasion_rate": float((wrong & ~flagged).sum() / n), "misclassified_rate": float(wrong.sum() / n), "_evaded": wrong & ~flagged, "_wrong": wrong}
+
+
+def _union(results: dict[str, dict[str, Any]], n: int) -> dict[str, float]:
+    """Per image: evaded if ANY of the attacks evaded (the attacker keeps whichever image works)."""
+    evaded = torch.stack([r["_evaded"] for r in results.values()]).any(0)
+    wrong = torch.stack([r["_wrong"] for r in results.values()]).any(0)
+    return {"evasion_rate": float(evaded.sum() / max(1, n)), "misclassified_rate": float(wrong.sum() / max(1, n))}
+
+
+def pipeline_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
+    """PGD with true gradients on the deployed logits (hfguard: the filter policy)."""
+    target = detector.filter_policy() if isinstance(detector, HFGuardDetector) else detector.model
+    return pgd(target, x, y, eps, steps=steps)
+
+
+def bpda_filter_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
+    """PGD through hfguard's filter policy with BPDA: the filter's forward, the identity's gradient."""
+    guard, model = detector.guard, detector.model
+    sigma = float(guard.sigma_)
+
+    def defended(xr: Tensor) -> Tensor:
+        with torch.no_grad():
+            flagged = guard.detect(xr)
+        xf = xr + (lowpass(xr, sigma) - xr).detach()
+        return torch.where(flagged[:, None], model(xf), model(xr))
+
+    return pgd(defended, x, y, eps, steps=steps)
+
+
+def lambda_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int, lam: float, scale: float) -> Tensor:
+    """PGD on ``CE - lam * (score - threshold) / scale`` (one forward pass per step gives both terms)."""
+    held: dict[str, Tensor] = {}
+
+    def model(xr: Tensor) -> Tensor:
+        logits, held["score"] = detector.diff_both(xr)
+        return logits
+
+    def loss(logits: Tensor, yy: Tensor, _xr: Tensor) -> Tensor:
+        return F.cross_entropy(logits, yy, reduction="none") - lam * (held["score"] - detector.threshold) / scale
+
+    return pgd(model, x, y, eps, steps=steps, loss_fn=loss)
+
+
+def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
+    """Targeted PGD lowering, at every watched layer and the logits, the distance to the runner-up class's expectation."""
+    with torch.no_grad():
+        logits = guard.model(x)
+        target = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).argmax(1)
+    n_sources = len(guard.layers) + 1  # watched layers and the logits (not the input spectrum)
+    rows = torch.arange(len(x))
+
+    def loss(_logits: Tensor, _y: Tensor, xr: Tensor) -> Tensor:
+        d = guard.inspect(xr, differentiable=True).distances[:, :n_sources]
+        return -d[rows, :, target].sum(1)
+
+    return pgd(guard.model, x, y, eps, steps=steps, loss_fn=loss)
+
+
+def adaptive_suite(
+    detectors: list[Detector], guard_detector: HFGuardDetector, x: Tensor, y: Tensor, eps_list: list[float], *,
+    steps: int, pgd_steps: int, lambdas: list[float], scales: dict[str, float], progress: bool = True,
+) -> dict[str, Any]:
+    """Every adaptive attack at every eps against each of ``detectors``; the trajectory images are shared."""
+    from tqdm.auto import tqdm
+
+    model = guard_detector.model
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    res: dict[str, Any] = {"n_images": len(x), "n_correct": int(correct.sum()), "steps": steps, "detectors": {d.name: {} for d in detectors}}
+    jobs = [(eps, d) for eps in eps_list for d in detectors]
+    bar = tqdm(total=len(jobs) * (3 + len(lambdas)), desc="adaptive attacks", disable=not progress, leave=False)
+    for eps in eps_list:
+        xt = trajectory_attack(guard_detector.guard, x, y, eps, steps)
+        for d in detectors:
+            r: dict[str, Any] = {}
+            r["pipeline PGD"] = evasion(d, pipeline_pgd(d, x, y, eps, pgd_steps), y, correct, repaired=True)
+            if isinstance(d, HFGuardDetector):
+                r["pipeline PGD (BPDA through the filter)"] = evasion(d, bpda_filter_pgd(d, x, y, eps, pgd_steps), y, correct, repaired=True)
+            bar.update()
+            for lam in lambdas:
+                r[f"CE - {lam:g} * score"] = evasion(d, lambda_pgd(d, x, y, eps, steps, lam, scales[d.name]), y, correct)
+                bar.update()
+            r["orthogonal PGD"] = evasion(d, orthogonal_pgd(model, d.diff_score, x, y, eps, threshold=d.threshold, steps=steps), y, correct)
+            bar.update()
+            r["feature trajectory"] = evasion(d, xt, y, correct)
+            r["best of all (per image)"] = _union(r, int(correct.sum()))
+            bar.update()
+            res["detectors"][d.name][f"eps={eps}"] = r
+    bar.close()
+    return res

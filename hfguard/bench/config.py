@@ -1,0 +1,79 @@
+"""Benchmark settings per dataset, and the tiny preset the tests use."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+__all__ = ["BenchConfig", "preset"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every knob of one benchmark run (recorded in the result JSON).
+
+    Sizes are numbers of images: ``n_cal`` clean training images are held out
+    to calibrate the peers' thresholds; all detectors are fitted on the other
+    training images (at most ``n_fit``); attacks run on the first ``n_test``
+    test images, torchattacks on the first ``n_cross`` of them and adaptive
+    attacks on the first ``n_adaptive``.
+    """
+
+    dataset: str
+    archs: tuple[str, ...] = ("cnn",)
+    n_fit: int | None = None
+    n_cal: int = 5000
+    n_test: int = 1000
+    n_cross: int = 500
+    n_adaptive: int = 200
+    n_spectral: int = 5000
+    eps: tuple[float, ...] = (0.1, 0.05, 0.03)
+    l2_eps: float = 1.0
+    pgd_steps: int = 40
+    cw_steps: int = 100
+    square_queries: int = 1000
+    adaptive_eps: tuple[float, ...] = (0.1, 0.03)
+    adaptive_steps: int = 100
+    lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
+    fpr: float = 0.05
+    latency_batch: int = 256
+    latency_repeats: int = 30
+    bootstrap: int = 200
+    squeeze_bits: int = 4  # Xu et al.: 1-bit and 2x2 median on MNIST
+    squeeze_median: int = 3
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eps_hi(self) -> float:
+        return max(self.eps)
+
+    @property
+    def eps_lo(self) -> float:
+        return min(self.eps)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig:
+    """The committed settings for ``dataset`` (``tiny=True``: seconds-long smoke settings for tests)."""
+    if dataset == "digits":
+        cfg = BenchConfig(
+            "digits", archs=("cnn",), n_cal=300, n_test=539, n_cross=539, n_adaptive=200, n_spectral=900,
+            eps=(0.15, 0.1, 0.05), adaptive_eps=(0.15, 0.05), l2_eps=1.0, square_queries=1000, squeeze_bits=1, squeeze_median=2,
+        )
+    elif dataset == "fashion-mnist":
+        cfg = BenchConfig(
+            "fashion-mnist", archs=("cnn", "resnet"), n_cal=5000, n_test=1000, n_cross=500, n_adaptive=128, n_spectral=5000,
+            eps=(0.1, 0.05, 0.03), adaptive_eps=(0.1, 0.03), l2_eps=1.0, square_queries=1000,
+        )
+    else:
+        raise ValueError(f"dataset must be 'digits' or 'fashion-mnist', got {dataset!r}")
+    if tiny:
+        cfg = replace(
+            cfg, n_fit=600, n_cal=200, n_test=60, n_cross=30, n_adaptive=16, n_spectral=100, pgd_steps=5, cw_steps=5,
+            square_queries=20, adaptive_steps=4, lambdas=(1.0,), latency_repeats=2, latency_batch=32, bootstrap=10,
+            adaptive_eps=(cfg.adaptive_eps[0],),
+        )
+    return replace(cfg, **overrides)

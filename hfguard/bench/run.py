@@ -1,0 +1,271 @@
+"""``hfguard bench``: hfguard side by side with real peer detectors, in one run.
+
+For each architecture: load (or train and cache) the model, fit every detector
+on the same clean training images, calibrate the peers' thresholds on held-out
+clean training images, run the library's attacks and torchattacks on the same
+test images, score every detector on the same inputs, time them, and attack
+hfguard and the strongest peer adaptively. Writes ``<out>/<dataset>.json``,
+``<out>/<dataset>.md`` and, per architecture, ROC and histogram plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hfguard.bench import peers as P
+from hfguard.bench.adaptive import adaptive_suite
+from hfguard.bench.attack_suite import own_attacks, run_attacks, success_rate, torchattacks_attacks
+from hfguard.bench.config import BenchConfig, preset
+from hfguard.bench.metrics import attack_metrics, clean_view
+from hfguard.bench.plots import histograms, roc_grid
+from hfguard.bench.tables import markdown
+from hfguard.data import Split, cached_model, load_dataset
+from hfguard.evaluate import jsonable, relative_latency
+
+__all__ = ["run_bench", "bench_model", "main"]
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _inference_pass(model: nn.Module, x: Tensor, batch_size: int = 512) -> float:
+    with torch.no_grad():
+        return _timed(lambda: [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])[1]
+
+
+def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig) -> tuple[P.HFGuardDetector, list[P.Detector], dict[str, float]]:
+    """hfguard and every peer fitted on ``(x_fit, y_fit)``; peers' thresholds calibrated on ``x_cal``; fit seconds."""
+    seconds: dict[str, float] = {}
+    hf = P.HFGuardDetector(model, fpr=cfg.fpr)
+    seconds[hf.name] = _timed(lambda: hf.fit(x_fit, y_fit))[1]
+    peers: list[P.Detector] = [
+        P.MaxSoftmaxPeer(model),
+        P.EnergyPeer(model),
+        P.MahalanobisPeer(model),
+        P.MultiMahalanobisPeer(model, hf.guard.layers),
+        P.FeatureSqueezingPeer(model, bits=cfg.squeeze_bits, median=cfg.squeeze_median),
+    ]
+    for d in peers:
+        seconds[d.name] = _timed(lambda d=d: d.fit(x_fit, y_fit))[1]
+    spectral = P.SpectralDefensePeer(model)
+    n = cfg.n_spectral
+
+    def fit_spectral() -> None:
+        x_adv = P.fgsm_training_set(model, x_fit[:n], y_fit[:n], cfg.eps_hi)
+        spectral.fit(x_fit[:n], y_fit[:n], x_adv)
+
+    seconds[spectral.name] = _timed(fit_spectral)[1]
+    peers.append(spectral)
+    for d in peers:
+        d.calibrate(x_cal, cfg.fpr)
+    return hf, peers, seconds
+
+
+def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str = "model", progress: bool = True) -> dict[str, Any]:
+    """The whole comparison on one model; returns the result dict (tensors under private ``_`` keys)."""
+    t_start = time.perf_counter()
+    model.eval()
+    n_train = len(split.x_train)
+    if cfg.n_cal >= n_train:
+        raise ValueError(f"n_cal={cfg.n_cal} must be smaller than the {n_train} training images")
+    x_cal = split.x_train[n_train - cfg.n_cal :]
+    fit_end = n_train - cfg.n_cal if cfg.n_fit is None else min(cfg.n_fit, n_train - cfg.n_cal)
+    x_fit, y_fit = split.x_train[:fit_end], split.y_train[:fit_end]
+    x, y = split.x_test[: cfg.n_test], split.y_test[: cfg.n_test]
+    with torch.no_grad():
+        correct = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]) == y
+    res: dict[str, Any] = {
+        "arch": arch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "clean_accuracy": float(correct.float().mean()),
+        "n_fit": fit_end,
+        "n_cal": cfg.n_cal,
+        "n_test": len(x),
+    }
+    if progress:
+        print(f"[{arch}] fitting detectors on {fit_end} clean images", file=sys.stderr)
+    hf, peers, fit_seconds = fit_detectors(model, x_fit, y_fit, x_cal, cfg)
+    detectors: list[P.Detector] = [hf, *peers]
+    res["inference_pass_fit_data_s"] = _inference_pass(model, x_fit)
+    res["hfguard_layers"] = hf.guard.layers
+    res["hfguard_score_features"] = hf.guard.fit_report["score_features"]
+
+    if progress:
+        print(f"[{arch}] attacking {len(x)} test images (torchattacks on {cfg.n_cross})", file=sys.stderr)
+    advs = {k: {**v, "source": "hfguard"} for k, v in run_attacks(model, x, y, own_attacks(cfg), progress=progress).items()}
+    n_cross = min(cfg.n_cross, len(x))
+    advs.update({k: {**v, "source": "torchattacks"} for k, v in run_attacks(model, x[:n_cross], y[:n_cross], torchattacks_attacks(cfg), progress=progress).items()})
+    attacks: dict[str, Any] = {}
+    for name, a in advs.items():
+        n = len(a["x"])
+        rate, ok = success_rate(model, x[:n], a["x"], y[:n])
+        a["ok"] = ok
+        attacks[name] = {"source": a["source"], "n_images": n, "success_rate": rate, "n_successful": int(ok.sum()), "seconds": a["seconds"]}
+    res["attacks"] = attacks
+    res["crosscheck"] = crosscheck(model, x[:n_cross], y[:n_cross], advs, cfg)
+
+    if progress:
+        print(f"[{arch}] scoring {len(detectors)} detectors", file=sys.stderr)
+    xb = x[: cfg.latency_batch]
+    res["detectors"] = {}
+    for d in detectors:
+        clean = clean_view(d, x, y, correct)
+        entry: dict[str, Any] = {
+            "implementation": d.implementation,
+            "trained_on": d.trained_on,
+            "fit_s": fit_seconds[d.name],
+            "threshold": d.threshold,
+            **clean.summary(),
+            "twin_gap": P.twin_gap(d, x[:128]),
+            "latency": relative_latency(lambda: model(xb), lambda d=d: d.deployed(xb), repeats=cfg.latency_repeats),
+            "_clean_scores": clean.scores,
+            "attacks": {},
+        }
+        for name, a in advs.items():
+            # AUROC always compares against the clean scores of the full test set
+            entry["attacks"][name] = attack_metrics(d, clean, a["x"], a["ok"], y[: len(a["x"])], bootstrap=cfg.bootstrap)
+        res["detectors"][d.name] = entry
+    res["latency_batch"] = len(xb)
+    res["strongest_baseline"] = strongest_baseline(res, [d.name for d in peers], exclude=(f"FGSM eps={cfg.eps_hi}",))
+
+    if progress:
+        print(f"[{arch}] adaptive attacks on {cfg.n_adaptive} images against hfguard and {res['strongest_baseline']}", file=sys.stderr)
+    best = next(d for d in peers if d.name == res["strongest_baseline"])
+    scales = {d.name: float(d.score_all(x_cal[:2000]).std()) for d in (hf, best)}
+    res["adaptive"] = adaptive_suite(
+        [hf, best], hf, x[: cfg.n_adaptive], y[: cfg.n_adaptive], list(cfg.adaptive_eps),
+        steps=cfg.adaptive_steps, pgd_steps=cfg.pgd_steps, lambdas=list(cfg.lambdas), scales=scales, progress=progress,
+    )
+    res["seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def _median_l2(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
+    """Median L2 perturbation of the adversarials that fool the model."""
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(1) != y
+    return float((x_adv - x).flatten(1).norm(dim=1)[wrong].median()) if bool(wrong.any()) else float("nan")
+
+
+def crosscheck(model: nn.Module, x: Tensor, y: Tensor, advs: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Own attacks vs torchattacks on the same images and budgets: success rates side by side."""
+    pairs = [
+        (f"PGD-Linf eps={cfg.eps_hi}", f"torchattacks PGD eps={cfg.eps_hi}"),
+        (f"PGD-Linf eps={cfg.eps_lo}", f"torchattacks PGD eps={cfg.eps_lo}"),
+        (f"PGD-Linf eps={cfg.eps_hi}", f"torchattacks APGD eps={cfg.eps_hi}"),
+        (f"PGD-Linf eps={cfg.eps_hi}", f"torchattacks Square eps={cfg.eps_hi} queries={cfg.square_queries}"),
+        (f"CW-L2 c=1 steps={cfg.cw_steps}", f"torchattacks CW c=1 steps={cfg.cw_steps}"),
+    ]
+    n = len(x)
+    out = []
+    for own, ta in pairs:
+        own_rate = success_rate(model, x, advs[own]["x"][:n], y)[0]
+        ta_rate = success_rate(model, x, advs[ta]["x"], y)[0]
+        row = {"own": own, "torchattacks": ta, "n_images": n, "own_success": own_rate, "torchattacks_success": ta_rate, "difference": own_rate - ta_rate}
+        if "CW" in own:
+            row["own_median_l2"], row["torchattacks_median_l2"] = _median_l2(model, x, advs[own]["x"][:n], y), _median_l2(model, x, advs[ta]["x"], y)
+        out.append(row)
+    return out
+
+
+def strongest_baseline(res: dict[str, Any], names: list[str], exclude: tuple[str, ...] = ()) -> str:
+    """The peer with the highest mean AUROC over the attacks (FGSM excluded: SpectralDefense trains on it)."""
+
+    def mean_auroc(name: str) -> float:
+        vals = [m["auroc"] for a, m in res["detectors"][name]["attacks"].items() if a not in exclude and m["auroc"] == m["auroc"]]
+        return sum(vals) / max(1, len(vals))
+
+    return max(names, key=mean_auroc)
+
+
+def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs: tuple[str, ...] | None = None, cfg: BenchConfig | None = None,
+              progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Runs the benchmark for every architecture of ``dataset`` and writes JSON, Markdown and plots under ``out``."""
+    cfg = cfg or preset(dataset)
+    if archs:
+        cfg = replace(cfg, archs=tuple(archs))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    split = load_dataset(dataset)
+    result: dict[str, Any] = {
+        "command": command or f"hfguard bench --dataset {dataset}",
+        "dataset": dataset,
+        "config": cfg.as_dict(),
+        "versions": _versions(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "runs": {},
+    }
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for arch in cfg.archs:
+        model, train_s = _timed(lambda arch=arch: cached_model(dataset, arch, progress=progress))
+        run = bench_model(model, split, cfg, arch=arch, progress=progress)
+        run["model_load_or_train_s"] = train_s
+        result["runs"][arch] = run
+        roc_grid(run, str(out_dir / f"{dataset}-{arch}-roc.png"), f"{dataset}, {arch}: successful adversarials vs clean test images")
+        histograms(run, str(out_dir / f"{dataset}-{arch}-hist.png"), f"{dataset}, {arch}: score histograms")
+    result["seconds"] = time.perf_counter() - t0
+    (out_dir / f"{dataset}.json").write_text(json.dumps(jsonable(result), indent=2))
+    (out_dir / f"{dataset}.md").write_text(markdown(result))
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import hfguard
+
+    out = {"hfguard": hfguard.__version__, "torch": torch.__version__}
+    for mod, name in (("torchattacks", "torchattacks"), ("pytorch_ood", "pytorch-ood"), ("kornia", "kornia"), ("sklearn", "scikit-learn")):
+        try:
+            out[name] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"], help="digits is embedded; fashion-mnist needs the Debian package dataset-fashion-mnist")
+    p.add_argument("--out", default="benchmarks/results", help="folder for <dataset>.json, <dataset>.md and the plots")
+    p.add_argument("--arch", action="append", choices=["cnn", "resnet"], help="architectures (default: cnn for digits, cnn and resnet for fashion-mnist)")
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke settings (what the tests run); numbers are meaningless")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hfguard bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv), "python benchmarks/run.py")
+
+
+def run_from_args(a: argparse.Namespace, prog: str) -> int:
+    from hfguard.errors import DatasetNotAvailableError, MissingDependencyError
+
+    cfg = preset(a.dataset, tiny=a.tiny, threads=a.threads)
+    command = " ".join([prog, *sys.argv[1:]]) if prog.startswith("python") else "hfguard " + " ".join(sys.argv[1:])
+    try:
+        result = run_bench(a.dataset, a.out, archs=tuple(a.arch) if a.arch else None, cfg=cfg, progress=not a.quiet, command=command)
+    except (DatasetNotAvailableError, MissingDependencyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    print(f"\nwrote {Path(a.out) / (a.dataset + '.json')}, {Path(a.out) / (a.dataset + '.md')} and the plots ({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Markdown tables of a benchmark result (the same function writes ``<dataset>.md`` and the README section)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["markdown", "summary_table", "adaptive_summary", "auroc_table", "tpr_table", "caught_table", "cost_table", "crosscheck_table", "adaptive_table"]
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def _short(name: str) -> str:
+    return name.replace("feature squeezing", "feat. squeezing").replace(" (trained on FGSM)", "*")
+
+
+def _best(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and v == v]
+    return max(vals) if vals else float("nan")
+
+
+def auroc_table(run: dict[str, Any], *, ci: bool = True) -> str:
+    """Rows: attacks; columns: detectors; AUROC [bootstrap 95 % CI]; the best per row in bold."""
+    dets = list(run["detectors"])
+    lines = ["| attack | success (n) | " + " | ".join(_short(d) for d in dets) + " |", "|---|---|" + "---|" * len(dets)]
+    for name, a in run["attacks"].items():
+        ms = [run["detectors"][d]["attacks"][name] for d in dets]
+        best = _best([m["auroc"] for m in ms])
+        cells = []
+        for m in ms:
+            cell = _f(m["auroc"])
+            if ci and m["auroc"] == m["auroc"] and m["auroc"] is not None:
+                cell += f" [{_f(m['auroc_ci95'][0], 2)}, {_f(m['auroc_ci95'][1], 2)}]"
+            cells.append(f"**{cell}**" if m["auroc"] == best else cell)
+        lines.append(f"| {name} | {a['success_rate']:.2f} ({a['n_successful']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tpr_table(run: dict[str, Any]) -> str:
+    """TPR at each detector's calibrated threshold, with the measured clean FPR as the first row."""
+    dets = list(run["detectors"])
+    lines = ["| attack | " + " | ".join(_short(d) for d in dets) + " |", "|---|" + "---|" * len(dets)]
+    lines.append("| *measured clean FPR (target " + f"{run['target_fpr']:.0%})* | " + " | ".join(_f(run["detectors"][d]["clean_fpr"]) for d in dets) + " |")
+    for name in run["attacks"]:
+        lines.append(f"| {name} | " + " | ".join(_f(run["detectors"][d]["attacks"][name]["tpr"]) for d in dets) + " |")
+    return "\n".join(lines)
+
+
+def caught_table(run: dict[str, Any]) -> str:
+    """Caught or correct: flagged, or classified correctly by the defended pipeline."""
+    dets = list(run["detectors"])
+    lines = ["| attack | " + " | ".join(_short(d) for d in dets) + " |", "|---|" + "---|" * len(dets)]
+    for name in run["attacks"]:
+        lines.append(f"| {name} | " + " | ".join(_f(run["detectors"][d]["attacks"][name]["caught_or_correct"]) for d in dets) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(run: dict[str, Any]) -> str:
+    lines = [
+        "| detector | implementation | trained on | fit (s) | latency vs bare forward | clean FPR | clean-accuracy cost | twin gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, d in run["detectors"].items():
+        lat = d["latency"]
+        lines.append(
+            f"| {name} | {d['implementation']} | {d['trained_on']} | {d['fit_s']:.1f} | **{lat['ratio']:.2f}x** ({lat['other_s'] * 1e3:.1f} vs {lat['base_s'] * 1e3:.1f} ms) | "
+            f"{_f(d['clean_fpr'])} | {d['clean_accuracy_cost'] * 100:+.1f} pt | {d['twin_gap']:.0e} |"
+        )
+    return "\n".join(lines)
+
+
+def crosscheck_table(run: dict[str, Any]) -> str:
+    lines = ["| hfguard attack | torchattacks attack | images | hfguard success | torchattacks success | difference |", "|---|---|---|---|---|---|"]
+    for r in run["crosscheck"]:
+        extra = ""
+        if "own_median_l2" in r:
+            extra = f" (median L2 {_f(r['own_median_l2'], 2)} vs {_f(r['torchattacks_median_l2'], 2)})"
+        lines.append(f"| {r['own']} | {r['torchattacks']} | {r['n_images']} | {r['own_success']:.3f} | {r['torchattacks_success']:.3f} | {r['difference'] * 100:+.1f} pt{extra} |")
+    return "\n".join(lines)
+
+
+def adaptive_table(run: dict[str, Any]) -> str:
+    """Rows: eps x attack; columns: hfguard and the strongest peer; evasion rate (misclassified rate)."""
+    ad = run["adaptive"]
+    dets = list(ad["detectors"])
+    lines = ["| eps | attack | " + " | ".join(f"{d} evasion (misclassified)" for d in dets) + " |", "|---|---|" + "---|" * len(dets)]
+    first = ad["detectors"][dets[0]]
+    for eps, attacks in first.items():
+        for att in attacks:
+            cells = []
+            for d in dets:
+                r = ad["detectors"][d][eps].get(att)
+                cells.append("n/a (no filter)" if r is None else f"{r['evasion_rate']:.3f} ({r['misclassified_rate']:.3f})")
+            lines.append(f"| {eps.split('=')[1]} | {att} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(run: dict[str, Any]) -> str:
+    """AUROC per attack (no intervals) plus clean FPR, TPR on the strongest PGD, latency and fit time per detector."""
+    dets = list(run["detectors"])
+    lines = auroc_table(run, ci=False).splitlines()
+    pgd = next(a for a in run["attacks"] if a.startswith("PGD-Linf"))
+    rows = [
+        (f"*TPR on {pgd} at the threshold*", lambda d: _f(d["attacks"][pgd]["tpr"])),
+        ("*measured clean FPR (target 5 %)*", lambda d: _f(d["clean_fpr"])),
+        ("*latency vs bare forward*", lambda d: f"{d['latency']['ratio']:.2f}x"),
+        ("*fit time (s)*", lambda d: f"{d['fit_s']:.0f}" if d["fit_s"] >= 1 else f"{d['fit_s']:.1f}"),
+    ]
+    for label, fn in rows:
+        lines.append(f"| {label} | | " + " | ".join(fn(run["detectors"][d]) for d in dets) + " |")
+    return "\n".join(lines)
+
+
+def adaptive_summary(run: dict[str, Any]) -> str:
+    """Per eps: hfguard vs the strongest peer, best-of-all evasion and its strongest single attack."""
+    ad = run["adaptive"]["detectors"]
+    dets = list(ad)
+    lines = ["| eps | " + " | ".join(f"{d}: evasion, best of all attacks (strongest single attack)" for d in dets) + " |", "|---|" + "---|" * len(dets)]
+    for eps in ad[dets[0]]:
+        cells = []
+        for d in dets:
+            r = ad[d][eps]
+            single = {k: v for k, v in r.items() if k != "best of all (per image)"}
+            top = max(single, key=lambda k: single[k]["evasion_rate"])
+            cells.append(f"**{r['best of all (per image)']['evasion_rate']:.3f}** ({top}: {single[top]['evasion_rate']:.3f})")
+        lines.append(f"| {eps.split('=')[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The full report of :func:`hfguard.bench.run.run_bench`'s result."""
+    cfg, v = result["config"], result["versions"]
+    out = [
+        f"# hfguard bench: {result['dataset']}",
+        "",
+        f"Command: `{result['command']}` ({result['machine']}; torch {v['torch']}, torchattacks {v['torchattacks']}, pytorch-ood {v['pytorch-ood']}; "
+        f"{result['seconds'] / 60:.1f} min in all).",
+        "",
+        f"Every detector is fitted on the same clean training images; the peers' thresholds are calibrated at {cfg['fpr']:.0%} FPR on "
+        f"{cfg['n_cal']} held-out clean training images (hfguard calibrates on data it holds out inside `fit`). Only successful "
+        "adversarials count (clean image correct, adversarial wrong); AUROC is against the clean scores of every test image, with a "
+        "bootstrap 95 % interval. SpectralDefense (marked *) is not clean-fitted: it is trained on FGSM images of training data, so its "
+        "FGSM column is in-distribution for it. Latency: the detector's deployed call (logits + score) over the bare forward, "
+        f"batch {cfg['latency_batch']}, median of {cfg['latency_repeats']} interleaved pairs in the same run. Twin gap: largest "
+        "|differentiable twin - real score| over the clean score spread (the twin steers the adaptive attacks; evasion is judged on the real score).",
+    ]
+    for arch, run in result["runs"].items():
+        run = {**run, "target_fpr": cfg["fpr"]}
+        out += [
+            "",
+            f"## {arch}: clean accuracy {run['clean_accuracy']:.3f} ({run['parameters']:,} parameters)",
+            "",
+            f"Fitted on {run['n_fit']} images; tested on the first {run['n_test']} test images (torchattacks on the first {cfg['n_cross']}); "
+            f"hfguard watches {run['hfguard_layers']} and scores {run['hfguard_score_features']}. {run['seconds'] / 60:.1f} min.",
+            "",
+            "### AUROC [95 % CI] (best per row in bold)",
+            "",
+            auroc_table(run),
+            "",
+            "### TPR at the calibrated threshold",
+            "",
+            tpr_table(run),
+            "",
+            "### Caught or correct (flagged, or correct after hfguard's filter policy; peers do not repair)",
+            "",
+            caught_table(run),
+            "",
+            "### Cost",
+            "",
+            cost_table(run),
+            "",
+            "### Own attacks vs torchattacks (same images, same budget)",
+            "",
+            crosscheck_table(run),
+            "",
+            f"### Adaptive attacks ({run['adaptive']['n_images']} images, {run['adaptive']['n_correct']} correctly classified; {run['adaptive']['steps']} steps): "
+            f"hfguard vs the strongest peer, {run['strongest_baseline']}",
+            "",
+            "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold.",
+            "",
+            adaptive_table(run),
+        ]
+    return "\n".join(out) + "\n"

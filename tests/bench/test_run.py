@@ -1,0 +1,89 @@
+"""The bench pipeline end to end on digits with tiny settings (seconds), so it cannot silently rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hfguard.bench import preset
+from hfguard.bench.adaptive import trajectory_attack
+from hfguard.bench.peers import HFGuardDetector
+from hfguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HFGUARD_CACHE", str(cache))
+    try:
+        assert main(["bench", "--dataset", "digits", "--tiny", "--quiet", "--out", str(out)]) == 0
+    finally:
+        mp.undo()
+    return out
+
+
+def test_writes_json_markdown_and_plots(bench_out):
+    for name in ("digits.json", "digits.md", "digits-cnn-roc.png", "digits-cnn-hist.png"):
+        assert (bench_out / name).stat().st_size > 1000, name
+
+
+def test_every_detector_is_scored_on_every_attack(bench_out):
+    res = json.loads((bench_out / "digits.json").read_text())
+    run = res["runs"]["cnn"]
+    assert res["config"]["n_test"] == preset("digits", tiny=True).n_test
+    expected = {"hfguard", "max-softmax", "energy", "Mahalanobis", "MultiMahalanobis", "SpectralDefense (trained on FGSM)"}
+    assert expected <= set(run["detectors"]) and any(d.startswith("feature squeezing") for d in run["detectors"])
+    sources = {a["source"] for a in run["attacks"].values()}
+    assert sources == {"hfguard", "torchattacks"}
+    assert any("Square" in a for a in run["attacks"]) and any("APGD" in a for a in run["attacks"])
+    for name, d in run["detectors"].items():
+        assert set(d["attacks"]) == set(run["attacks"])
+        assert d["latency"]["ratio"] > 0 and d["fit_s"] >= 0
+        assert 0 <= d["clean_fpr"] <= 1
+        assert d["twin_gap"] < 1e-3, name
+        for a, m in d["attacks"].items():
+            assert m["n_successful"] == run["attacks"][a]["n_successful"]
+            if m["n_successful"]:
+                assert 0 <= m["auroc"] <= 1 and 0 <= m["auroc_ci95"][0] <= m["auroc_ci95"][1] <= 1
+                assert m["tpr"] <= m["caught_or_correct"] + 1e-9
+    strong = [a for a, v in run["attacks"].items() if v["n_successful"] >= 10]
+    assert strong, "the tiny attacks should succeed on some images"
+
+
+def test_crosscheck_and_adaptive_sections(bench_out):
+    run = json.loads((bench_out / "digits.json").read_text())["runs"]["cnn"]
+    assert len(run["crosscheck"]) == 5 and all(0 <= r["own_success"] <= 1 for r in run["crosscheck"])
+    ad = run["adaptive"]["detectors"]
+    assert set(ad) == {"hfguard", run["strongest_baseline"]}
+    eps = next(iter(ad["hfguard"]))
+    assert {"pipeline PGD", "pipeline PGD (BPDA through the filter)", "orthogonal PGD", "feature trajectory"} <= set(ad["hfguard"][eps])
+    assert any(k.startswith("CE - ") for k in ad["hfguard"][eps])
+    for r in ad["hfguard"][eps].values():
+        assert 0 <= r["evasion_rate"] <= r["misclassified_rate"] <= 1
+
+
+def test_markdown_has_every_table(bench_out):
+    md = (bench_out / "digits.md").read_text()
+    for heading in ("AUROC [95 % CI]", "TPR at the calibrated threshold", "Caught or correct", "### Cost", "torchattacks", "Adaptive attacks"):
+        assert heading in md
+
+
+def test_trajectory_attack_pulls_layers_toward_the_target(digits_model, digits):
+    det = HFGuardDetector(digits_model).fit(digits.x_train, digits.y_train)
+    x, y = digits.x_test[:40], digits.y_test[:40]
+    with torch.no_grad():
+        logits = digits_model(x)
+        target = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), float("-inf")).argmax(1)
+    n = len(det.guard.layers) + 1
+    rows = torch.arange(len(x))
+
+    def target_distance(images):
+        return det.guard.inspect(images).distances[:, :n][rows, :, target].sum(1)
+
+    xa = trajectory_attack(det.guard, x, y, 0.15, steps=10)
+    assert (xa - x).abs().max() <= 0.15 + 1e-6
+    assert target_distance(xa).mean() < 0.7 * target_distance(x).mean()
