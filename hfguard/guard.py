@@ -537,8 +537,8 @@ class Guard(nn.Module):
             chosen = names
         else:
             chosen = list(self.score_features_setting)
-            for c in chosen:
-                evidence.parse_feature(c, [*layers, LOGITS, SPECTRUM])
+            for feature in chosen:
+                evidence.parse_feature(feature, [*layers, LOGITS, SPECTRUM])
         spec = {
             "score_features": chosen,
             "layers": layers,

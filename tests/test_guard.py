@@ -144,6 +144,8 @@ def test_model_unchanged_after_every_public_call(digits_model, digits, tmp_path)
     g.score(x).sum().backward()
     g.detect(x)
     g.inspect(x)
+    g.inspect(x, differentiable=True)
+    g.logits_and_score(x)
     g(x)
     g.save(str(tmp_path / "g.safetensors"))
     hfguard.load(str(tmp_path / "g.safetensors"), digits_model).check(x)
@@ -370,3 +372,30 @@ def test_float64_input_is_cast_with_a_warning(fitted, digits):
     with pytest.warns(UserWarning, match="casts it to torch.float32"):
         s64 = fitted.score(x.double())
     assert torch.allclose(s64, fitted.score(x))
+
+
+def test_logits_and_score_is_one_differentiable_pass(fitted, digits):
+    x = digits.x_test[:20].clone().requires_grad_(True)
+    logits, score = fitted.logits_and_score(x)
+    with torch.no_grad():
+        assert torch.allclose(score, fitted.score(x), atol=1e-6)
+        assert torch.allclose(logits, fitted.model(x), atol=1e-6)
+    assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
+
+
+def test_inspect_differentiable_keeps_the_graph_and_the_values(fitted, digits):
+    x = digits.x_test[:10].clone().requires_grad_(True)
+    plain, diff = fitted.inspect(x), fitted.inspect(x, differentiable=True)
+    assert not plain.distances.requires_grad and diff.distances.requires_grad
+    assert torch.allclose(plain.distances, diff.distances.detach(), atol=1e-6)
+    assert torch.autograd.grad(diff.distances[:, 0, 3].sum(), x)[0].abs().sum() > 0
+
+
+def test_score_features_as_a_list_fits_and_scores(digits_model, digits):
+    """Regression: a custom list once clobbered the recorded input shape, so fit failed on its second batch."""
+    names = ["1:distance", "8:distance", "margin"]
+    g = hfguard.protect(digits_model, progress=False, score_features=names, batch_size=256).fit((digits.x_train, digits.y_train))
+    assert g.fit_report["score_features"] == names
+    assert g.score(digits.x_test[:5]).shape == (5,)
+    with pytest.raises(ValueError, match="unknown evidence feature"):
+        hfguard.protect(digits_model, progress=False, score_features=["nope:distance"]).fit((digits.x_train, digits.y_train))

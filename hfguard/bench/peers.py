@@ -290,14 +290,14 @@ class FeatureSqueezingPeer(Detector):
     def __init__(self, model: nn.Module, bits: int = 4, median: int = 3, batch_size: int = 512) -> None:
         super().__init__(model, batch_size)
         self.bits, self.median = bits, median
-        self.name = f"feature squeezing ({bits}-bit, median {median}x{median})"
+        self.name = f"feature squeezing ({bits}-bit" + (f", median {median}x{median})" if median > 1 else ")")
 
     def _squeezed(self, x: Tensor, straight_through: bool) -> list[Tensor]:
         levels = 2**self.bits - 1
         q = torch.round(x * levels) / levels
         if straight_through:
             q = x + (q - x).detach()
-        return [q, median_filter(x, self.median)]
+        return [q, median_filter(x, self.median)] if self.median > 1 else [q]
 
     def _both(self, x: Tensor, straight_through: bool) -> tuple[Tensor, Tensor]:
         logits = self.model(x)
