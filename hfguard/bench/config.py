@@ -67,7 +67,7 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
         )
     elif dataset == "fashion-mnist":
         cfg = BenchConfig(
-            "fashion-mnist", archs=("cnn", "resnet"), n_cal=5000, n_test=1000, n_cross=500, n_adaptive=128, n_spectral=5000,
+            "fashion-mnist", archs=("cnn", "resnet"), n_cal=5000, n_test=1000, n_cross=500, n_adaptive=200, n_spectral=5000,
             eps=(0.1, 0.05, 0.03), adaptive_eps=(0.1, 0.03), l2_eps=1.0, square_queries=1000,
         )
     else:

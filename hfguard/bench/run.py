@@ -5,7 +5,8 @@ on the same clean training images, calibrate the peers' thresholds on held-out
 clean training images, run the library's attacks and torchattacks on the same
 test images, score every detector on the same inputs, time them, and attack
 hfguard and the strongest peer adaptively. Writes ``<out>/<dataset>.json``,
-``<out>/<dataset>.md`` and, per architecture, ROC and histogram plots.
+``<out>/<dataset>.md`` and, per architecture, ROC and histogram plots and the raw scores
+(``<dataset>-<arch>-scores.npz``, from which ``--replot`` redraws the plots).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from hfguard.bench.tables import markdown
 from hfguard.data import Split, cached_model, load_dataset
 from hfguard.evaluate import jsonable, relative_latency
 
-__all__ = ["run_bench", "bench_model", "main"]
+__all__ = ["run_bench", "bench_model", "replot", "save_scores", "main"]
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -217,12 +218,44 @@ def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs
         run = bench_model(model, split, cfg, arch=arch, progress=progress)
         run["model_load_or_train_s"] = train_s
         result["runs"][arch] = run
-        roc_grid(run, str(out_dir / f"{dataset}-{arch}-roc.png"), f"{dataset}, {arch}: successful adversarials vs clean test images")
-        histograms(run, str(out_dir / f"{dataset}-{arch}-hist.png"), f"{dataset}, {arch}: score histograms")
+        save_scores(run, out_dir / f"{dataset}-{arch}-scores.npz")
+        draw(run, dataset, arch, out_dir)
     result["seconds"] = time.perf_counter() - t0
     (out_dir / f"{dataset}.json").write_text(json.dumps(jsonable(result), indent=2))
     (out_dir / f"{dataset}.md").write_text(markdown(result))
     return result
+
+
+def draw(run: dict[str, Any], dataset: str, arch: str, out_dir: Path) -> None:
+    roc_grid(run, str(out_dir / f"{dataset}-{arch}-roc.png"), f"{dataset}, {arch}: successful adversarials vs clean test images")
+    histograms(run, str(out_dir / f"{dataset}-{arch}-hist.png"), f"{dataset}, {arch}: score histograms")
+
+
+def save_scores(run: dict[str, Any], path: Path) -> None:
+    """Every detector's raw scores (clean test images; successful adversarials per attack) as ``.npz``, to recompute any metric."""
+    import numpy as np
+
+    arrays = {}
+    for det, d in run["detectors"].items():
+        arrays[f"clean|{det}"] = d["_clean_scores"].double().cpu().numpy()
+        for att, m in d["attacks"].items():
+            arrays[f"{att}|{det}"] = m["_scores"].double().cpu().numpy()
+    np.savez_compressed(path, **arrays)
+
+
+def replot(dataset: str, out: str = "benchmarks/results") -> None:
+    """Redraws the plots from the committed ``<dataset>.json`` and ``<dataset>-<arch>-scores.npz`` (no pickle)."""
+    import numpy as np
+
+    out_dir = Path(out)
+    result = json.loads((out_dir / f"{dataset}.json").read_text())
+    for arch, run in result["runs"].items():
+        with np.load(out_dir / f"{dataset}-{arch}-scores.npz", allow_pickle=False) as z:
+            for det, d in run["detectors"].items():
+                d["_clean_scores"] = torch.from_numpy(z[f"clean|{det}"])
+                for att, m in d["attacks"].items():
+                    m["_scores"] = torch.from_numpy(z[f"{att}|{det}"])
+        draw(run, dataset, arch, out_dir)
 
 
 def _versions() -> dict[str, str]:
@@ -244,6 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke settings (what the tests run); numbers are meaningless")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots from the JSON and the saved scores in --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_from_args(a: argparse.Namespace, prog: str) -> int:
     from hfguard.errors import DatasetNotAvailableError, MissingDependencyError
 
+    if a.replot:
+        replot(a.dataset, a.out)
+        print(f"redrew the plots of {a.dataset} in {a.out}")
+        return 0
     cfg = preset(a.dataset, tiny=a.tiny, threads=a.threads)
     command = " ".join([prog, *sys.argv[1:]]) if prog.startswith("python") else "hfguard " + " ".join(sys.argv[1:])
     try:

@@ -48,11 +48,18 @@ def tpr_table(run: dict[str, Any]) -> str:
 
 
 def caught_table(run: dict[str, Any]) -> str:
-    """Caught or correct: flagged, or classified correctly by the defended pipeline."""
+    """Caught or correct: flagged, or classified correctly by the defended pipeline; in brackets, the share labelled correctly."""
     dets = list(run["detectors"])
     lines = ["| attack | " + " | ".join(_short(d) for d in dets) + " |", "|---|" + "---|" * len(dets)]
     for name in run["attacks"]:
-        lines.append(f"| {name} | " + " | ".join(_f(run["detectors"][d]["attacks"][name]["caught_or_correct"]) for d in dets) + " |")
+        cells = []
+        for d in dets:
+            m = run["detectors"][d]["attacks"][name]
+            cell = _f(m["caught_or_correct"])
+            if m.get("repaired"):
+                cell += f" (labelled correctly {_f(m['repaired'])})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -162,7 +169,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             tpr_table(run),
             "",
-            "### Caught or correct (flagged, or correct after hfguard's filter policy; peers do not repair)",
+            "### Caught or correct (flagged, or correct after the defence; hfguard's filter policy filters flagged inputs only, so its rate equals its "
+            "TPR, and the bracket gives the share of adversarials it also labels correctly; the peers only flag)",
             "",
             caught_table(run),
             "",

@@ -27,8 +27,15 @@ def bench_out(tmp_path_factory):
 
 
 def test_writes_json_markdown_and_plots(bench_out):
-    for name in ("digits.json", "digits.md", "digits-cnn-roc.png", "digits-cnn-hist.png"):
+    for name in ("digits.json", "digits.md", "digits-cnn-roc.png", "digits-cnn-hist.png", "digits-cnn-scores.npz"):
         assert (bench_out / name).stat().st_size > 1000, name
+
+
+def test_replot_redraws_from_the_saved_scores(bench_out):
+    png = bench_out / "digits-cnn-roc.png"
+    png.unlink()
+    assert main(["bench", "--dataset", "digits", "--replot", "--out", str(bench_out)]) == 0
+    assert png.stat().st_size > 1000
 
 
 def test_every_detector_is_scored_on_every_attack(bench_out):
