@@ -77,8 +77,8 @@ def histograms(run: dict[str, Any], path: str, title: str, attacks: list[str] | 
             pos = d["attacks"][name]["_scores"].double().cpu().numpy()
             both = np.r_[neg, pos]
             lo, hi = np.quantile(both, [0.005, 0.995])
-            # heavy right tails would squash the clean mass: show 2.5x the clean range (up to the threshold), clip the rest into the last bin
-            hi = min(hi, lo + 2.5 * (max(np.quantile(neg, 0.99), d["threshold"]) - lo))
+            # heavy right tails would squash the clean mass: show 2.5x the bulk of the clean range (its 95th percentile or the threshold), clip the rest into the last bin
+            hi = min(hi, lo + 2.5 * (max(np.quantile(neg, 0.95), d["threshold"]) - lo))
             if hi <= lo:
                 lo, hi = lo - 1, hi + 1
             bins = np.linspace(lo, hi, 40)
@@ -96,7 +96,7 @@ def histograms(run: dict[str, Any], path: str, title: str, attacks: list[str] | 
             a = d["attacks"][name]["auroc"]
             ax.text(0.98, 0.9, "AUROC n/a" if a is None or a != a else f"AUROC {a:.3f}", transform=ax.transAxes, ha="right", va="top", fontsize=6.5)
     axes[0, 0].legend(fontsize=6, loc="upper left")
-    fig.suptitle(title + " (x range: 2.5x the clean range, larger scores piled in the last bin; dashed: threshold)", fontsize=10)
+    fig.suptitle(title + " (x range: 2.5x the clean bulk, larger scores piled in the last bin; dashed: threshold)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
