@@ -11,7 +11,7 @@ from typing import Any
 
 from hfguard.evaluate import jsonable as _jsonable
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "run_bench_command"]
 
 
 def run_demo(dataset: str = "digits", out: str = "hfguard-demo", *, n_test: int | None = None, progress: bool = True, cw_steps: int = 100, pgd_steps: int = 40) -> dict[str, Any]:
@@ -40,6 +40,30 @@ def run_demo(dataset: str = "digits", out: str = "hfguard-demo", *, n_test: int 
     return result
 
 
+def run_bench_command(args: argparse.Namespace, command: str) -> int:
+    """``hfguard bench``: runs :func:`hfguard.bench.run.run_bench` (or only redraws its plots) and prints the report."""
+    from hfguard.bench.config import preset
+    from hfguard.bench.run import replot, run_bench
+    from hfguard.bench.tables import markdown
+    from hfguard.errors import DatasetNotAvailableError, MissingDependencyError
+
+    if args.replot:
+        replot(args.dataset, args.out)
+        print(f"redrew the plots of {args.dataset} in {args.out}")
+        return 0
+    if not args.quiet:
+        logging.getLogger("hfguard.bench").setLevel(logging.INFO)
+    cfg = preset(args.dataset, tiny=args.tiny, threads=args.threads)
+    try:
+        result = run_bench(args.dataset, args.out, archs=tuple(args.arch) if args.arch else None, cfg=cfg, progress=not args.quiet, command=command)
+    except (DatasetNotAvailableError, MissingDependencyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    print(f"\nwrote {Path(args.out) / (args.dataset + '.json')}, {Path(args.out) / (args.dataset + '.md')} and the plots ({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hfguard", description="Protect a PyTorch image classifier against adversarial examples.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default="hfguard-report", help="folder for report.html, report.json and the figures")
     rep.add_argument("--n", type=int, default=None, help="test images (default: all for digits, 1000 for fashion-mnist)")
     bench = sub.add_parser("bench", help="hfguard next to real peer detectors under own, torchattacks and adaptive attacks: JSON, Markdown, plots (needs hfguard[bench])")
-    from hfguard.bench.run import add_arguments
-
-    add_arguments(bench)
+    bench.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"], help="digits is embedded; fashion-mnist needs the Debian package dataset-fashion-mnist")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for <dataset>.json, <dataset>.md and the plots")
+    bench.add_argument("--arch", action="append", choices=["cnn", "resnet"], help="architectures (default: cnn for digits, cnn and resnet for fashion-mnist)")
+    bench.add_argument("--tiny", action="store_true", help="seconds-long smoke settings (what the tests run); numbers are meaningless")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    bench.add_argument("--replot", action="store_true", help="only redraw the plots from the JSON and the saved scores in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -70,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result["table"])
         print(f"\nwrote {Path(args.out) / f'roc-{args.dataset}.png'} and {Path(args.out) / f'demo-{args.dataset}.json'}")
     if args.command == "bench":
-        from hfguard.bench.run import run_from_args
-
-        return run_from_args(args, "hfguard bench")
+        command = "hfguard " + " ".join(sys.argv[1:] if argv is None else argv)
+        return run_bench_command(args, command)
     if args.command == "report":
         from hfguard.errors import DatasetNotAvailableError
         from hfguard.report import run_report

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd
 
-__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "latency", "relative_latency", "fit_cost", "auroc", "roc_plot", "format_table", "jsonable"]
+__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "with_policy", "latency", "relative_latency", "fit_cost", "auroc", "roc_plot", "format_table", "jsonable"]
 
 
 @dataclass
@@ -72,7 +72,7 @@ def auroc(neg: Tensor, pos: Tensor, *, bootstrap: int = 200, seed: int = 0) -> t
     return value, float(lo), float(hi)
 
 
-def _with_policy(guard: Any, policy: str) -> Any:
+def with_policy(guard: Any, policy: str) -> Any:
     """A shallow copy of ``guard`` sharing its state, with another policy."""
     other = copy.copy(guard)
     other.policy = policy
@@ -101,7 +101,7 @@ def evaluate_guard(
     """
     model = guard.model
     adversarials = attacks if isinstance(attacks, dict) else generate(model, x, y, attacks, progress=progress)
-    flag, filt = _with_policy(guard, "flag"), _with_policy(guard, "filter")
+    flag, filt = with_policy(guard, "flag"), with_policy(guard, "filter")
     clean = flag.check(x)
     clean_f = filt.check(x)
     correct = clean.predicted == y
@@ -163,7 +163,7 @@ def adaptive_attacks(guard: Any, x: Tensor, y: Tensor, eps_list: list[float], *,
     from tqdm.auto import tqdm
 
     model = guard.model
-    flag, filt = _with_policy(guard, "flag"), _with_policy(guard, "filter")
+    flag, filt = with_policy(guard, "flag"), with_policy(guard, "filter")
     correct = flag.check(x).predicted == y
     res: dict[str, Any] = {"n_images": len(x)}
     for eps in tqdm(eps_list, desc="adaptive", disable=not progress, leave=False):

@@ -39,10 +39,10 @@ from hfguard.filters import lowpass
 __all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "trajectory_attack", "adaptive_suite"]
 
 
-def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, repaired: bool = False) -> dict[str, float]:
+def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, defended: bool = False) -> dict[str, float]:
     """Evasion and misclassification rates over the correctly classified clean images."""
-    flagged = detector.score_all(x_adv) > detector.threshold
-    pred = detector.repaired(x_adv) if repaired else detector._batched(lambda b: detector.model(b).argmax(1), x_adv)
+    scores, pred = detector.outputs(x_adv, defended=defended)
+    flagged = scores > detector.threshold
     wrong = correct & (pred != y)
     n = correct.sum().clamp_min(1)
     return {"evasion_rate": float((wrong & ~flagged).sum() / n), "misclassified_rate": float(wrong.sum() / n), "_evaded": wrong & ~flagged, "_wrong": wrong}
@@ -121,9 +121,9 @@ def adaptive_suite(
         xt = trajectory_attack(guard_detector.guard, x, y, eps, steps)
         for d in detectors:
             r: dict[str, Any] = {}
-            r["pipeline PGD"] = evasion(d, pipeline_pgd(d, x, y, eps, pgd_steps), y, correct, repaired=True)
+            r["pipeline PGD"] = evasion(d, pipeline_pgd(d, x, y, eps, pgd_steps), y, correct, defended=True)
             if isinstance(d, HFGuardDetector):
-                r["pipeline PGD (BPDA through the filter)"] = evasion(d, bpda_filter_pgd(d, x, y, eps, pgd_steps), y, correct, repaired=True)
+                r["pipeline PGD (BPDA through the filter)"] = evasion(d, bpda_filter_pgd(d, x, y, eps, pgd_steps), y, correct, defended=True)
             bar.update()
             for lam in lambdas:
                 r[f"CE - {lam:g} * score"] = evasion(d, lambda_pgd(d, x, y, eps, steps, lam, scales[d.name]), y, correct)

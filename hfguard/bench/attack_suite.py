@@ -13,7 +13,7 @@ from hfguard.attacks import cw_l2, fgsm, pgd
 from hfguard.bench.config import BenchConfig
 from hfguard.bench.peers import require
 
-__all__ = ["own_attacks", "torchattacks_attacks", "run_attacks", "success_rate"]
+__all__ = ["own_attacks", "torchattacks_attacks", "run_attacks", "successful", "success_rate"]
 
 Run = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -60,9 +60,13 @@ def run_attacks(model: nn.Module, x: Tensor, y: Tensor, attacks: dict[str, Run],
     return out
 
 
-def success_rate(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[float, Tensor]:
-    """Fraction of correctly classified clean images whose adversarial is misclassified, and that mask."""
+def successful(model: nn.Module, x_adv: Tensor, y: Tensor, correct: Tensor, batch_size: int = 512) -> Tensor:
+    """Mask of successful adversarials: the clean image was ``correct`` and its adversarial is misclassified."""
     with torch.no_grad():
-        correct = model(x).argmax(1) == y
-        ok = correct & (model(x_adv).argmax(1) != y)
-    return float(ok.sum() / correct.sum().clamp_min(1)), ok
+        pred = torch.cat([model(x_adv[i : i + batch_size]).argmax(1) for i in range(0, len(x_adv), batch_size)])
+    return correct & (pred != y)
+
+
+def success_rate(ok: Tensor, correct: Tensor) -> float:
+    """Fraction of the correctly classified clean images whose adversarial succeeded."""
+    return float(ok.sum() / correct.sum().clamp_min(1))

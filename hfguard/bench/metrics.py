@@ -36,8 +36,8 @@ class CleanView:
 
 
 def clean_view(detector: Detector, x: Tensor, y: Tensor, correct: Tensor) -> CleanView:
-    scores = detector.score_all(x)
-    return CleanView(scores, scores > detector.threshold, detector.repaired(x), y, correct)
+    scores, repaired = detector.outputs(x)
+    return CleanView(scores, scores > detector.threshold, repaired, y, correct)
 
 
 def attack_metrics(detector: Detector, clean: CleanView, x_adv: Tensor, ok: Tensor, y: Tensor, *, bootstrap: int = 200) -> dict[str, Any]:
@@ -46,9 +46,9 @@ def attack_metrics(detector: Detector, clean: CleanView, x_adv: Tensor, ok: Tens
     if n_ok == 0:
         return {"n_successful": 0, "auroc": float("nan"), "auroc_ci95": [float("nan")] * 2, "tpr": float("nan"), "caught_or_correct": float("nan"), "_scores": x_adv.new_zeros(0)}
     xs = x_adv[ok]
-    scores = detector.score_all(xs)
+    scores, repaired = detector.outputs(xs)
     flagged = scores > detector.threshold
-    repaired_ok = detector.repaired(xs) == y[ok]
+    repaired_ok = repaired == y[ok]
     a, lo, hi = auroc(clean.scores, scores, bootstrap=bootstrap)
     return {
         "n_successful": n_ok,

@@ -8,7 +8,8 @@ Every detector has:
   (pytorch-ood runs its scores under ``no_grad`` and detaches features, so attacking its own call would
   get no gradient and the detector would look unbreakable); the benchmark checks twin == real;
 * ``deployed(x) -> (logits, score)``: what a deployment runs per batch, timed for the latency ratio;
-* ``repaired(x)``: the defended pipeline's predictions (the model's own for flag-only detectors).
+* ``outputs(x)``: scores and the defended pipeline's predictions in one pass per batch (the model's own
+  predictions for flag-only detectors; hfguard's filter policy for hfguard).
 
 Higher scores mean "more adversarial" for every detector.
 """
@@ -16,6 +17,7 @@ Higher scores mean "more adversarial" for every detector.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from hfguard.bench.taps import last_linear, tapped_features, tapped_forward
 from hfguard.calibrate import threshold_at_fpr
 from hfguard.errors import MissingDependencyError
+from hfguard.evaluate import with_policy
 
 __all__ = [
     "Detector",
@@ -54,7 +57,7 @@ def require(module: str) -> Any:
         ) from exc
 
 
-class Detector:
+class Detector(ABC):
     """Base class: a detector over a fixed eval-mode ``model`` (pixels in [0, 1])."""
 
     name = ""
@@ -69,23 +72,37 @@ class Detector:
     def fit(self, x: Tensor, y: Tensor) -> "Detector":
         return self
 
+    @abstractmethod
     def score(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The real implementation's score (N,), without gradient; higher = more adversarial."""
 
+    @abstractmethod
     def diff_score(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """A differentiable twin of :meth:`score` built from the same fitted state."""
 
     def diff_both(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Differentiable ``(logits, twin score)``; subclasses share one forward pass where they can."""
         return self.model(x), self.diff_score(x)
 
     def deployed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, score)`` of one batch as a deployment computes them."""
         with torch.no_grad():
             return self.model(x), self.score(x)
 
-    def repaired(self, x: Tensor) -> Tensor:
-        """Predicted classes of the defended pipeline (flag-only detectors do not change the prediction)."""
-        return self._batched(lambda b: self.model(b).argmax(1), x)
+    def defended(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, score)`` of the defended pipeline; flag-only detectors leave the logits alone."""
+        return self.deployed(x)
+
+    def outputs(self, x: Tensor, *, defended: bool = True) -> tuple[Tensor, Tensor]:
+        """``(scores, predicted classes)`` over ``x`` in batches, one pass per batch."""
+        fn = self.defended if defended else self.deployed
+        scores, preds = [x.new_zeros(0)], [torch.zeros(0, dtype=torch.long, device=x.device)]
+        with torch.no_grad():
+            for i in range(0, len(x), self.batch_size):
+                logits, s = fn(x[i : i + self.batch_size])
+                scores.append(s)
+                preds.append(logits.argmax(1))
+        return torch.cat(scores), torch.cat(preds)
 
     def score_all(self, x: Tensor) -> Tensor:
         return self._batched(self.score, x)
@@ -135,17 +152,13 @@ class HFGuardDetector(Detector):
         v = self.guard.check(x)
         return v.logits, v.score
 
-    def repaired(self, x: Tensor) -> Tensor:
-        filt = self.filter_policy()
-        return self._batched(lambda b: filt.check(b).predicted, x)
+    def defended(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.filter_policy().check(x)  # same score; flagged rows filtered and classified again
+        return v.logits, v.score
 
     def filter_policy(self) -> Any:
         """The same fitted guard under ``policy="filter"`` (shares its state)."""
-        import copy
-
-        other = copy.copy(self.guard)
-        other.policy = "filter"
-        return other
+        return with_policy(self.guard, "filter")
 
 
 class _LogitPeer(Detector):

@@ -11,10 +11,9 @@ hfguard and the strongest peer adaptively. Writes ``<out>/<dataset>.json``,
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from hfguard.bench import peers as P
 from hfguard.bench.adaptive import adaptive_suite
-from hfguard.bench.attack_suite import own_attacks, run_attacks, success_rate, torchattacks_attacks
+from hfguard.bench.attack_suite import own_attacks, run_attacks, success_rate, successful, torchattacks_attacks
 from hfguard.bench.config import BenchConfig, preset
 from hfguard.bench.metrics import attack_metrics, clean_view
 from hfguard.bench.plots import histograms, roc_grid
@@ -33,7 +32,9 @@ from hfguard.bench.tables import markdown
 from hfguard.data import Split, cached_model, load_dataset
 from hfguard.evaluate import jsonable, relative_latency
 
-__all__ = ["run_bench", "bench_model", "replot", "save_scores", "main"]
+__all__ = ["run_bench", "bench_model", "replot", "save_scores"]
+
+logger = logging.getLogger(__name__)
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -96,30 +97,26 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
         "n_cal": cfg.n_cal,
         "n_test": len(x),
     }
-    if progress:
-        print(f"[{arch}] fitting detectors on {fit_end} clean images", file=sys.stderr)
+    logger.info("[%s] fitting detectors on %d clean images", arch, fit_end)
     hf, peers, fit_seconds = fit_detectors(model, x_fit, y_fit, x_cal, cfg)
     detectors: list[P.Detector] = [hf, *peers]
     res["inference_pass_fit_data_s"] = _inference_pass(model, x_fit)
     res["hfguard_layers"] = hf.guard.layers
     res["hfguard_score_features"] = hf.guard.fit_report["score_features"]
 
-    if progress:
-        print(f"[{arch}] attacking {len(x)} test images (torchattacks on {cfg.n_cross})", file=sys.stderr)
+    logger.info("[%s] attacking %d test images (torchattacks on %d)", arch, len(x), cfg.n_cross)
     advs = {k: {**v, "source": "hfguard"} for k, v in run_attacks(model, x, y, own_attacks(cfg), progress=progress).items()}
     n_cross = min(cfg.n_cross, len(x))
     advs.update({k: {**v, "source": "torchattacks"} for k, v in run_attacks(model, x[:n_cross], y[:n_cross], torchattacks_attacks(cfg), progress=progress).items()})
     attacks: dict[str, Any] = {}
     for name, a in advs.items():
         n = len(a["x"])
-        rate, ok = success_rate(model, x[:n], a["x"], y[:n])
-        a["ok"] = ok
-        attacks[name] = {"source": a["source"], "n_images": n, "success_rate": rate, "n_successful": int(ok.sum()), "seconds": a["seconds"]}
+        a["ok"] = ok = successful(model, a["x"], y[:n], correct[:n])
+        attacks[name] = {"source": a["source"], "n_images": n, "success_rate": success_rate(ok, correct[:n]), "n_successful": int(ok.sum()), "seconds": a["seconds"]}
     res["attacks"] = attacks
-    res["crosscheck"] = crosscheck(model, x[:n_cross], y[:n_cross], advs, cfg)
+    res["crosscheck"] = crosscheck(model, x[:n_cross], y[:n_cross], correct[:n_cross], advs, cfg)
 
-    if progress:
-        print(f"[{arch}] scoring {len(detectors)} detectors", file=sys.stderr)
+    logger.info("[%s] scoring %d detectors", arch, len(detectors))
     xb = x[: cfg.latency_batch]
     res["detectors"] = {}
     for d in detectors:
@@ -142,8 +139,7 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     res["latency_batch"] = len(xb)
     res["strongest_baseline"] = strongest_baseline(res, [d.name for d in peers], exclude=(f"FGSM eps={cfg.eps_hi}",))
 
-    if progress:
-        print(f"[{arch}] adaptive attacks on {cfg.n_adaptive} images against hfguard and {res['strongest_baseline']}", file=sys.stderr)
+    logger.info("[%s] adaptive attacks on %d images against hfguard and %s", arch, cfg.n_adaptive, res["strongest_baseline"])
     best = next(d for d in peers if d.name == res["strongest_baseline"])
     scales = {d.name: float(d.score_all(x_cal[:2000]).std()) for d in (hf, best)}
     res["adaptive"] = adaptive_suite(
@@ -161,7 +157,7 @@ def _median_l2(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> float:
     return float((x_adv - x).flatten(1).norm(dim=1)[wrong].median()) if bool(wrong.any()) else float("nan")
 
 
-def crosscheck(model: nn.Module, x: Tensor, y: Tensor, advs: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
+def crosscheck(model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, advs: dict[str, Any], cfg: BenchConfig) -> list[dict[str, Any]]:
     """Own attacks vs torchattacks on the same images and budgets: success rates side by side."""
     pairs = [
         (f"PGD-Linf eps={cfg.eps_hi}", f"torchattacks PGD eps={cfg.eps_hi}"),
@@ -173,8 +169,7 @@ def crosscheck(model: nn.Module, x: Tensor, y: Tensor, advs: dict[str, Any], cfg
     n = len(x)
     out = []
     for own, ta in pairs:
-        own_rate = success_rate(model, x, advs[own]["x"][:n], y)[0]
-        ta_rate = success_rate(model, x, advs[ta]["x"], y)[0]
+        own_rate, ta_rate = success_rate(advs[own]["ok"][:n], correct), success_rate(advs[ta]["ok"], correct)
         row = {"own": own, "torchattacks": ta, "n_images": n, "own_success": own_rate, "torchattacks_success": ta_rate, "difference": own_rate - ta_rate}
         if "CW" in own:
             row["own_median_l2"], row["torchattacks_median_l2"] = _median_l2(model, x, advs[own]["x"][:n], y), _median_l2(model, x, advs[ta]["x"], y)
@@ -268,42 +263,3 @@ def _versions() -> dict[str, str]:
         except ImportError:
             out[name] = "not installed"
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"], help="digits is embedded; fashion-mnist needs the Debian package dataset-fashion-mnist")
-    p.add_argument("--out", default="benchmarks/results", help="folder for <dataset>.json, <dataset>.md and the plots")
-    p.add_argument("--arch", action="append", choices=["cnn", "resnet"], help="architectures (default: cnn for digits, cnn and resnet for fashion-mnist)")
-    p.add_argument("--tiny", action="store_true", help="seconds-long smoke settings (what the tests run); numbers are meaningless")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--replot", action="store_true", help="only redraw the plots from the JSON and the saved scores in --out")
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hfguard bench", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv), "python benchmarks/run.py")
-
-
-def run_from_args(a: argparse.Namespace, prog: str) -> int:
-    from hfguard.errors import DatasetNotAvailableError, MissingDependencyError
-
-    if a.replot:
-        replot(a.dataset, a.out)
-        print(f"redrew the plots of {a.dataset} in {a.out}")
-        return 0
-    cfg = preset(a.dataset, tiny=a.tiny, threads=a.threads)
-    command = " ".join([prog, *sys.argv[1:]]) if prog.startswith("python") else "hfguard " + " ".join(sys.argv[1:])
-    try:
-        result = run_bench(a.dataset, a.out, archs=tuple(a.arch) if a.arch else None, cfg=cfg, progress=not a.quiet, command=command)
-    except (DatasetNotAvailableError, MissingDependencyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    print(f"\nwrote {Path(a.out) / (a.dataset + '.json')}, {Path(a.out) / (a.dataset + '.md')} and the plots ({result['seconds'] / 60:.1f} min)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,7 +39,9 @@ def test_contract_for_every_detector(fitted_peers, digits):
         assert s.shape == (50,) and torch.isfinite(s).all(), d.name
         logits, s2 = d.deployed(x)
         assert logits.shape == (50, 10) and torch.allclose(s2, s, atol=1e-5), d.name
-        assert d.repaired(x).shape == (50,)
+        s3, pred = d.outputs(x)
+        assert pred.shape == (50,) and torch.allclose(s3, s, atol=1e-5)
+        assert torch.equal(d.outputs(x, defended=False)[1], logits.argmax(1))
         assert d.threshold == d.threshold, d.name  # calibrated
         # twin == real, and the twin carries a gradient to the input
         assert P.twin_gap(d, x) < 1e-3, d.name
