@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fgsm", "pgd", "cw_l2", "orthogonal_pgd"]
+__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "orthogonal_pgd"]
 
 Model = Callable[[Tensor], Tensor]
 
@@ -27,29 +27,43 @@ def _normalize_l2(g: Tensor) -> Tensor:
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str, lo: float, hi: float) -> Tensor:
+Budget = float | Tensor
+
+
+def _per_image(eps: Budget, x: Tensor) -> Tensor:
+    """``eps`` (a number, or one budget per image (N,)) as a tensor broadcastable against ``x``."""
+    e = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    if e.dim() == 0:
+        return e
+    if e.shape != (x.shape[0],):
+        raise ValueError(f"eps must be a number or one budget per image ({x.shape[0]},), got shape {tuple(e.shape)}")
+    return e.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: Budget, norm: str, lo: float, hi: float) -> Tensor:
+    eps = _per_image(eps, x)
     delta = x_adv - x
     if norm == "inf":
-        delta = delta.clamp(-eps, eps)
+        delta = torch.maximum(torch.minimum(delta, eps), -eps)
     else:
         n = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
         delta = delta * (eps / n.clamp_min(1e-12)).clamp(max=1.0)
     return (x + delta).clamp(lo, hi)
 
 
-def fgsm(model: Model, x: Tensor, y: Tensor, eps: float, *, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-    """Fast gradient sign method (Goodfellow et al., 2015), L-inf ``eps``."""
+def fgsm(model: Model, x: Tensor, y: Tensor, eps: Budget, *, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+    """Fast gradient sign method (Goodfellow et al., 2015), L-inf ``eps`` (a number or one per image)."""
     x = x.detach()
     xr = x.clone().requires_grad_(True)
-    g = _grad(F.cross_entropy(model(xr), y), xr)
-    return (x + eps * g.sign()).clamp(lo, hi).detach()
+    g = _grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    return (x + _per_image(eps, x) * g.sign()).clamp(lo, hi).detach()
 
 
 def pgd(
     model: Model,
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: Budget,
     *,
     steps: int = 40,
     step_size: float | None = None,
@@ -66,7 +80,7 @@ def pgd(
         model: callable returning logits.
         x: (N, ...) clean images in ``[lo, hi]``.
         y: (N,) true labels.
-        eps: budget (L-inf or L2 radius).
+        eps: budget (L-inf or L2 radius): a number, or one per image (N,).
         steps: iterations.
         step_size: default ``2.5 * eps / steps``.
         norm: ``"inf"`` or ``"2"``.
@@ -81,15 +95,16 @@ def pgd(
     if norm not in ("inf", "2"):
         raise ValueError(f"norm must be 'inf' or '2', got {norm!r}")
     x = x.detach()
-    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    e = _per_image(eps, x)
+    alpha = step_size if step_size is not None else 2.5 * e / steps
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if random_start:
         if norm == "inf":
-            noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+            noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e
         else:
             noise = _normalize_l2(torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype))
             r = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel())
-            noise = noise * (eps * r).view(-1, *([1] * (x.dim() - 1)))
+            noise = noise * e * r.view(-1, *([1] * (x.dim() - 1)))
         x_adv = _project(x + noise, x, eps, norm, lo, hi)
     else:
         x_adv = x.clone()
@@ -100,6 +115,43 @@ def pgd(
         g = _grad(loss.sum(), xr)
         step = g.sign() if norm == "inf" else _normalize_l2(g)
         x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi).detach()
+    return x_adv
+
+
+def boundary_pgd(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eps: Budget,
+    *,
+    steps: int = 20,
+    norm: str = "inf",
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
+    """Minimal adversarials: PGD with small steps that freezes each image at its FIRST misclassified iterate.
+
+    The result sits just across the decision boundary (low confidence, like CW), unlike
+    :func:`pgd`, which keeps climbing the loss. Images never misclassified within ``eps`` end
+    at the last iterate. Step size ``1.5 * eps / steps``; no random start.
+    """
+    if norm not in ("inf", "2"):
+        raise ValueError(f"norm must be 'inf' or '2', got {norm!r}")
+    x = x.detach()
+    alpha = 1.5 * _per_image(eps, x) / steps
+    x_adv = x.clone()
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    view = (-1, *([1] * (x.dim() - 1)))
+    for _ in range(steps + 1):
+        xr = x_adv.clone().requires_grad_(True)
+        logits = model(xr)
+        done |= (logits.argmax(1) != y).detach()
+        if bool(done.all()):
+            break
+        g = _grad(F.cross_entropy(logits, y, reduction="sum"), xr)
+        step = g.sign() if norm == "inf" else _normalize_l2(g)
+        moved = _project(x_adv + alpha * step, x, eps, norm, lo, hi)
+        x_adv = torch.where(done.view(view), x_adv, moved).detach()
     return x_adv
 
 

@@ -1,13 +1,10 @@
-"""Clean-only combination of the evidence into one score, and its threshold.
+"""Per-class standardisation of clean evidence, and the threshold.
 
-No adversarial example is seen here.  Each evidence feature is standardised
-with its mean and standard deviation on held-out clean data *of the predicted
-class*, and the standardised vector ``z`` is turned into one score by a smooth
-maximum, ``t * logsumexp(z / t)``: an input is suspicious when *any* piece of
-evidence is far out on the clean distribution of its predicted class (a
-differentiable min-p-value rule).
-The threshold is the ``1 - fpr`` quantile of the scores of a second,
-disjoint held-out clean split.
+Each evidence feature is standardised with its mean and standard deviation on
+held-out clean data *of the predicted class* (what is normal depends on the
+class); :mod:`hfguard.combiner` turns the standardised vector into one score.
+The threshold is the ``1 - fpr`` quantile of the scores of clean images that
+took no part in fitting the standardiser or the combiner.
 """
 
 from __future__ import annotations
@@ -15,7 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fit_standardizer", "combine", "threshold_at_fpr"]
+__all__ = ["fit_standardizer", "standardize", "threshold_at_fpr"]
+
+#: a class's standard deviation is floored at this fraction of the feature's pooled one
+RELATIVE_FLOOR = 0.05
 
 
 def fit_standardizer(evidence: Tensor, pred: Tensor, num_classes: int, min_count: int = 100) -> tuple[Tensor, Tensor]:
@@ -26,10 +26,16 @@ def fit_standardizer(evidence: Tensor, pred: Tensor, num_classes: int, min_count
     classes with fewer than ``min_count`` held-out samples are shrunk towards
     the global statistics in proportion to their count.
 
+    A class's standard deviation is floored at ``RELATIVE_FLOOR`` times the
+    feature's pooled one: a feature that is constant within a class (the
+    trajectory gap is exactly 0 when the nearest class is the predicted one)
+    would otherwise turn any deviation into an enormous z-score.
+
     Returns:
         ``mean`` and ``std``, each (K, F).
     """
     g_mean, g_std = evidence.mean(0), evidence.std(0).clamp_min(1e-6)
+    floor = RELATIVE_FLOOR * g_std
     mean = g_mean.repeat(num_classes, 1)
     std = g_std.repeat(num_classes, 1)
     for c in range(num_classes):
@@ -38,24 +44,13 @@ def fit_standardizer(evidence: Tensor, pred: Tensor, num_classes: int, min_count
             continue
         w = min(1.0, len(rows) / min_count)
         mean[c] = w * rows.mean(0) + (1 - w) * g_mean
-        std[c] = (w * rows.std(0) + (1 - w) * g_std).clamp_min(1e-6)
+        std[c] = torch.maximum(w * rows.std(0) + (1 - w) * g_std, floor)
     return mean, std
 
 
-def combine(evidence: Tensor, pred: Tensor, mean: Tensor, std: Tensor, temperature: float = 1.0) -> Tensor:
-    """One score per row: smooth maximum of the class-standardised evidence.
-
-    Args:
-        evidence: (N, F) evidence features.
-        pred: (N,) predicted classes (select the row of ``mean``/``std``).
-        mean, std: (K, F) clean statistics from :func:`fit_standardizer`.
-        temperature: softness of the maximum (-> 0 gives the hard max).
-
-    Returns:
-        (N,) scores, higher = more suspicious; differentiable w.r.t. ``evidence``.
-    """
-    z = (evidence - mean[pred]) / std[pred]
-    return temperature * torch.logsumexp(z / temperature, dim=1)
+def standardize(evidence: Tensor, pred: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(evidence - mean[pred]) / std[pred]``: evidence (N, F) in units of its predicted class's clean spread."""
+    return (evidence - mean[pred]) / std[pred]
 
 
 def threshold_at_fpr(clean_scores: Tensor, fpr: float) -> float:

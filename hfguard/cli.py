@@ -19,19 +19,23 @@ def run_demo(dataset: str = "digits", out: str = "hfguard-demo", *, n_test: int 
     import torch
 
     import hfguard
-    from hfguard.data import cached_model, load_dataset
+    from hfguard.data import CALIBRATION_HOLDOUT, cached_model, load_dataset
     from hfguard.evaluate import evaluate_guard, format_table, roc_plot, standard_attacks
 
     torch.manual_seed(0)
     split = load_dataset(dataset)
     model = cached_model(dataset, "cnn", progress=progress)
-    guard = hfguard.protect(model, progress=progress).fit((split.x_train, split.y_train))
+    # the documented workflow: fit on the model's training data, calibrate on a split it never trained on
+    train, validation = split.holdout(CALIBRATION_HOLDOUT[dataset])
+    guard = hfguard.protect(model, progress=progress).fit(train, calibration_data=validation)
     n = n_test or (len(split.x_test) if dataset == "digits" else 1000)
     x, y = split.x_test[:n], split.y_test[:n]
     result = evaluate_guard(guard, x, y, standard_attacks(dataset, cw_steps=cw_steps, pgd_steps=pgd_steps), progress=progress)
     result["dataset"] = dataset
     result["layers"] = guard.layers
     result["score_features"] = guard.fit_report["score_features"]
+    result["calibration"] = guard.fit_report["calibration"]
+    result["fit_seconds"] = guard.fit_report["seconds"]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     roc_plot(result, str(out_dir / f"roc-{dataset}.png"), f"hfguard on {dataset}: successful adversarials vs clean")

@@ -22,13 +22,15 @@ from torch import Tensor, nn
 
 from hfguard.errors import DatasetNotAvailableError
 
-__all__ = ["Split", "load_dataset", "load_digits", "load_fashion_mnist", "small_cnn", "small_resnet", "train_classifier", "cached_model", "cache_dir", "DATASETS", "FASHION_DIRS"]
+__all__ = ["Split", "load_dataset", "load_digits", "load_fashion_mnist", "small_cnn", "small_resnet", "train_classifier", "cached_model", "cache_dir", "DATASETS", "FASHION_DIRS", "CALIBRATION_HOLDOUT"]
 
 logger = logging.getLogger("hfguard")
 
 DATASETS = ("digits", "fashion-mnist")
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_INSTALL = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+#: training images the demo models never train on (the guard's calibration split), per dataset
+CALIBRATION_HOLDOUT = {"digits": 300, "fashion-mnist": 5000}
 
 
 @dataclass
@@ -41,6 +43,14 @@ class Split:
     y_test: Tensor
     name: str
     num_classes: int = 10
+
+    def holdout(self, n: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``((x, y) the model trains on, (x, y) the last n training images it never sees)``: a validation
+        split for ``guard.fit(train, calibration_data=validation)``."""
+        if not 0 < n < len(self.x_train):
+            raise ValueError(f"holdout must be in (0, {len(self.x_train)}), got {n}")
+        m = len(self.x_train) - n
+        return (self.x_train[:m], self.y_train[:m]), (self.x_train[m:], self.y_train[m:])
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.3) -> Split:
@@ -171,8 +181,13 @@ def cache_dir() -> Path:
     return d
 
 
-def cached_model(dataset: str, arch: str = "cnn", *, progress: bool = False, epochs: int | None = None) -> nn.Module:
-    """A trained demo model for ``dataset``; trained once and cached as safetensors."""
+def cached_model(dataset: str, arch: str = "cnn", *, progress: bool = False, epochs: int | None = None, holdout: int | None = None) -> nn.Module:
+    """A trained demo model for ``dataset``; trained once and cached as safetensors.
+
+    The model trains on all training images but the last ``holdout`` (default
+    ``CALIBRATION_HOLDOUT[dataset]``): those stay unseen, for the guard's ``calibration_data``
+    (see :meth:`Split.holdout`).
+    """
     from safetensors.torch import load_file, save_file
 
     split = load_dataset(dataset)
@@ -184,11 +199,13 @@ def cached_model(dataset: str, arch: str = "cnn", *, progress: bool = False, epo
     else:
         raise ValueError(f"arch must be 'cnn' or 'resnet', got {arch!r}")
     n_epochs = epochs if epochs is not None else (30 if dataset == "digits" else 3)
-    path = cache_dir() / f"{dataset}-{arch}-e{n_epochs}.safetensors"
+    n_hold = CALIBRATION_HOLDOUT[dataset] if holdout is None else int(holdout)
+    (x_train, y_train), _ = split.holdout(n_hold) if n_hold else ((split.x_train, split.y_train), None)
+    path = cache_dir() / f"{dataset}-{arch}-e{n_epochs}-h{n_hold}.safetensors"
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    logger.info("training the %s %s model (%d epochs), cached at %s", dataset, arch, n_epochs, path)
-    train_classifier(model, split.x_train, split.y_train, epochs=n_epochs, seed=0, progress=progress)
+    logger.info("training the %s %s model (%d epochs, %d images held out), cached at %s", dataset, arch, n_epochs, n_hold, path)
+    train_classifier(model, x_train, y_train, epochs=n_epochs, seed=0, progress=progress)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model.eval()

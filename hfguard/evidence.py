@@ -27,6 +27,8 @@ from torch import Tensor
 
 __all__ = ["source_evidence", "margin_evidence", "evidence_features", "feature_names", "parse_feature", "evidence_columns"]
 
+#: names of the two sources that are not layers
+LOGITS, SPECTRUM = "logits", "spectrum"
 _EPS = 1e-4
 _KINDS = ("distance", "gap", "nearest")
 

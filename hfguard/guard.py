@@ -12,9 +12,12 @@ Method, in the words of the paper's three claims:
    is fitted to the log-power of the input's HF DCT blocks, giving class-wise HF
    signatures (:mod:`hfguard.spectrum`).
 
-The evidence is combined into one score on held-out clean data only and the
-threshold is set at the requested clean false-positive rate
-(:mod:`hfguard.calibrate`).  Under ``policy="filter"`` flagged inputs are
+The evidence is standardised per predicted class on held-out clean data and
+combined into one score (:mod:`hfguard.combiner`): by default with logistic
+heads that the guard learns against attacks it generates on its own clean data
+(:mod:`hfguard.selfattack`), so the weight of each layer and source fits the
+model; the threshold is set at the requested clean false-positive rate on clean
+data that took no part in those fits (:mod:`hfguard.fitting`).  Under ``policy="filter"`` flagged inputs are
 low-pass filtered (:mod:`hfguard.filters`) and classified again.
 """
 
@@ -30,21 +33,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfguard import calibrate, evidence, spectrum
-from hfguard.batches import batch_count_hint, iter_batches
-from hfguard.errors import DataError, InputError, ModelError, NotFittedError, ShapeError
-from hfguard.filters import DEFAULT_SIGMAS, choose_sigma, lowpass
-from hfguard.reservoir import Reservoir, content_priority
-from hfguard.stats import ClassGaussianAccumulator, class_sq_distances
-from hfguard.taps import capture, choose_layers, discover_layers, pooled_grid, watchable_units
+from hfguard import calibrate, combiner, evidence, spectrum
+from hfguard.evidence import LOGITS, SPECTRUM
+from hfguard.errors import InputError, ModelError, NotFittedError, ShapeError
+from hfguard.filters import lowpass
+from hfguard.fitting import CALIBRATIONS, fit_guard
+from hfguard.selfattack import FAMILIES
+from hfguard.stats import class_sq_distances
+from hfguard.taps import capture
 
 __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
 
 logger = logging.getLogger("hfguard")
 
 POLICIES = ("flag", "filter")
-SPECTRUM = "spectrum"
-LOGITS = "logits"
 
 
 @dataclass
@@ -127,13 +129,23 @@ class Guard(nn.Module):
         filter_sigma: ``"auto"`` (choose from clean data) or a Gaussian sigma in pixels.
         max_filter_flip: with ``filter_sigma="auto"``, the largest fraction of
             clean predictions the filter may change.
-        score_features: evidence combined into the score: ``"auto"`` (the first
-            watched layer's distance to the predicted class, trajectory gap and
-            distance to the nearest class, and the decision margin: the best
-            clean-only combination measured on Fashion-MNIST, see
-            ``benchmarks/results``), ``"all"`` (every source's three features
-            and the margin), or a list of names from
-            ``guard.fit_report["feature_names"]`` such as ``"spectrum:gap"``.
+        score_features: evidence combined into the score: ``"auto"`` (under
+            ``calibration="self-attack"`` every source's three features and the
+            margin; under ``"clean"`` the first watched layer's three features and
+            the margin, the best clean-only set measured on Fashion-MNIST),
+            ``"all"``, or a list of names from ``guard.fit_report["feature_names"]``
+            such as ``"spectrum:gap"``.
+        calibration: how the evidence is combined. ``"self-attack"`` (default):
+            ``fit`` attacks a sample of the clean data with the model's gradients
+            (FGSM, PGD L-inf/L2 and minimal boundary attacks at random budgets)
+            and learns one logistic head per regime (strong, boundary) over the
+            evidence; the score is their smooth maximum. ``"clean"``: no attack
+            is generated; the score is the smooth maximum of the standardised
+            evidence. Clean data only from the user either way.
+        attack_size: clean images kept for the self-attacks (at most 256 MB of them).
+        attack_families: ``"all"`` or a list of names from
+            :data:`hfguard.selfattack.FAMILIES` to generate during ``fit`` (to
+            measure how the guard does on families it never generated).
         batch_size: batch size used when ``fit`` gets tensors.
         seed: seed of the held-out sampling.
         progress: show a progress bar during ``fit``.
@@ -157,6 +169,9 @@ class Guard(nn.Module):
         filter_sigma: str | float = "auto",
         max_filter_flip: float = 0.02,
         score_features: str | Sequence[str] = "auto",
+        calibration: str = "self-attack",
+        attack_size: int = 2000,
+        attack_families: str | Sequence[str] = "all",
         batch_size: int = 256,
         seed: int = 0,
         progress: bool = True,
@@ -179,6 +194,12 @@ class Guard(nn.Module):
             raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
         if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
             raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+        if int(attack_size) < 50:
+            raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
+        if not (attack_families == "all" or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
+            raise ValueError(f"attack_families must be 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
         if nonfinite not in ("raise", "flag"):
             raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
         if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):
@@ -188,6 +209,9 @@ class Guard(nn.Module):
         self.nonfinite = nonfinite
         self.model = model
         self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
+        self.calibration = calibration
+        self.attack_size = int(attack_size)
+        self.attack_families = list(FAMILIES) if attack_families == "all" else list(attack_families)
         self.layers_setting = layers if layers == "auto" else list(layers)
         self.policy = policy
         self.fpr = float(fpr)
@@ -255,6 +279,12 @@ class Guard(nn.Module):
         nf = len(names)
         self.register_buffer("evidence_mean", torch.zeros(k, nf))
         self.register_buffer("evidence_std", torch.ones(k, nf))
+        if spec.get("calibration", "clean") == "clean":  # files of format 1 have no heads: the clean-only combiner
+            weight, bias = combiner.identity_heads(nf)
+        else:
+            weight, bias = torch.zeros(spec["heads"], nf), torch.zeros(spec["heads"])
+        self.register_buffer("head_weight", weight)
+        self.register_buffer("head_bias", bias)
         self.register_buffer("threshold_", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
         self.spec = spec
@@ -382,7 +412,8 @@ class Guard(nn.Module):
         logits, feats = self._features(x, needed)
         dists = {i: self.gaussians[i](feats[i]) for i in needed}
         ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
-        score = calibrate.combine(ev, logits.argmax(1), self.evidence_mean, self.evidence_std, self.temperature)
+        z = calibrate.standardize(ev, logits.argmax(1), self.evidence_mean, self.evidence_std)
+        score = combiner.head_score(z, self.head_weight, self.head_bias, self.temperature)
         return logits, score, dists[0].argmin(1)
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
@@ -395,14 +426,16 @@ class Guard(nn.Module):
         return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
 
     # ------------------------------------------------------------------- fit
-    def fit(self, data: Any) -> "Guard":
+    def fit(self, data: Any, *, calibration_data: Any = None) -> "Guard":
         """Learns the clean expectations, HF signatures, score combination and threshold.
 
         One streaming pass over ``data``: per-class sums are accumulated (memory
-        does not grow with the dataset), while a uniform sample of clean images,
-        chosen by a seeded hash of their content (so independent of the data's
-        order), is held out for calibrating the score and its threshold.
-        Fitting again replaces everything learned before.
+        does not grow with the dataset), while a sample of clean images, chosen
+        by a seeded hash of their content (so independent of the data's order),
+        is held out for calibration and, under ``calibration="self-attack"``,
+        a bounded sample (``attack_size``) is attacked with the model's own
+        gradients to learn how to weigh the evidence. Fitting again replaces
+        everything learned before; a failed fit leaves the guard as it was.
 
         Args:
             data: a DataLoader or iterable yielding ``(x, y)`` pairs, ``x``
@@ -410,203 +443,23 @@ class Guard(nn.Module):
                 tensors; or a tensor of images.  Labels are optional: without
                 them the model's own predictions on the clean data are used
                 as classes.  Data must be clean (no adversarial examples).
+            calibration_data: optional clean images the model was NOT trained
+                on (a validation split), in any form ``data`` accepts; labels
+                are optional and only reported. The threshold is then set on
+                them, so the false-positive rate holds on new data even when the
+                model has memorised ``data``. Strongly recommended when ``data``
+                is the model's training set.
 
         Returns:
             ``self``.
 
         Raises:
             DataError: empty data, inconsistent shapes, labels out of range,
-                or a class with too few samples.
+                a class with too few samples, or (self-attack) too few
+                successful self-generated adversarials.
             ModelError: the model does not return (N, K) logits.
         """
-        from tqdm.auto import tqdm
-
-        n_batches = batch_count_hint(data, self.batch_size)
-        capacity = self.calibration_size
-        res = Reservoir(capacity)
-        images = Reservoir(min(capacity, 512))
-        device = next((t.device for t in self.model.parameters()), torch.device("cpu"))
-        accs: list[ClassGaussianAccumulator] = []
-        spec: dict[str, Any] | None = None
-        seen_labels = False
-        with self._eval_model(), torch.no_grad():
-            bar = tqdm(iter_batches(data, self.batch_size), total=n_batches, desc="hfguard fit", disable=not self.progress, leave=False)
-            for index, (x, y) in enumerate(bar):
-                if x.shape[0] == 0:
-                    continue
-                x, bad = self._check_input(x, fitted=False)
-                if bad is not None:
-                    raise DataError(f"batch {index} holds NaN or Inf values in {int(bad.sum())} images; fit needs clean, finite images")
-                x = x.to(device)
-                if spec is None:
-                    spec = self._prepare(x)
-                    accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]]
-                elif tuple(x.shape[1:]) != tuple(spec["input_shape"]):
-                    raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(spec['input_shape'])}")
-                logits, feats = self._features(x)
-                k = spec["num_classes"]
-                if y is None:
-                    y = logits.argmax(1)
-                else:
-                    seen_labels = True
-                    y = y.to(device)
-                    if bool((y < 0).any() or (y >= k).any()):
-                        raise DataError(f"batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
-                rows = {f"f{i}": f.float().cpu() for i, f in enumerate(feats)}
-                rows["y"] = y.cpu()
-                priority = content_priority(self.to_pixels(x), self.seed)
-                rest = res.offer(rows, priority)
-                for i, acc in enumerate(accs):
-                    acc.update(rest[f"f{i}"], rest["y"])
-                images.offer({"x": self.to_pixels(x).detach().cpu()}, 1.0 - priority)
-            bar.close()
-        if spec is None:
-            raise DataError("fit got no data: the loader or iterable yielded no images")
-        held, lost, seen = res.merged()  # across ranks under torch.distributed
-        for i, acc in enumerate(accs):
-            if lost:
-                acc.update(lost[f"f{i}"], lost["y"])
-            acc.all_reduce()
-        n_held = len(held["y"])
-        keep = min(n_held, max(40, int(0.3 * seen)))
-        if keep < n_held:  # small data: hand the excess of the hold-out back to the statistics (sums)
-            order = torch.randperm(n_held, generator=torch.Generator().manual_seed(self.seed + 3))
-            back = {k: v[order[keep:]] for k, v in held.items()}
-            held = {k: v[order[:keep]] for k, v in held.items()}
-            for i, acc in enumerate(accs):
-                acc.update(back[f"f{i}"], back["y"])
-        counts = accs[0].count.long()
-        few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
-        if few:
-            what = "labels" if seen_labels else "the model's predictions"
-            raise DataError(
-                f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
-                + ", ".join(f"class {c} has {n}" for c, n in few)
-            )
-        self._finish(spec, accs, held, images.merged()[0]["x"])
-        return self
-
-    def _prepare(self, x: Tensor) -> dict[str, Any]:
-        """Chooses layers and sizes on the first batch."""
-        example = x[: min(len(x), 8)]
-        infos, out = discover_layers(self.model, example)
-        if not isinstance(out, Tensor) or out.dim() != 2:
-            got = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
-            raise ModelError(f"the model must return logits of shape (N, K); got {got}")
-        k = int(out.shape[1])
-        if k < 2:
-            raise ModelError(f"the model must have at least 2 outputs (classes); got {k}")
-        if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype), atol=1e-4):
-            warnings.warn("the model's outputs look like probabilities (non-negative, rows sum to 1); hfguard expects logits", stacklevel=3)
-        by_name = {i.name: i for i in infos}
-        if self.layers_setting == "auto":
-            units = dict(watchable_units(self.model))
-            layers = choose_layers(infos, units, k)
-            if not layers:
-                raise ModelError("no watchable layer found automatically; pass layers=[...] with module names")
-        else:
-            layers = list(self.layers_setting)
-            named = dict(self.model.named_modules())
-            for n in layers:
-                if n not in named:
-                    raise ModelError(f"layer {n!r} is not a module of the model; some valid names: {list(named)[1:12]}")
-            # explicitly named modules may be inside custom blocks: describe them now
-            infos2, _ = discover_layers(self.model, example, [(n, named[n]) for n in layers])
-            by_name.update({i.name: i for i in infos2})
-            for n in layers:
-                info = by_name.get(n)
-                if info is None:
-                    raise ModelError(f"layer {n!r} did not run during the forward pass")
-                if info.calls != 1:
-                    raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
-        grids, dims = [], []
-        for n in layers:
-            shape = by_name[n].shape
-            g = pooled_grid(shape, self.max_features)
-            grids.append(g)
-            dims.append(shape[0] * g * g if len(shape) == 3 else int(torch.tensor(shape).prod()))
-        c, h, w = (int(s) for s in x.shape[1:])
-        if self.norm_mean.numel() not in (1, c):
-            raise ValueError(f"normalize has {self.norm_mean.numel()} channels but the images have {c}")
-        grid = spectrum.spectral_grid(h, w)
-        hf_index = spectrum.hf_block_mask(grid).nonzero().flatten().tolist()
-        names = evidence.feature_names([*layers, LOGITS, SPECTRUM])
-        if self.score_features_setting == "auto":
-            chosen = [f"{layers[0]}:distance", f"{layers[0]}:gap", f"{layers[0]}:nearest", "margin"]
-        elif self.score_features_setting == "all":
-            chosen = names
-        else:
-            chosen = list(self.score_features_setting)
-            for feature in chosen:
-                evidence.parse_feature(feature, [*layers, LOGITS, SPECTRUM])
-        spec = {
-            "score_features": chosen,
-            "layers": layers,
-            "grids": grids,
-            "dims": dims,
-            "num_classes": k,
-            "input_shape": [c, h, w],
-            "layer_shapes": {n: list(by_name[n].shape) for n in layers},
-            "spectral_grid": list(grid),
-            "hf_index": hf_index,
-        }
-        self._allocate(spec)
-        self.to(x.device)
-        logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(layers, dims)))
-        return spec
-
-    def _finish(self, spec: dict[str, Any], accs: list[ClassGaussianAccumulator], held: dict[str, Tensor], images: Tensor) -> None:
-        """Turns sums into buffers, calibrates on the held-out reservoir, picks the filter."""
-        dtype = self.dct_h.dtype
-        finals = [acc.finalize() for acc in accs]
-        shrink = [f.shrinkage for f in finals]
-        n_src = len(accs)
-        dev = self.dct_h.device
-        feats = [held[f"f{i}"].to(dev, dtype) for i in range(n_src)]
-        names = evidence.feature_names(self.sources)
-        chosen = spec["score_features"]
-        for g, acc_model in zip(self.gaussians, finals):
-            center = acc_model.means.mean(0)
-            g.center.copy_(center.to(dtype))
-            g.whitener.copy_(acc_model.whitener.to(dtype))
-            g.white_means.copy_(((acc_model.means - center) @ acc_model.whitener).to(dtype))
-        with torch.no_grad():
-            dists = dict(enumerate(self._distances(feats)))
-            ev = evidence.evidence_columns(self.plan, dists, feats[-2])
-            ev_all = evidence.evidence_features(list(dists.values()), feats[-2])
-        n = ev.shape[0]
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 2))
-        a, b = perm[: n // 2], perm[n // 2 :]
-        pred = feats[-2].argmax(1)
-        mean, std = calibrate.fit_standardizer(ev[a], pred[a], spec["num_classes"])
-        self.evidence_mean.copy_(mean)
-        self.evidence_std.copy_(std)
-        with torch.no_grad():
-            scores_b = calibrate.combine(ev[b], pred[b], mean, std, self.temperature)
-        self.threshold_.fill_(calibrate.threshold_at_fpr(scores_b, self.fpr))
-        flip_rates: dict[float, float] = {}
-        if self.filter_sigma_setting == "auto":
-            def predict(p: Tensor) -> Tensor:
-                return self._forward_model(self.from_pixels(p.to(dev)).to(p.dtype)).argmax(1)
-
-            with self._eval_model(), torch.no_grad():
-                sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, self.max_filter_flip, self.batch_size)
-        else:
-            sigma = float(self.filter_sigma_setting)
-        self.sigma_.fill_(sigma)
-        self.fit_report = {
-            "samples_in_statistics": int(accs[0].count.sum()),
-            "samples_held_out": n,
-            "class_counts": accs[0].count.long().tolist(),
-            "shrinkage": dict(zip(self.sources, shrink)),
-            "calibration_fpr": float((scores_b > self.threshold_).float().mean()),
-            "filter_sigma": sigma,
-            "filter_flip_rates": flip_rates,
-            "feature_names": names,
-            "score_features": chosen,
-            "calibration_evidence_mean": dict(zip(names, ev_all.mean(0).tolist())),
-        }
-        logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(self.threshold_), sigma)
+        return fit_guard(self, data, calibration_data)
 
     # ------------------------------------------------------------- inference
     def score(self, x: Tensor) -> Tensor:

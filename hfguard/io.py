@@ -21,7 +21,11 @@ from hfguard.errors import ModelMismatchError, StateFileError
 
 __all__ = ["save_guard", "load_guard", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score)
+READABLE_VERSIONS = (1, 2)
+#: settings a loaded guard may change; the others are baked into the learned state
+LOAD_OVERRIDES = ("policy", "filter_sigma", "input_range", "strict", "nonfinite", "progress", "batch_size")
 _KEY = "hfguard"
 
 
@@ -57,6 +61,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "input_range": guard.input_range,
         "strict": guard.strict,
         "nonfinite": guard.nonfinite,
+        "calibration": guard.calibration,
+        "attack_families": guard.attack_families,
     }
     meta = {_KEY: json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
     save_file(tensors, os.fspath(path), metadata=meta)
@@ -80,9 +86,9 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         header = json.loads(meta[_KEY])
     except json.JSONDecodeError as exc:
         raise StateFileError(f"{p!r} has a corrupt hfguard header: {exc}") from None
-    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+    if not isinstance(header, dict) or header.get("format_version") not in READABLE_VERSIONS:
         got = header.get("format_version") if isinstance(header, dict) else header
-        raise StateFileError(f"{p!r}: expected hfguard format version {FORMAT_VERSION}, got {got!r}")
+        raise StateFileError(f"{p!r}: expected hfguard format version {' or '.join(map(str, READABLE_VERSIONS))}, got {got!r}; re-fit and save the guard with this hfguard version")
     if _digest(header, tensors) != meta["digest"]:
         raise StateFileError(f"{p!r} has been modified since it was saved (checksum mismatch)")
     return header, tensors
@@ -94,9 +100,12 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
     Args:
         path: the file.
         model: the same classifier the guard was fitted on.
-        overrides: settings to change (e.g. ``policy="filter"``).
+        overrides: settings to change: any of ``LOAD_OVERRIDES`` (e.g. ``policy="filter"``,
+            ``filter_sigma=0.8``). Settings that shaped the learned state (``fpr``, ``layers``,
+            ``normalize``, ...) can only change by fitting again.
 
     Raises:
+        ValueError: an override that cannot be honoured without fitting again.
         StateFileError: missing, truncated, tampered with or foreign file.
         ModelMismatchError: ``model`` does not have the saved layers with the saved shapes.
     """
@@ -105,6 +114,12 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
 
     header, tensors = _read(path)
     spec = header["spec"]
+    fixed = sorted(set(overrides) - set(LOAD_OVERRIDES))
+    if fixed:
+        raise ValueError(
+            f"load() cannot change {fixed}: they shaped the learned state (threshold, statistics); fit the guard again with them. "
+            f"Settings load() can change: {list(LOAD_OVERRIDES)}"
+        )
     settings = {
         "layers": spec["layers"],
         "policy": header["policy"],
@@ -116,6 +131,8 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "strict": header["strict"],
         "nonfinite": header["nonfinite"],
         "score_features": spec["score_features"],
+        "calibration": header.get("calibration", "clean"),
+        "attack_families": header.get("attack_families", "all"),
     }
     settings.update(overrides)
     guard = Guard(model, **settings)
@@ -140,12 +157,16 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
             raise ModelMismatchError(f"layer {info.name!r} outputs shape {list(info.shape)}; the guard was fitted on {saved[info.name]}")
     guard._allocate(spec)
     own = guard.guard_state()
+    if header["format_version"] == 1:  # no heads saved: the clean-only combiner, as the file was fitted
+        tensors = {**tensors, "head_weight": own["head_weight"], "head_bias": own["head_bias"]}
     if set(own) != set(tensors):
         raise StateFileError(f"the file's tensors {sorted(set(tensors) ^ set(own))} do not match this hfguard version's state")
     for k, v in tensors.items():
         if own[k].shape != v.shape:
             raise StateFileError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     guard.load_state_dict(tensors, strict=False)
+    if "filter_sigma" in overrides:
+        guard.sigma_.fill_(float(overrides["filter_sigma"]))
     if param is not None:
         guard.to(param.device)
     return guard

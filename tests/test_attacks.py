@@ -59,3 +59,40 @@ def test_orthogonal_pgd_lowers_the_detector_score(fitted, digits):
         ok_a = fitted.model(adapt).argmax(1) != y
         assert ok_a.float().mean() > 0.5
         assert fitted.score(adapt)[ok_a].median() < fitted.score(plain)[ok_p].median()
+
+
+def test_per_image_budgets_are_respected(digits_model, digits):
+    from hfguard.attacks import fgsm, pgd
+
+    x, y = digits.x_test[:30], digits.y_test[:30]
+    eps = torch.linspace(0.01, 0.2, 30)
+    for xa in (fgsm(digits_model, x, y, eps), pgd(digits_model, x, y, eps, steps=4)):
+        assert ((xa - x).flatten(1).abs().max(1).values <= eps + 1e-6).all()
+    l2 = torch.linspace(0.1, 1.5, 30)
+    xa = pgd(digits_model, x, y, l2, steps=4, norm="2")
+    assert ((xa - x).flatten(1).norm(dim=1) <= l2 + 1e-5).all()
+    with pytest.raises(ValueError, match="one budget per image"):
+        pgd(digits_model, x, y, torch.ones(3), steps=1)
+
+
+def test_boundary_pgd_stops_at_the_first_misclassified_iterate(digits_model, digits):
+    from hfguard.attacks import boundary_pgd
+
+    x, y = digits.x_test[:100], digits.y_test[:100]
+    with torch.no_grad():
+        right = digits_model(x).argmax(1) == y
+    x, y = x[right], y[right]
+    strong = pgd(digits_model, x, y, 0.3, steps=20)
+    minimal = boundary_pgd(digits_model, x, y, 0.3, steps=20)
+    assert ((minimal - x).abs().flatten(1).max(1).values <= 0.3 + 1e-6).all()
+    assert minimal.min() >= 0 and minimal.max() <= 1
+    with torch.no_grad():
+        lm, ls = digits_model(minimal), digits_model(strong)
+    fooled = (lm.argmax(1) != y) & (ls.argmax(1) != y)
+    assert fooled.float().mean() > 0.5
+    # just across the boundary: far less confident in the wrong class than PGD that keeps climbing
+    def margin(lo):
+        top = lo.topk(2, 1).values
+        return top[:, 0] - top[:, 1]
+    assert margin(lm)[fooled].median() < 0.5 * margin(ls)[fooled].median()
+    assert ((minimal - x).flatten(1).norm(dim=1)[fooled] < (strong - x).flatten(1).norm(dim=1)[fooled]).float().mean() > 0.9

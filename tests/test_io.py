@@ -28,8 +28,41 @@ def test_round_trip_gives_identical_scores_and_settings(fitted, digits, saved, d
 def test_state_dict_carries_the_learned_state(fitted, digits, digits_model):
     sd = fitted.state_dict()
     assert any(k.startswith("gaussians.") for k in sd) and "threshold_" in sd
-    g2 = hfguard.load  # the file format is the state_dict without the model's weights
+    assert {"head_weight", "head_bias"} <= set(sd)  # the learned combiner is state too
     assert set(fitted.guard_state()) == {k for k in sd if not k.startswith("model.")}
+
+
+def test_load_honours_runtime_overrides_and_refuses_the_rest(saved, digits_model, fitted, digits):
+    """Defect: load(p, model, fpr=0.2) reported fpr 0.2 and kept the 0.05 threshold."""
+    g = hfguard.load(str(saved), digits_model, filter_sigma=0.9, strict=True)
+    assert float(g.sigma_) == pytest.approx(0.9) and g.strict
+    assert g.threshold == fitted.threshold
+    for bad in ({"fpr": 0.2}, {"layers": ["1"]}, {"normalize": ([0.5], [0.5])}, {"calibration": "clean"}):
+        with pytest.raises(ValueError, match="cannot change"):
+            hfguard.load(str(saved), digits_model, **bad)
+
+
+def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tmp_path):
+    """A file written before the combiner heads existed (format 1) still loads and scores as it did."""
+    from safetensors.torch import load_file, save_file
+
+    from hfguard import io
+
+    g = hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    p = tmp_path / "v2.safetensors"
+    g.save(str(p))
+    header, tensors = io._read(str(p))
+    header["format_version"] = 1
+    header.pop("calibration")
+    header["spec"].pop("calibration")
+    header["spec"].pop("heads")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("head_")}
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    g1 = hfguard.load(str(old), digits_model)
+    x = digits.x_test[:40]
+    assert torch.allclose(g1.score(x), g.score(x)) and g1.threshold == g.threshold
+    assert load_file(str(old)).keys() == tensors.keys()
 
 
 def test_load_with_policy_override(saved, digits_model):

@@ -128,15 +128,17 @@ class HFGuardDetector(Detector):
         self.fpr, self.options = fpr, options
         self.guard: Any = None
 
-    def fit(self, x: Tensor, y: Tensor) -> "HFGuardDetector":
+    def fit(self, x: Tensor, y: Tensor, x_cal: Tensor | None = None) -> "HFGuardDetector":
+        """Fits on clean ``(x, y)``; with ``x_cal`` (clean images the model never trained on) the threshold
+        is set on them, as the peers' is (``calibration_data``)."""
         import hfguard
 
-        self.guard = hfguard.protect(self.model, fpr=self.fpr, progress=False, **self.options).fit((x, y))
+        self.guard = hfguard.protect(self.model, fpr=self.fpr, progress=False, **self.options).fit((x, y), calibration_data=x_cal)
         self.threshold = self.guard.threshold
         return self
 
     def calibrate(self, x_clean: Tensor, fpr: float) -> float:
-        """hfguard calibrates its own threshold on data held out inside ``fit``; this keeps it."""
+        """hfguard sets its threshold inside ``fit`` (on ``x_cal`` when given); this keeps it."""
         return self.threshold
 
     def score(self, x: Tensor) -> Tensor:

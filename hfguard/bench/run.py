@@ -52,7 +52,7 @@ def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor,
     """hfguard and every peer fitted on ``(x_fit, y_fit)``; peers' thresholds calibrated on ``x_cal``; fit seconds."""
     seconds: dict[str, float] = {}
     hf = P.HFGuardDetector(model, fpr=cfg.fpr)
-    seconds[hf.name] = _timed(lambda: hf.fit(x_fit, y_fit))[1]
+    seconds[hf.name] = _timed(lambda: hf.fit(x_fit, y_fit, x_cal))[1]
     peers: list[P.Detector] = [
         P.MaxSoftmaxPeer(model),
         P.EnergyPeer(model),
@@ -103,6 +103,7 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     res["inference_pass_fit_data_s"] = _inference_pass(model, x_fit)
     res["hfguard_layers"] = hf.guard.layers
     res["hfguard_score_features"] = hf.guard.fit_report["score_features"]
+    res["hfguard_fit_report"] = {k: v for k, v in hf.guard.fit_report.items() if k not in ("calibration_evidence_mean", "feature_names", "filter_flip_rates")}
 
     logger.info("[%s] attacking %d test images (torchattacks on %d)", arch, len(x), cfg.n_cross)
     advs = {k: {**v, "source": "hfguard"} for k, v in run_attacks(model, x, y, own_attacks(cfg), progress=progress).items()}
@@ -209,7 +210,8 @@ def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for arch in cfg.archs:
-        model, train_s = _timed(lambda arch=arch: cached_model(dataset, arch, progress=progress))
+        # the model never trains on the n_cal images every detector calibrates its threshold on
+        model, train_s = _timed(lambda arch=arch: cached_model(dataset, arch, progress=progress, holdout=cfg.n_cal))
         run = bench_model(model, split, cfg, arch=arch, progress=progress)
         run["model_load_or_train_s"] = train_s
         result["runs"][arch] = run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["markdown", "summary_table", "adaptive_summary", "auroc_table", "tpr_table", "caught_table", "cost_table", "crosscheck_table", "adaptive_table"]
+__all__ = ["markdown", "learned_table", "generalisation_table", "summary_table", "adaptive_summary", "auroc_table", "tpr_table", "caught_table", "cost_table", "crosscheck_table", "adaptive_table"]
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -103,6 +103,59 @@ def adaptive_table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def source_weights(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per head, the summed absolute weight of each source's features (layers, logits, spectrum, margin) as a share of the head's total."""
+    out: dict[str, dict[str, float]] = {}
+    for head, weights in report.get("heads", {}).items():
+        per: dict[str, float] = {}
+        for name, w in weights.items():
+            src = name.rpartition(":")[0] or name
+            per[src] = per.get(src, 0.0) + abs(w)
+        total = sum(per.values()) or 1.0
+        out[head] = {k: v / total for k, v in per.items()}
+    return out
+
+
+def learned_table(run: dict[str, Any]) -> str:
+    """What hfguard's self-attack calibration learned: the share of each source in each head, and what the fit cost."""
+    rep = run.get("hfguard_fit_report", {})
+    shares = source_weights(rep)
+    if not shares:
+        return "hfguard was fitted with `calibration='clean'` (no heads learned)."
+    sources = list(next(iter(shares.values())))
+    lines = ["| head | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+    for head, per in shares.items():
+        lines.append(f"| {head} | " + " | ".join(f"{per[s]:.0%}" for s in sources) + " |")
+    sa = rep.get("self_attacks", {})
+    sec = rep.get("seconds", {})
+    fam = ", ".join(f"{f} {sa['succeeded'][f]}/{sa['attempted'][f]}" for f in sa.get("attempted", {}))
+    lines += ["", f"Self-attacks: {sa.get('images', 0)} clean images attacked (successful/attempted: {fam}). Fit time: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) + "."]
+    if "fpr_if_calibrated_on_fit_data" in rep:
+        lines.append(f"A threshold set on the fit data instead of the calibration split would have flagged "
+                     f"{rep['fpr_if_calibrated_on_fit_data']:.3f} of the calibration images (target {run.get('target_fpr', 0.05):.2f}).")
+    return "\n".join(lines)
+
+
+#: the bench's attack names -> the self-attack family of the same kind, if hfguard generates one during fit
+def _generated_kind(attack: str, families: list[str]) -> str:
+    a = attack.lower()
+    kind = ("fgsm-linf" if "fgsm" in a else "pgd-l2" if "l2" in a and "pgd" in a else "pgd-linf" if "pgd" in a and "apgd" not in a else None)
+    if kind is None:
+        return "never generated"
+    return f"same kind as `{kind}`" if kind in families else f"never generated (`{kind}` left out)"
+
+
+def generalisation_table(run: dict[str, Any], detector: str = "hfguard") -> str:
+    """hfguard's AUROC and TPR per bench attack, marking the attacks whose kind it never generated during fit."""
+    fams = list(run.get("hfguard_fit_report", {}).get("self_attacks", {}).get("attempted", {}))
+    d = run["detectors"][detector]
+    lines = ["| tested on | trained on (self-attacks during fit) | AUROC | TPR |", "|---|---|---|---|"]
+    for name, m in d["attacks"].items():
+        lines.append(f"| {name} | {_generated_kind(name, fams) if fams else 'clean only'} | {_f(m['auroc'])} | {_f(m['tpr'])} |")
+    return "\n".join(lines)
+
+
 def summary_table(run: dict[str, Any]) -> str:
     """AUROC per attack (no intervals) plus clean FPR, TPR on the strongest PGD, latency and fit time per detector."""
     dets = list(run["detectors"])
@@ -145,7 +198,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['seconds'] / 60:.1f} min in all).",
         "",
         f"Every detector is fitted on the same clean training images; the peers' thresholds are calibrated at {cfg['fpr']:.0%} FPR on "
-        f"{cfg['n_cal']} held-out clean training images (hfguard calibrates on data it holds out inside `fit`). Only successful "
+        f"{cfg['n_cal']} held-out clean training images that the model never trained on; hfguard sets its threshold on the same images "
+        "(`fit(..., calibration_data=...)`). Only successful "
         "adversarials count (clean image correct, adversarial wrong); AUROC is against the clean scores of every test image, with a "
         "bootstrap 95 % interval. SpectralDefense (marked *) is not clean-fitted: it is trained on FGSM images of training data, so its "
         "FGSM column is in-distribution for it. Latency: the detector's deployed call (logits + score) over the bare forward, "
@@ -177,6 +231,17 @@ def markdown(result: dict[str, Any]) -> str:
             "### Cost",
             "",
             cost_table(run),
+            "",
+            "### What hfguard learned (share of each source's absolute weight per head) and what its fit cost",
+            "",
+            learned_table(run),
+            "",
+            "### Generalisation: attacks hfguard generated during fit vs the attacks it is tested on",
+            "",
+            "Budgets of the self-attacks are random (L-inf 0.01-0.15, L2 proportional), on training images; no test image is used. "
+            "CW, APGD and Square are never generated.",
+            "",
+            generalisation_table(run),
             "",
             "### Own attacks vs torchattacks (same images, same budget)",
             "",

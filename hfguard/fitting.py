@@ -1,0 +1,437 @@
+"""``Guard.fit``: one streaming pass for the statistics, then calibration of the score and threshold.
+
+The steps, in order:
+
+1. **Layers and sizes** from the first batch (:func:`prepare`).
+2. **One pass over the clean data**: per-class sums for every source go into the statistics;
+   a content-hash sample of rows is held out (``calibration_size``) and a second, small sample of
+   images is kept for the self-attacks and the filter choice.  Memory does not grow with the data.
+3. **Calibration data** (optional, a second pass): clean images the model never trained on.
+   When given, the threshold is set on them; otherwise on half of the fit hold-out.  A model
+   remembers its training images, so their evidence looks more typical than deployment data's.
+4. **Score**: evidence is standardised per predicted class on clean held-out rows, then combined by
+   :mod:`hfguard.combiner`: the smooth maximum of the standardised evidence (``calibration="clean"``)
+   or of logistic heads learned against attacks the guard generates itself
+   (``calibration="self-attack"``, :mod:`hfguard.selfattack`).
+5. **Threshold** at the ``1 - fpr`` quantile of clean scores that took no part in steps 3-4's fits.
+
+A failed ``fit`` restores the guard to its state before the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hfguard import calibrate, combiner, evidence, spectrum
+from hfguard.batches import batch_count_hint, iter_batches
+from hfguard.errors import DataError, ModelError
+from hfguard.evidence import LOGITS, SPECTRUM
+from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
+from hfguard.reservoir import Reservoir, content_priority
+from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
+from hfguard.stats import ClassGaussianAccumulator
+from hfguard.taps import choose_layers, discover_layers, pooled_grid, watchable_units
+
+__all__ = ["fit_guard", "prepare", "CALIBRATIONS"]
+
+logger = logging.getLogger("hfguard")
+
+CALIBRATIONS = ("self-attack", "clean")
+#: memory for the images kept for self-attacks (bounds the sample for large images)
+IMAGE_BYTES = 256 * 2**20
+#: fewer expected clean exceedances of the threshold than this: the FPR estimate is noisy
+MIN_EXCEEDANCES = 10
+
+
+def fit_guard(guard: Any, data: Any, calibration_data: Any = None) -> Any:
+    """Fits ``guard`` on clean ``data`` (see :meth:`hfguard.Guard.fit`); on any error the guard is left as it was."""
+    saved = _snapshot(guard)
+    try:
+        _fit(guard, data, calibration_data)
+    except BaseException:
+        _restore(guard, saved)
+        raise
+    return guard
+
+
+def _snapshot(guard: Any) -> dict[str, Any]:
+    # fit re-creates every learned buffer and module (never writes into the old ones), so references suffice
+    return {
+        "buffers": dict(guard._buffers),
+        "gaussians": guard._modules.get("gaussians"),
+        "attrs": {k: getattr(guard, k) for k in ("spec", "plan", "layers", "grids", "fit_report")},
+    }
+
+
+def _restore(guard: Any, saved: dict[str, Any]) -> None:
+    guard._buffers.clear()
+    guard._buffers.update(saved["buffers"])
+    if saved["gaussians"] is None:
+        guard._modules.pop("gaussians", None)
+    else:
+        guard._modules["gaussians"] = saved["gaussians"]
+    for k, v in saved["attrs"].items():
+        setattr(guard, k, v)
+
+
+def prepare(guard: Any, x: Tensor) -> dict[str, Any]:
+    """Chooses layers and sizes on the first batch; returns the spec (not yet allocated)."""
+    example = x[: min(len(x), 8)]
+    infos, out = discover_layers(guard.model, example)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        got = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise ModelError(f"the model must return logits of shape (N, K); got {got}")
+    k = int(out.shape[1])
+    if k < 2:
+        raise ModelError(f"the model must have at least 2 outputs (classes); got {k}")
+    if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype), atol=1e-4):
+        warnings.warn("the model's outputs look like probabilities (non-negative, rows sum to 1); hfguard expects logits", stacklevel=5)
+    by_name = {i.name: i for i in infos}
+    if guard.layers_setting == "auto":
+        layers = choose_layers(infos, dict(watchable_units(guard.model)), k)
+        if not layers:
+            raise ModelError("no watchable layer found automatically; pass layers=[...] with module names")
+    else:
+        layers = list(guard.layers_setting)
+        named = dict(guard.model.named_modules())
+        for n in layers:
+            if n not in named:
+                raise ModelError(f"layer {n!r} is not a module of the model; some valid names: {list(named)[1:12]}")
+        # explicitly named modules may be inside custom blocks: describe them now
+        infos2, _ = discover_layers(guard.model, example, [(n, named[n]) for n in layers])
+        by_name.update({i.name: i for i in infos2})
+        for n in layers:
+            info = by_name.get(n)
+            if info is None:
+                raise ModelError(f"layer {n!r} did not run during the forward pass")
+            if info.calls != 1:
+                raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
+    grids, dims = [], []
+    for n in layers:
+        shape = by_name[n].shape
+        g = pooled_grid(shape, guard.max_features)
+        grids.append(g)
+        dims.append(shape[0] * g * g if len(shape) == 3 else int(torch.tensor(shape).prod()))
+    c, h, w = (int(s) for s in x.shape[1:])
+    if guard.norm_mean.numel() not in (1, c):
+        raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
+    grid = spectrum.spectral_grid(h, w)
+    sources = [*layers, LOGITS, SPECTRUM]
+    names = evidence.feature_names(sources)
+    setting = guard.score_features_setting
+    if setting == "all" or (setting == "auto" and guard.calibration == "self-attack"):
+        chosen = names
+    elif setting == "auto":
+        chosen = [f"{layers[0]}:distance", f"{layers[0]}:gap", f"{layers[0]}:nearest", "margin"]
+    else:
+        chosen = list(setting)
+        for feature in chosen:
+            evidence.parse_feature(feature, sources)
+    return {
+        "score_features": chosen,
+        "calibration": guard.calibration,
+        "heads": len(chosen) if guard.calibration == "clean" else len(_regimes(guard.attack_families)),
+        "layers": layers,
+        "grids": grids,
+        "dims": dims,
+        "num_classes": k,
+        "input_shape": [c, h, w],
+        "layer_shapes": {n: list(by_name[n].shape) for n in layers},
+        "spectral_grid": list(grid),
+        "hf_index": spectrum.hf_block_mask(grid).nonzero().flatten().tolist(),
+    }
+
+
+def _regimes(families: list[str]) -> list[str]:
+    """The regimes (combiner heads) that the generated families cover, in :data:`REGIMES` order."""
+    return [r for r in REGIMES if any(FAMILIES[f] == r for f in families)]
+
+
+def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    held = Reservoir(guard.calibration_size)
+    images: Reservoir | None = None
+    device = next((t.device for t in guard.model.parameters()), torch.device("cpu"))
+    accs: list[ClassGaussianAccumulator] = []
+    spec: dict[str, Any] | None = None
+    seen_labels = False
+    with guard._eval_model(), torch.no_grad():
+        bar = tqdm(iter_batches(data, guard.batch_size), total=batch_count_hint(data, guard.batch_size), desc="hfguard fit", disable=not guard.progress, leave=False)
+        for index, (x, y) in enumerate(bar):
+            if x.shape[0] == 0:
+                continue
+            x = _clean_batch(guard, x, index, device)
+            if spec is None:
+                spec = prepare(guard, x)
+                guard._allocate(spec)
+                guard.to(x.device)
+                logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(spec["layers"], spec["dims"])))
+                accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]]
+                per_image = x[0].numel() * 4
+                images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // per_image)))
+            elif tuple(x.shape[1:]) != tuple(spec["input_shape"]):
+                raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(spec['input_shape'])}")
+            logits, feats = guard._features(x)
+            if y is None:
+                y = logits.argmax(1)
+            else:
+                seen_labels = True
+                y = _checked_labels(y.to(x.device), spec["num_classes"], index)
+            rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
+            rows["y"] = y.cpu()
+            pixels = guard.to_pixels(x)
+            priority = content_priority(pixels, guard.seed)
+            rest = held.offer(rows, priority)
+            for i, acc in enumerate(accs):
+                acc.update(rest[f"source{i}"], rest["y"])
+            images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
+        bar.close()
+    if spec is None or images is None:
+        raise DataError("fit got no data: the loader or iterable yielded no images")
+    hold, lost, seen = held.merged()  # across ranks under torch.distributed
+    for i, acc in enumerate(accs):
+        if lost:
+            acc.update(lost[f"source{i}"], lost["y"])
+        acc.all_reduce()
+    hold = _hand_back_excess(guard, hold, seen, accs)
+    counts = accs[0].count.long()
+    few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
+    if few:
+        what = "labels" if seen_labels else "the model's predictions"
+        raise DataError(
+            f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
+            + ", ".join(f"class {c} has {n}" for c, n in few)
+        )
+    shrinkage = _set_gaussians(guard, accs)
+    t_stats = time.perf_counter() - t0
+    calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, spec, device)
+    sample = images.merged()[0]
+    report = _calibrate(guard, spec, hold, calib, sample, labelled=seen_labels)
+    report.update(
+        samples_in_statistics=int(accs[0].count.sum()),
+        class_counts=counts.tolist(),
+        shrinkage=dict(zip(guard.sources, shrinkage)),
+        seconds={"statistics": t_stats, **report.pop("seconds"), "total": time.perf_counter() - t0},
+    )
+    guard.fit_report = report
+    logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.threshold_), float(guard.sigma_))
+
+
+def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Tensor:
+    x, bad = guard._check_input(x, fitted=False)
+    if bad is not None:
+        raise DataError(f"batch {index} holds NaN or Inf values in {int(bad.sum())} images; fit needs clean, finite images")
+    return x.to(device)
+
+
+def _checked_labels(y: Tensor, k: int, index: int) -> Tensor:
+    if bool((y < 0).any() or (y >= k).any()):
+        raise DataError(f"batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
+    return y
+
+
+def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+    """Small data: at most 30 % (at least 40) of the rows stay held out; the rest go back to the statistics."""
+    n_held = len(hold["y"])
+    keep = min(n_held, max(40, int(0.3 * seen)))
+    if keep >= n_held:
+        return hold
+    order = torch.randperm(n_held, generator=torch.Generator().manual_seed(guard.seed + 3))
+    back = {k: v[order[keep:]] for k, v in hold.items()}
+    for i, acc in enumerate(accs):
+        acc.update(back[f"source{i}"], back["y"])
+    return {k: v[order[:keep]] for k, v in hold.items()}
+
+
+def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[float]:
+    """Turns the streamed sums into the sources' buffers; returns the shrinkage coefficients."""
+    dtype = guard.dct_h.dtype
+    shrink = []
+    for g, acc in zip(guard.gaussians, accs):
+        model = acc.finalize()
+        center = model.means.mean(0)
+        g.center.copy_(center.to(dtype))
+        g.whitener.copy_(model.whitener.to(dtype))
+        g.white_means.copy_(((model.means - center) @ model.whitener).to(dtype))
+        shrink.append(float(model.shrinkage))
+    return shrink
+
+
+def _calibration_rows(guard: Any, data: Any, spec: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    """Source features of (a content-hash sample of at most ``calibration_size``) calibration images."""
+    res = Reservoir(guard.calibration_size)
+    with guard._eval_model(), torch.no_grad():
+        for index, (x, y) in enumerate(iter_batches(data, guard.batch_size)):
+            if x.shape[0] == 0:
+                continue
+            x = _clean_batch(guard, x, index, device)
+            if tuple(x.shape[1:]) != tuple(spec["input_shape"]):
+                raise DataError(f"calibration batch {index} has images of shape {tuple(x.shape[1:])}; the fit data had {tuple(spec['input_shape'])}")
+            _, feats = guard._features(x)
+            rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
+            rows["y"] = (y if y is not None else torch.full((len(x),), -1)).cpu()
+            res.offer(rows, content_priority(guard.to_pixels(x), guard.seed + 7))
+    rows, _, _ = res.merged()
+    if not rows or len(rows["y"]) == 0:
+        raise DataError("calibration_data yielded no images")
+    return rows
+
+
+def _evidence_of_rows(guard: Any, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Evidence (N, F) and predicted classes of stored source rows."""
+    dev, dtype = guard.dct_h.device, guard.dct_h.dtype
+    n_src = len(guard.sources)
+    feats = [rows[f"source{i}"].to(dev, dtype) for i in range(n_src)]
+    with torch.no_grad():
+        dists = {i: g(f) for i, (g, f) in enumerate(zip(guard.gaussians, feats))}
+        return evidence.evidence_columns(guard.plan, dists, feats[-2]), feats[-2].argmax(1)
+
+
+def _evidence_of_pixels(guard: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    out_e, out_p = [], []
+    with guard._eval_model(), torch.no_grad():
+        for i in range(0, len(pixels), guard.batch_size):
+            x = guard.from_pixels(pixels[i : i + guard.batch_size].to(guard.dct_h.device))
+            logits, feats = guard._features(x)
+            dists = {j: g(f) for j, (g, f) in enumerate(zip(guard.gaussians, feats))}
+            out_e.append(evidence.evidence_columns(guard.plan, dists, logits.to(guard.dct_h.dtype)))
+            out_p.append(logits.argmax(1))
+    return torch.cat(out_e), torch.cat(out_p)
+
+
+def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib: dict[str, Tensor] | None, sample: dict[str, Tensor], *, labelled: bool) -> dict[str, Any]:
+    """Standardiser, heads, threshold and filter; returns the fit report's calibration part."""
+    k = spec["num_classes"]
+    seconds: dict[str, float] = {}
+    ev_h, pred_h = _evidence_of_rows(guard, hold)
+    n = len(ev_h)
+    if calib is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(guard.seed + 2))
+        fit_idx, thr_idx = perm[: n // 2], perm[n // 2 :]
+        ev_fit, pred_fit = ev_h[fit_idx], pred_h[fit_idx]
+        ev_thr, pred_thr = ev_h[thr_idx], pred_h[thr_idx]
+    else:
+        ev_fit, pred_fit = ev_h, pred_h
+        ev_thr, pred_thr = _evidence_of_rows(guard, calib)
+    mean, std = calibrate.fit_standardizer(ev_fit, pred_fit, k)
+    guard.evidence_mean.copy_(mean)
+    guard.evidence_std.copy_(std)
+    z_fit = calibrate.standardize(ev_fit, pred_fit, mean, std)
+    report: dict[str, Any] = {"calibration": spec["calibration"]}
+    if spec["calibration"] == "clean":
+        weight, bias = combiner.identity_heads(len(spec["score_features"]), dtype=mean.dtype)
+        report["heads"] = {}
+    else:
+        t = time.perf_counter()
+        weight, bias, report["self_attacks"] = _self_attack_heads(guard, sample, z_fit, mean, std)
+        seconds["self_attacks"] = time.perf_counter() - t
+        report["heads"] = {r: dict(zip(spec["score_features"], [round(float(v), 4) for v in w])) for r, w in zip(_regimes(guard.attack_families), weight)}
+    guard.head_weight.copy_(weight)
+    guard.head_bias.copy_(bias)
+    with torch.no_grad():
+        scores_thr = combiner.head_score(calibrate.standardize(ev_thr, pred_thr, mean, std), weight, bias, guard.temperature)
+    guard.threshold_.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
+    report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
+    t = time.perf_counter()
+    report.update(_choose_filter(guard, sample["x"][:512]))
+    seconds["filter"] = time.perf_counter() - t
+    report.update(
+        samples_held_out=n,
+        threshold_samples=len(scores_thr),
+        feature_names=evidence.feature_names(guard.sources),
+        score_features=spec["score_features"],
+        calibration_evidence_mean=dict(zip(spec["score_features"], ev_thr.mean(0).tolist())),
+        seconds=seconds,
+    )
+    return report
+
+
+def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Attacks the kept clean images with the model's gradients and fits one logistic head per regime."""
+    dev = guard.dct_h.device
+    pixels, labels = sample["x"].to(dev), sample["y"].to(dev)
+    with guard._eval_model(), torch.no_grad():
+        correct = torch.cat([guard._forward_model(guard.from_pixels(pixels[i : i + guard.batch_size])).argmax(1) for i in range(0, len(pixels), guard.batch_size)]) == labels
+    pixels, labels = pixels[correct], labels[correct]
+    lo, hi = guard.input_range if guard.input_range is not None else (float(pixels.min()), float(pixels.max()))
+
+    def model(p: Tensor) -> Tensor:
+        return guard._forward_model(guard.from_pixels(p).to(p.dtype))
+
+    with guard._eval_model():  # autograd.grad w.r.t. the input only: parameters get no .grad
+        attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
+    ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
+    z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
+    weights, biases = [], []
+    for regime in _regimes(guard.attack_families):
+        rows = z_adv[attacks.regime_mask(regime)]
+        if len(rows) < 10:
+            raise DataError(
+                f"self-attack calibration produced only {len(rows)} successful {regime} adversarials from {len(pixels)} correctly classified "
+                f"images (per family: {attacks.succeeded}); pass more data, or calibration='clean'"
+            )
+        w, b = combiner.fit_logistic_head(z_clean, rows)
+        w, b = combiner.standardised_head(w, b, z_clean)
+        weights.append(w)
+        biases.append(b)
+    info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families}}
+    return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), info
+
+
+def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] | None, ev_h: Tensor, pred_h: Tensor, scores_thr: Tensor, labelled: bool) -> dict[str, Any]:
+    """Warnings and numbers on how far the threshold can be trusted."""
+    out: dict[str, Any] = {}
+    n_thr = len(scores_thr)
+    if n_thr * guard.fpr < MIN_EXCEEDANCES:
+        warnings.warn(
+            f"the threshold rests on {n_thr} clean samples (about {n_thr * guard.fpr:.0f} above it at fpr={guard.fpr}); the real false-positive "
+            f"rate may differ from {guard.fpr} by several points: pass more clean data or calibration_data",
+            stacklevel=6,
+        )
+    if labelled:
+        acc = float((pred_h == hold["y"].to(pred_h.device)).float().mean())
+        out["held_out_fit_accuracy"] = acc
+        if calib is None and acc >= 0.99:
+            warnings.warn(
+                f"the model classifies {acc:.1%} of the held-out fit images correctly: it may have memorised its training data, whose "
+                "evidence looks more typical than new images', so more than fpr of new clean images may be flagged. Pass "
+                "calibration_data= with clean images the model never trained on",
+                stacklevel=6,
+            )
+    if calib is not None:
+        with torch.no_grad():
+            mean, std = guard.evidence_mean, guard.evidence_std
+            scores_fit = combiner.head_score(calibrate.standardize(ev_h, pred_h, mean, std), guard.head_weight, guard.head_bias, guard.temperature)
+        thr_fit = calibrate.threshold_at_fpr(scores_fit, guard.fpr)
+        # what a threshold set on the fit data would have flagged on the calibration images
+        out["fpr_if_calibrated_on_fit_data"] = float((scores_thr > thr_fit).float().mean())
+        labels = calib["y"]
+        if bool((labels >= 0).all()):
+            with torch.no_grad():
+                _, pred_c = _evidence_of_rows(guard, calib)
+            out["calibration_accuracy"] = float((pred_c.cpu() == labels).float().mean())
+    return out
+
+
+def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
+    flip_rates: dict[float, float] = {}
+    if guard.filter_sigma_setting == "auto":
+        dev = guard.dct_h.device
+
+        def predict(p: Tensor) -> Tensor:
+            return guard._forward_model(guard.from_pixels(p.to(dev)).to(p.dtype)).argmax(1)
+
+        with guard._eval_model(), torch.no_grad():
+            sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, guard.max_filter_flip, guard.batch_size)
+    else:
+        sigma = float(guard.filter_sigma_setting)
+    guard.sigma_.fill_(sigma)
+    return {"filter_sigma": sigma, "filter_flip_rates": flip_rates}

@@ -1,0 +1,132 @@
+"""Attacks the guard generates on its own clean data during ``fit`` (``calibration="self-attack"``).
+
+The user gives clean data only.  To learn which evidence exposes attacks on *this* model, ``fit``
+attacks a bounded sample of those clean images with the model's own gradients and keeps the
+successful adversarials.  Each image gets one family (so the cost is about ten gradient steps per
+image, whatever the number of families) with a budget drawn at random:
+
+* ``strong``: FGSM and 8-step PGD under L-inf (budget uniform in ``[0.01, 0.15]`` of the pixel
+  range) and 8-step PGD under L2 (radius uniform in ``[0.01, 0.15] * sqrt(C*H*W) / 2`` of the range);
+* ``boundary``: minimal adversarials (:func:`hfguard.attacks.boundary_pgd`, frozen at the first
+  misclassified iterate) under both norms, which stand in for low-confidence attacks such as CW.
+
+Attacks run in pixel space (the guard's ``normalize`` is applied inside ``model``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hfguard.attacks import boundary_pgd, fgsm, pgd
+
+__all__ = ["FAMILIES", "REGIMES", "SelfAttacks", "self_attacks"]
+
+#: family -> regime; the regimes get one combiner head each.
+FAMILIES = {
+    "fgsm-linf": "strong",
+    "pgd-linf": "strong",
+    "pgd-l2": "strong",
+    "boundary-linf": "boundary",
+    "boundary-l2": "boundary",
+}
+REGIMES = ("strong", "boundary")
+LINF_RANGE = (0.01, 0.15)
+
+
+@dataclass
+class SelfAttacks:
+    """Successful self-generated adversarials.
+
+    Attributes:
+        pixels: (M, C, H, W) adversarial pixel images that the model misclassifies.
+        family: (M,) index into ``list(FAMILIES)``.
+        source: (M,) row of the clean image each adversarial came from.
+        budget: (M,) the budget it was drawn (L-inf or L2, by family).
+        attempted: images attacked per family.
+        succeeded: successful adversarials per family.
+    """
+
+    pixels: Tensor
+    family: Tensor
+    source: Tensor
+    budget: Tensor
+    attempted: dict[str, int]
+    succeeded: dict[str, int]
+
+    def regime_mask(self, regime: str) -> Tensor:
+        """(M,) bool: rows whose family belongs to ``regime``."""
+        ids = [i for i, r in enumerate(FAMILIES.values()) if r == regime]
+        return torch.isin(self.family, torch.tensor(ids))
+
+
+def self_attacks(
+    model: Callable[[Tensor], Tensor],
+    pixels: Tensor,
+    labels: Tensor,
+    *,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    steps: int = 8,
+    families: tuple[str, ...] | list[str] | None = None,
+) -> SelfAttacks:
+    """Attacks ``pixels`` (N, C, H, W) with true ``labels``; image ``i`` gets family ``families[i % len(families)]``.
+
+    Args:
+        model: pixels -> logits (differentiable).
+        pixels: clean images in ``[lo, hi]``.
+        labels: (N,) true classes.
+        lo, hi: the pixel box.
+        seed: seed of the budgets and random starts.
+        batch_size: images per attack batch.
+        steps: PGD steps (boundary attacks take up to ``2 * steps + 4``).
+        families: names from :data:`FAMILIES` to generate (default all; e.g. leave one out
+            to measure how the guard does on an attack family it never generated).
+
+    Returns:
+        The successful adversarials and per-family counts.
+    """
+    names = list(FAMILIES) if families is None else list(families)
+    unknown = [f for f in names if f not in FAMILIES]
+    if unknown or not names:
+        raise ValueError(f"families must be a non-empty list from {list(FAMILIES)}, got {families!r}")
+    scale = hi - lo
+    gen = torch.Generator().manual_seed(seed)
+    n = pixels.shape[0]
+    family = torch.arange(n) % len(names)
+    u = torch.rand(n, generator=gen)
+    linf = scale * (LINF_RANGE[0] + (LINF_RANGE[1] - LINF_RANGE[0]) * u)
+    l2 = linf * (pixels[0].numel() ** 0.5) / 2
+    out_x, out_f, out_i, out_b = [], [], [], []
+    attempted, succeeded = dict.fromkeys(names, 0), dict.fromkeys(names, 0)
+    for f, name in enumerate(names):
+        idx = (family == f).nonzero().flatten()
+        for start in range(0, len(idx), batch_size):
+            j = idx[start : start + batch_size]
+            x = pixels[j]
+            y = labels[j].to(x.device)
+            e_inf, e_2 = linf[j].to(x.device, x.dtype), l2[j].to(x.device, x.dtype)
+            if name == "fgsm-linf":
+                adv = fgsm(model, x, y, e_inf, lo=lo, hi=hi)
+            elif name == "pgd-linf":
+                adv = pgd(model, x, y, e_inf, steps=steps, seed=seed + start, lo=lo, hi=hi)
+            elif name == "pgd-l2":
+                adv = pgd(model, x, y, e_2, steps=steps, norm="2", seed=seed + start, lo=lo, hi=hi)
+            elif name == "boundary-linf":
+                adv = boundary_pgd(model, x, y, e_inf, steps=2 * steps + 4, lo=lo, hi=hi)
+            else:
+                adv = boundary_pgd(model, x, y, e_2, steps=2 * steps + 4, norm="2", lo=lo, hi=hi)
+            with torch.no_grad():
+                ok = model(adv).argmax(1) != y
+            attempted[name] += len(j)
+            succeeded[name] += int(ok.sum())
+            out_x.append(adv[ok].detach())
+            out_f.append(torch.full((int(ok.sum()),), list(FAMILIES).index(name), dtype=torch.long))
+            out_i.append(j[ok.cpu()])
+            out_b.append((l2 if name.endswith("l2") else linf)[j][ok.cpu()])
+    return SelfAttacks(torch.cat(out_x), torch.cat(out_f), torch.cat(out_i), torch.cat(out_b), attempted, succeeded)

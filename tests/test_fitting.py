@@ -1,0 +1,106 @@
+"""fit(): self-attack calibration, calibration_data, memorisation warnings, atomic failure."""
+
+import warnings
+
+import pytest
+import torch
+
+import hfguard
+from hfguard.data import small_cnn, train_classifier
+
+
+@pytest.fixture(scope="module")
+def memorised(digits):
+    """A digits CNN trained to convergence on 958 images (the setup in which fpr=0.05 flagged 17 %)."""
+    torch.manual_seed(0)
+    x, y = digits.x_train[:958], digits.y_train[:958]
+    model = train_classifier(small_cnn(1, 10, 8), x, y, epochs=60, seed=0)
+    return model, (x, y), (digits.x_train[958:], digits.y_train[958:])
+
+
+def test_self_attack_fit_learns_two_heads_over_every_source(fitted):
+    rep = fitted.fit_report
+    assert rep["calibration"] == "self-attack"
+    assert set(rep["heads"]) == {"strong", "boundary"}
+    assert set(rep["heads"]["strong"]) == set(rep["feature_names"])  # every layer, logits, spectrum and the margin
+    assert all(rep["self_attacks"]["succeeded"][f] > 0 for f in rep["self_attacks"]["attempted"])
+    assert fitted.head_weight.shape == (2, len(rep["feature_names"]))
+    # the boundary head leans on the margin more than the strong head does (CW-like attacks live there)
+    assert rep["heads"]["boundary"]["margin"] > rep["heads"]["strong"]["margin"]
+
+
+def test_self_attack_score_separates_pgd_better_than_clean_only(digits_model, digits):
+    from hfguard.attacks import pgd
+    from hfguard.evaluate import auroc
+
+    x, y = digits.x_test, digits.y_test
+    with torch.no_grad():
+        ok0 = digits_model(x).argmax(1) == y
+    xa = pgd(digits_model, x, y, 0.1, steps=20)
+    with torch.no_grad():
+        ok = ok0 & (digits_model(xa).argmax(1) != y)
+    res = {}
+    for cal in ("clean", "self-attack"):
+        g = hfguard.protect(digits_model, progress=False, calibration=cal).fit((digits.x_train, digits.y_train))
+        res[cal] = auroc(g.score(x).detach(), g.score(xa[ok]).detach(), bootstrap=0)[0]
+    assert res["self-attack"] > res["clean"]
+
+
+def test_calibration_data_keeps_the_fpr_promise_on_a_memorised_model(memorised, digits):
+    """Fit data the model memorised gives a threshold too low for new images; calibration_data fixes it."""
+    model, fit_data, cal_data = memorised
+    x_new = digits.x_test  # never seen by the model nor by fit
+    with pytest.warns(UserWarning, match="memorised"):
+        naive = hfguard.protect(model, progress=False).fit(fit_data)
+    right = hfguard.protect(model, progress=False).fit(fit_data, calibration_data=cal_data)
+    fpr_naive = float(naive.detect(x_new).float().mean())
+    fpr_right = float(right.detect(x_new).float().mean())
+    assert fpr_naive > 0.08  # the broken promise
+    # 300 calibration images: sd of the threshold's FPR ~0.013; 539 test images: sd ~0.009
+    assert abs(fpr_right - 0.05) < 0.045
+    assert right.fit_report["threshold_samples"] == 300
+    assert right.fit_report["fpr_if_calibrated_on_fit_data"] > 0.05  # reported: what the fit data alone would have done
+
+
+def test_calibration_data_must_match_the_fit_images(fitted, digits_model, digits):
+    with pytest.raises(hfguard.DataError, match="calibration"):
+        hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train), calibration_data=torch.rand(20, 1, 9, 9))
+
+
+def test_a_failed_refit_leaves_the_fitted_guard_as_it_was(digits_model, digits):
+    """Defect: a DataError after the first batch left fitted == True with zero whiteners and threshold."""
+    g = hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:30]
+    before, thr = g.score(x), g.threshold
+    bad = [(digits.x_train[:64], digits.y_train[:64]), (torch.rand(8, 1, 9, 9), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(hfguard.DataError):
+        g.fit(bad)
+    assert g.threshold == thr and torch.equal(g.score(x), before)
+    fresh = hfguard.protect(digits_model, progress=False)
+    with pytest.raises(hfguard.DataError):
+        fresh.fit(bad)
+    assert not fresh.fitted
+    with pytest.raises(hfguard.NotFittedError):
+        fresh.score(x)
+
+
+def test_small_threshold_sample_warns(digits_model, digits):
+    with pytest.warns(UserWarning, match="threshold rests on"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[:400], digits.y_train[:400]))
+
+
+def test_settings_are_validated(digits_model):
+    with pytest.raises(ValueError, match="calibration"):
+        hfguard.protect(digits_model, calibration="adversarial")
+    with pytest.raises(ValueError, match="attack_size"):
+        hfguard.protect(digits_model, attack_size=3)
+
+
+def test_leaving_out_every_boundary_family_leaves_one_head(digits_model, digits, tmp_path):
+    g = hfguard.protect(digits_model, progress=False, attack_families=["fgsm-linf", "pgd-linf"]).fit((digits.x_train, digits.y_train))
+    assert list(g.fit_report["heads"]) == ["strong"] and g.head_weight.shape[0] == 1
+    assert set(g.fit_report["self_attacks"]["attempted"]) == {"fgsm-linf", "pgd-linf"}
+    p = tmp_path / "g.safetensors"
+    g.save(str(p))
+    g2 = hfguard.load(str(p), digits_model)
+    assert g2.attack_families == ["fgsm-linf", "pgd-linf"] and torch.equal(g2.score(digits.x_test[:20]), g.score(digits.x_test[:20]))

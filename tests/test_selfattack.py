@@ -1,0 +1,47 @@
+import torch
+
+from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
+
+
+def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits):
+    x, y = digits.x_train[:200], digits.y_train[:200]
+    out = self_attacks(digits_model, x, y, seed=0)
+    assert set(out.attempted) == set(FAMILIES) and sum(out.attempted.values()) == 200
+    assert all(out.succeeded[f] > 0 for f in FAMILIES)
+    assert len(out.pixels) == sum(out.succeeded.values()) == len(out.family) == len(out.source)
+    with torch.no_grad():
+        pred = digits_model(out.pixels).argmax(1)
+    assert (pred != y[out.source]).all()
+    assert torch.equal(out.family, out.source % len(FAMILIES))  # image i gets family i % 5
+    masks = [out.regime_mask(r) for r in REGIMES]
+    assert torch.equal(masks[0] | masks[1], torch.ones(len(out.family), dtype=torch.bool)) and not (masks[0] & masks[1]).any()
+
+
+def test_budgets_and_box_hold_per_image(digits_model, digits):
+    x, y = digits.x_train[:100], digits.y_train[:100]
+    out = self_attacks(digits_model, x, y, seed=1)
+    delta = (out.pixels - x[out.source]).flatten(1)
+    l2_rows = torch.tensor([list(FAMILIES)[f].endswith("l2") for f in out.family.tolist()])
+    size = torch.where(l2_rows, delta.norm(dim=1), delta.abs().amax(1))
+    assert (size <= out.budget + 1e-5).all()
+    assert (out.budget[~l2_rows] <= 0.15 + 1e-6).all() and (out.budget[~l2_rows] >= 0.01 - 1e-6).all()
+    assert out.pixels.min() >= 0 and out.pixels.max() <= 1
+
+
+def test_attacks_are_deterministic_and_leave_the_model_alone(digits_model, digits):
+    x, y = digits.x_train[:50], digits.y_train[:50]
+    a = self_attacks(digits_model, x, y, seed=3)
+    b = self_attacks(digits_model, x, y, seed=3)
+    assert torch.equal(a.pixels, b.pixels)
+    assert all(p.grad is None for p in digits_model.parameters())
+
+
+def test_a_family_can_be_left_out(digits_model, digits):
+    import pytest
+
+    x, y = digits.x_train[:60], digits.y_train[:60]
+    out = self_attacks(digits_model, x, y, families=["pgd-linf", "boundary-l2"])
+    assert set(out.attempted) == {"pgd-linf", "boundary-l2"}
+    assert set(out.family.tolist()) <= {list(FAMILIES).index("pgd-linf"), list(FAMILIES).index("boundary-l2")}
+    with pytest.raises(ValueError, match="families"):
+        self_attacks(digits_model, x, y, families=["nope"])
