@@ -368,17 +368,18 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
 
     with guard._eval_model():  # autograd.grad w.r.t. the input only: parameters get no .grad
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
-    ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
-    z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
     weights, biases = [], []
     for regime in _regimes(guard.attack_families):
-        rows = z_adv[attacks.regime_mask(regime)]
-        if len(rows) < 10:
+        mask = attacks.regime_mask(regime)
+        if int(mask.sum()) < 10:
             raise DataError(
-                f"self-attack calibration produced only {len(rows)} successful {regime} adversarials from {len(pixels)} correctly classified "
+                f"self-attack calibration produced only {int(mask.sum())} successful {regime} adversarials from {len(pixels)} correctly classified "
                 f"images (per family: {attacks.succeeded}); pass more data, or calibration='clean'"
             )
-        w, b = combiner.fit_logistic_head(z_clean, rows)
+    ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
+    z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
+    for regime in _regimes(guard.attack_families):
+        w, b = combiner.fit_logistic_head(z_clean, z_adv[attacks.regime_mask(regime)])
         w, b = combiner.standardised_head(w, b, z_clean)
         weights.append(w)
         biases.append(b)

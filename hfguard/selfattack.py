@@ -129,4 +129,6 @@ def self_attacks(
             out_f.append(torch.full((int(ok.sum()),), list(FAMILIES).index(name), dtype=torch.long))
             out_i.append(j[ok.cpu()])
             out_b.append((l2 if name.endswith("l2") else linf)[j][ok.cpu()])
+    if not out_x:  # no image to attack
+        return SelfAttacks(pixels[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), attempted, succeeded)
     return SelfAttacks(torch.cat(out_x), torch.cat(out_f), torch.cat(out_i), torch.cat(out_b), attempted, succeeded)

@@ -173,7 +173,10 @@ def test_model_unchanged_when_forward_raises(digits, fitted):
     model = Exploding(inner).train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        g = hfguard.protect(model, progress=False).fit((digits.x_train, digits.y_train))
+        # untrained: its own clean data cannot be attacked into adversarials, so the clean-only combiner
+        with pytest.raises(hfguard.DataError, match="calibration='clean'"):
+            hfguard.protect(model, progress=False).fit((digits.x_train, digits.y_train))
+        g = hfguard.protect(model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
     before = model_state(model)
     model.explode = True
     for call in (g.check, g.score, g.inspect):
@@ -219,7 +222,7 @@ def test_threads_get_their_own_activations(fitted, digits):
 
 
 def test_explicit_layers_and_custom_module_with_inplace_relu(custom_net, digits):
-    g = hfguard.protect(custom_net, layers=["conv1", "conv2"], progress=False).fit((digits.x_train, digits.y_train))
+    g = hfguard.protect(custom_net, layers=["conv1", "conv2"], progress=False, calibration="clean").fit((digits.x_train, digits.y_train))  # untrained
     assert g.layers == ["conv1", "conv2"]
     x = digits.x_test[:4].clone().requires_grad_(True)
     g.score(x).sum().backward()  # conv1's output is overwritten by an in-place ReLU
@@ -329,7 +332,7 @@ def test_resnet18_end_to_end():
     torch.manual_seed(0)
     m = torchvision.models.resnet18(weights=None, num_classes=4).eval()
     x = torch.rand(96, 3, 32, 32)
-    g = hfguard.protect(m, progress=False, calibration_size=40).fit((x, torch.arange(96) % 4))
+    g = hfguard.protect(m, progress=False, calibration_size=40, calibration="clean").fit((x, torch.arange(96) % 4))  # random weights: nothing to learn from attacks
     assert g.layers == ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
     assert g.check(x[:5]).score.shape == (5,)
 
