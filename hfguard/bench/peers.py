@@ -126,6 +126,10 @@ class HFGuardDetector(Detector):
     def __init__(self, model: nn.Module, fpr: float = 0.05, batch_size: int = 512, **options: Any) -> None:
         super().__init__(model, batch_size)
         self.fpr, self.options = fpr, options
+        if options:
+            self.implementation = "hfguard (" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
+        if options.get("calibration", "self-attack") == "self-attack":
+            self.trained_on = "clean images (+ attacks it generates on them in fit)"
         self.guard: Any = None
 
     def fit(self, x: Tensor, y: Tensor, x_cal: Tensor | None = None) -> "HFGuardDetector":

@@ -48,11 +48,25 @@ def _inference_pass(model: nn.Module, x: Tensor, batch_size: int = 512) -> float
         return _timed(lambda: [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])[1]
 
 
-def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig) -> tuple[P.HFGuardDetector, list[P.Detector], dict[str, float]]:
-    """hfguard and every peer fitted on ``(x_fit, y_fit)``; peers' thresholds calibrated on ``x_cal``; fit seconds."""
+#: hfguard ablations scored beside the default (never attacked adaptively, never "the strongest peer"):
+#: the clean-only combiner, and a leave-one-family-out fit that never generates L2 attacks
+ABLATIONS = {
+    "hfguard clean-only": {"calibration": "clean"},
+    "hfguard w/o L2 self-attacks": {"attack_families": ["fgsm-linf", "pgd-linf", "boundary-linf", "boundary-l2"]},
+}
+
+
+def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig) -> tuple[P.HFGuardDetector, list[P.Detector], list[P.Detector], dict[str, float]]:
+    """hfguard, its ablations and every peer fitted on ``(x_fit, y_fit)``; thresholds calibrated on ``x_cal``; fit seconds."""
     seconds: dict[str, float] = {}
     hf = P.HFGuardDetector(model, fpr=cfg.fpr)
     seconds[hf.name] = _timed(lambda: hf.fit(x_fit, y_fit, x_cal))[1]
+    ablations: list[P.Detector] = []
+    for name, options in ABLATIONS.items():
+        ab = P.HFGuardDetector(model, fpr=cfg.fpr, **options)
+        ab.name = name
+        seconds[name] = _timed(lambda ab=ab: ab.fit(x_fit, y_fit, x_cal))[1]
+        ablations.append(ab)
     peers: list[P.Detector] = [
         P.MaxSoftmaxPeer(model),
         P.EnergyPeer(model),
@@ -73,7 +87,7 @@ def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor,
     peers.append(spectral)
     for d in peers:
         d.calibrate(x_cal, cfg.fpr)
-    return hf, peers, seconds
+    return hf, ablations, peers, seconds
 
 
 def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str = "model", progress: bool = True) -> dict[str, Any]:
@@ -98,8 +112,8 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
         "n_test": len(x),
     }
     logger.info("[%s] fitting detectors on %d clean images", arch, fit_end)
-    hf, peers, fit_seconds = fit_detectors(model, x_fit, y_fit, x_cal, cfg)
-    detectors: list[P.Detector] = [hf, *peers]
+    hf, ablations, peers, fit_seconds = fit_detectors(model, x_fit, y_fit, x_cal, cfg)
+    detectors: list[P.Detector] = [hf, *ablations, *peers]
     res["inference_pass_fit_data_s"] = _inference_pass(model, x_fit)
     res["hfguard_layers"] = hf.guard.layers
     res["hfguard_score_features"] = hf.guard.fit_report["score_features"]
