@@ -34,11 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from hfguard import calibrate, combiner, evidence, spectrum
+from hfguard.errors import InputError, ModelError, NotFittedError
 from hfguard.evidence import LOGITS, SPECTRUM
-from hfguard.errors import InputError, ModelError, NotFittedError, ShapeError
 from hfguard.filters import lowpass
-from hfguard.fitting import CALIBRATIONS, fit_guard
+from hfguard.fitting import fit_guard
+from hfguard.inputs import check_images
+from hfguard.modelmode import eval_mode
 from hfguard.selfattack import FAMILIES
+from hfguard.settings import POLICIES, validate_settings
 from hfguard.stats import class_sq_distances
 from hfguard.taps import capture
 
@@ -46,7 +49,6 @@ __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
 
 logger = logging.getLogger("hfguard")
 
-POLICIES = ("flag", "filter")
 
 
 @dataclass
@@ -182,28 +184,15 @@ class Guard(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ModelError(f"protect() expects a torch.nn.Module, got {type(model).__name__}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if not 0.0 < float(fpr) < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
-        if not (layers == "auto" or (isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers))):
-            raise ValueError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
-        if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
-            raise ValueError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
-        if int(calibration_size) < 40:
-            raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
-        if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
-            raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-        if int(attack_size) < 50:
-            raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
-        if not (attack_families == "all" or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
-            raise ValueError(f"attack_families must be 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
-        if nonfinite not in ("raise", "flag"):
-            raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
-        if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):
-            raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise ModelError(
+                f"protect() got a {type(model).__name__}: its replicas run in other threads, where the guard cannot see their activations. "
+                "Wrap the inner model (protect(model.module)); for several GPUs run one guard per process (see 'Distributed fit' in the README)"
+            )
+        validate_settings(
+            policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
+            calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
+        )
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         self.strict = bool(strict)
         self.nonfinite = nonfinite
@@ -296,21 +285,12 @@ class Guard(nn.Module):
     # --------------------------------------------------------------- helpers
     @contextlib.contextmanager
     def _eval_model(self) -> Iterator[None]:
-        """Runs the model in eval mode and restores its mode afterwards, even on error."""
-        was_training = self.model.training
-        if was_training and not self._warned_train:
-            warnings.warn(
-                "the wrapped model is in training mode; hfguard evaluates it in eval mode and restores the mode afterwards",
-                stacklevel=4,
-            )
-            self._warned_train = True
-        try:
-            if was_training:
-                self.model.eval()
+        """Runs the model in eval mode and restores its mode afterwards, even on error or under threads (:mod:`hfguard.modelmode`)."""
+        with eval_mode(self.model) as flipped:
+            if flipped and not self._warned_train:
+                self._warned_train = True
+                warnings.warn("the wrapped model is in training mode; hfguard evaluates it in eval mode and restores the mode afterwards", stacklevel=4)
             yield
-        finally:
-            if was_training:
-                self.model.train(True)
 
     def _watched_modules(self) -> list[tuple[str, nn.Module]]:
         named = dict(self.model.named_modules())
@@ -320,51 +300,13 @@ class Guard(nn.Module):
         return [(n, named[n]) for n in self.layers]
 
     def _check_input(self, x: Any, *, fitted: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Validates a batch; returns it (cast to the model's dtype) and, under
-        ``nonfinite="flag"``, the mask of rows that held NaN/Inf (replaced by 0)."""
-        if not isinstance(x, Tensor):
-            raise InputError(f"expected a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ShapeError(f"expected a 4-d batch of images (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise InputError(f"expected floating-point images (e.g. float32 in [0, 1]), got dtype {x.dtype}")
-        if fitted and self.spec is not None and tuple(x.shape[1:]) != tuple(self.spec["input_shape"]):
-            raise ShapeError(
-                f"this guard was fitted on images of shape (C, H, W) = {tuple(self.spec['input_shape'])}, got {tuple(x.shape[1:])}"
-            )
-        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), x.dtype)
-        if x.dtype != dtype:
-            warnings.warn(f"input dtype {x.dtype} differs from the model's {dtype}; hfguard casts it to {dtype}", stacklevel=3)
-            x = x.to(dtype)
-        bad = None
-        if x.numel() == 0:
-            return x, bad
-        xd = x.detach()
-        lo_c, hi_c = xd.amin(dim=(0, 2, 3)), xd.amax(dim=(0, 2, 3))  # NaN propagates: one pass checks both
-        if not bool(torch.isfinite(lo_c).all() and torch.isfinite(hi_c).all()):
-            finite = torch.isfinite(x)
-            if self.nonfinite == "raise":
-                raise InputError(
-                    f"input contains NaN or Inf values ({int((~finite).sum())} of {x.numel()} entries); "
-                    "pass nonfinite='flag' to protect() to flag such rows instead"
-                )
-            bad = ~finite.flatten(1).all(1)
-            x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-            lo_c, hi_c = x.detach().amin(dim=(0, 2, 3)), x.detach().amax(dim=(0, 2, 3))
-        if self.input_range is not None:
-            plo = (lo_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).min()
-            phi = (hi_c.view(-1, 1, 1) * self.norm_std + self.norm_mean).max()
-            lo, hi = self.input_range
-            tol = 1e-3 * (hi - lo)
-            if float(plo) < lo - tol or float(phi) > hi + tol:
-                msg = (
-                    f"pixel values should lie in [{lo}, {hi}] (after undoing `normalize`), got values from {float(plo):.4g} to {float(phi):.4g}"
-                    + ("" if self.normalize else "; if the model takes normalised images pass normalize=(mean, std)")
-                )
-                if self.strict:
-                    raise InputError(msg)
-                warnings.warn(msg, stacklevel=3)
-        return x, bad
+        """Validates a batch (see :func:`hfguard.inputs.check_images`)."""
+        expected = tuple(self.spec["input_shape"]) if fitted and self.spec is not None else None
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        return check_images(
+            x, expected_shape=expected, model_dtype=dtype, nonfinite=self.nonfinite, input_range=self.input_range, strict=self.strict,
+            norm_mean=self.norm_mean, norm_std=self.norm_std, normalized=self.normalize is not None,
+        )
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Model input -> pixel image (undoes ``normalize``)."""

@@ -1,6 +1,5 @@
 """fit(): self-attack calibration, calibration_data, memorisation warnings, atomic failure."""
 
-import warnings
 
 import pytest
 import torch

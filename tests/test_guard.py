@@ -9,7 +9,7 @@ from torch import nn
 
 import hfguard
 from hfguard.attacks import pgd
-from hfguard.data import small_cnn, train_classifier
+from hfguard.data import small_cnn
 
 from .conftest import assert_equivalent_guards, assert_same_state, model_state
 

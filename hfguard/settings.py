@@ -1,0 +1,52 @@
+"""Validation of the guard's settings (``protect(...)`` keyword arguments): one ``ValueError`` per broken contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hfguard.fitting import CALIBRATIONS
+from hfguard.selfattack import FAMILIES
+
+__all__ = ["POLICIES", "validate_settings"]
+
+POLICIES = ("flag", "filter")
+
+
+def validate_settings(
+    *,
+    policy: str,
+    fpr: float,
+    layers: Any,
+    filter_sigma: Any,
+    calibration_size: int,
+    score_features: Any,
+    calibration: str,
+    attack_size: int,
+    attack_families: str | Sequence[str],
+    nonfinite: str,
+    input_range: Any,
+) -> None:
+    """Raises ``ValueError`` naming the setting, what it accepts and what it got."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not 0.0 < float(fpr) < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
+    if not (layers == "auto" or (isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers))):
+        raise ValueError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
+    if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
+        raise ValueError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
+    if int(calibration_size) < 40:
+        raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
+    if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
+        raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if int(attack_size) < 50:
+        raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
+    if not (attack_families == "all" or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
+        raise ValueError(f"attack_families must be 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
+    if nonfinite not in ("raise", "flag"):
+        raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
+    if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):
+        raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
