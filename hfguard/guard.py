@@ -33,16 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfguard import calibrate, combiner, evidence, spectrum
-from hfguard.errors import InputError, ModelError, NotFittedError
-from hfguard.evidence import LOGITS, SPECTRUM
+from hfguard.errors import InputError, ModelError
 from hfguard.filters import lowpass
 from hfguard.fitting import fit_guard
 from hfguard.inputs import check_images
 from hfguard.modelmode import eval_mode
 from hfguard.selfattack import FAMILIES
 from hfguard.settings import POLICIES, validate_settings
-from hfguard.stats import class_sq_distances
+from hfguard.state import FittedState
 from hfguard.taps import capture
 
 __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
@@ -97,21 +95,7 @@ class Inspection:
         return [(s, int(c)) for s, c in zip(self.sources, self.nearest[i])]
 
 
-class ClassGaussian(nn.Module):
-    """Buffers of one source's fitted class Gaussians; ``forward(z)`` gives (N, K) distances."""
-
-    def __init__(self, num_classes: int, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("center", torch.zeros(dim))
-        self.register_buffer("whitener", torch.zeros(dim, dim))
-        self.register_buffer("white_means", torch.zeros(num_classes, dim))
-
-    def forward(self, z: Tensor) -> Tensor:
-        # centring first keeps the float32 expansion ||u||^2 - 2 u.m + ||m||^2 free of cancellation
-        return class_sq_distances(z.to(self.whitener.dtype) - self.center, self.whitener, self.white_means)
-
-
-class Guard(nn.Module):
+class Guard(FittedState):
     """Wraps a classifier; learns from clean data what its activations and spectra look like.
 
     Use :func:`hfguard.protect` to build one.  ``__init__`` only stores settings;
@@ -181,7 +165,6 @@ class Guard(nn.Module):
         strict: bool = False,
         nonfinite: str = "raise",
     ) -> None:
-        super().__init__()
         if not isinstance(model, nn.Module):
             raise ModelError(f"protect() expects a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -189,6 +172,13 @@ class Guard(nn.Module):
                 f"protect() got a {type(model).__name__}: its replicas run in other threads, where the guard cannot see their activations. "
                 "Wrap the inner model (protect(model.module)); for several GPUs run one guard per process (see 'Distributed fit' in the README)"
             )
+        if normalize is None:
+            mean, std = torch.zeros(1), torch.ones(1)
+        else:
+            mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalize)
+            if mean.shape != std.shape or (std <= 0).any():
+                raise ValueError(f"normalize must be (mean, std) with equal lengths and std > 0, got {normalize!r}")
+        super().__init__(mean, std)
         validate_settings(
             policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
             calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
@@ -211,72 +201,9 @@ class Guard(nn.Module):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.progress = progress
-        self.temperature = 1.0
-        self.plan: list[tuple[str, int]] = []
-        self.layers: list[str] = []
-        self.grids: dict[str, int] = {}
-        self.spec: dict[str, Any] | None = None
         self.fit_report: dict[str, Any] = {}
         self._warned_train = False
-        if normalize is None:
-            mean, std = torch.zeros(1), torch.ones(1)
-        else:
-            mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalize)
-            if mean.shape != std.shape or (std <= 0).any():
-                raise ValueError(f"normalize must be (mean, std) with equal lengths and std > 0, got {normalize!r}")
         self.normalize = None if normalize is None else (mean.tolist(), std.tolist())
-        self.register_buffer("norm_mean", mean.view(-1, 1, 1))
-        self.register_buffer("norm_std", std.view(-1, 1, 1))
-
-    # ------------------------------------------------------------------ state
-    @property
-    def fitted(self) -> bool:
-        """Whether :meth:`fit` (or :func:`hfguard.load`) has run."""
-        return self.spec is not None
-
-    @property
-    def threshold(self) -> float:
-        """Score threshold: ``score > threshold`` is flagged."""
-        self._require_fitted()
-        return float(self.threshold_)
-
-    @property
-    def sources(self) -> list[str]:
-        """Evidence sources in order: watched layers, ``"logits"``, ``"spectrum"``."""
-        return [*self.layers, LOGITS, SPECTRUM]
-
-    def _require_fitted(self) -> None:
-        if self.spec is None:
-            raise NotFittedError("This Guard instance is not fitted yet. Call 'fit' with clean data before using it.")
-
-    def _allocate(self, spec: dict[str, Any]) -> None:
-        """Creates every learned buffer from a spec (used by ``fit`` and by ``load``)."""
-        k = spec["num_classes"]
-        c, h, w = spec["input_shape"]
-        gh, gw = spec["spectral_grid"]
-        self.layers = list(spec["layers"])
-        self.grids = dict(zip(self.layers, spec["grids"]))
-        dims = [*spec["dims"], k, len(spec["hf_index"])]
-        self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
-        self.register_buffer("dct_h", spectrum.dct_matrix(h))
-        self.register_buffer("dct_w", spectrum.dct_matrix(w))
-        self.register_buffer("pool_h", spectrum.pool_matrix(h, gh))
-        self.register_buffer("pool_w", spectrum.pool_matrix(w, gw))
-        self.register_buffer("hf_index", torch.tensor(spec["hf_index"], dtype=torch.long))
-        names = spec["score_features"]
-        self.plan = [evidence.parse_feature(n, self.sources) for n in names]
-        nf = len(names)
-        self.register_buffer("evidence_mean", torch.zeros(k, nf))
-        self.register_buffer("evidence_std", torch.ones(k, nf))
-        if spec.get("calibration", "clean") == "clean":  # files of format 1 have no heads: the clean-only combiner
-            weight, bias = combiner.identity_heads(nf)
-        else:
-            weight, bias = torch.zeros(spec["heads"], nf), torch.zeros(spec["heads"])
-        self.register_buffer("head_weight", weight)
-        self.register_buffer("head_bias", bias)
-        self.register_buffer("threshold_", torch.zeros(()))
-        self.register_buffer("sigma_", torch.zeros(()))
-        self.spec = spec
 
     def guard_state(self) -> dict[str, Tensor]:
         """The guard's own learned tensors (``state_dict`` without the wrapped model's weights)."""
@@ -308,14 +235,6 @@ class Guard(nn.Module):
             norm_mean=self.norm_mean, norm_std=self.norm_std, normalized=self.normalize is not None,
         )
 
-    def to_pixels(self, x: Tensor) -> Tensor:
-        """Model input -> pixel image (undoes ``normalize``)."""
-        return x * self.norm_std + self.norm_mean
-
-    def from_pixels(self, pixels: Tensor) -> Tensor:
-        """Pixel image -> model input (applies ``normalize``)."""
-        return (pixels - self.norm_mean) / self.norm_std
-
     def _forward_model(self, x: Tensor) -> Tensor:
         out = self.model(x)
         if not isinstance(out, Tensor):
@@ -323,10 +242,6 @@ class Guard(nn.Module):
         if out.dim() != 2 or out.shape[0] != x.shape[0]:
             raise ModelError(f"the model must return logits of shape (N, K) = ({x.shape[0]}, K); got {tuple(out.shape)}")
         return out
-
-    def _spectral(self, x: Tensor) -> Tensor:
-        pixels = self.to_pixels(x).to(self.dct_h.dtype)
-        return spectrum.hf_features(pixels, self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index)
 
     def _features(self, x: Tensor, needed: set[int] | None = None) -> tuple[Tensor, list[Tensor | None]]:
         """ONE model pass: logits and the pooled features of the sources in ``needed`` (default: all)."""
@@ -341,22 +256,12 @@ class Guard(nn.Module):
         feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
         return logits, feats
 
-    def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:
-        return [g(f) for g, f in zip(self.gaussians, feats)]
-
-    def _needed(self) -> set[int]:
-        """Sources the score and the origin need (0 = first watched layer, for the origin)."""
-        return {src for kind, src in self.plan if kind != "margin"} | {0}
-
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
         needed = self._needed()
         logits, feats = self._features(x, needed)
         dists = {i: self.gaussians[i](feats[i]) for i in needed}
-        ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
-        z = calibrate.standardize(ev, logits.argmax(1), self.evidence_mean, self.evidence_std)
-        score = combiner.head_score(z, self.head_weight, self.head_bias, self.temperature)
-        return logits, score, dists[0].argmin(1)
+        return logits, self._score_from(logits, dists), dists[0].argmin(1)
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))

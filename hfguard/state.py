@@ -1,0 +1,127 @@
+"""The guard's learned state (buffers) and the maths that turns source features into the score.
+
+:class:`FittedState` holds everything ``fit`` learns, as buffers (so ``state_dict()`` is the file format,
+``.to()`` moves it and ONNX export bakes it in), and knows nothing of the wrapped model:
+:class:`hfguard.Guard` adds the model, its forward pass and the public API on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hfguard import calibrate, combiner, evidence, spectrum
+from hfguard.errors import NotFittedError
+from hfguard.evidence import LOGITS, SPECTRUM
+from hfguard.stats import class_sq_distances
+
+__all__ = ["ClassGaussian", "FittedState"]
+
+
+class ClassGaussian(nn.Module):
+    """Buffers of one source's fitted class Gaussians; ``forward(z)`` gives (N, K) distances."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(dim))
+        self.register_buffer("whitener", torch.zeros(dim, dim))
+        self.register_buffer("white_means", torch.zeros(num_classes, dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        # centring first keeps the float32 expansion ||u||^2 - 2 u.m + ||m||^2 free of cancellation
+        return class_sq_distances(z.to(self.whitener.dtype) - self.center, self.whitener, self.white_means)
+
+
+class FittedState(nn.Module):
+    """Learned buffers of a guard (created from a spec by :meth:`_allocate`) and the scoring maths on features.
+
+    Args:
+        norm_mean, norm_std: per-channel normalisation of the model's input (1 or C values).
+    """
+
+    def __init__(self, norm_mean: Tensor, norm_std: Tensor) -> None:
+        super().__init__()
+        self.temperature = 1.0
+        self.plan: list[tuple[str, int]] = []
+        self.layers: list[str] = []
+        self.grids: dict[str, int] = {}
+        self.spec: dict[str, Any] | None = None
+        self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
+        self.register_buffer("norm_std", norm_std.view(-1, 1, 1))
+
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`fit` (or :func:`hfguard.load`) has run."""
+        return self.spec is not None
+
+    @property
+    def threshold(self) -> float:
+        """Score threshold: ``score > threshold`` is flagged."""
+        self._require_fitted()
+        return float(self.threshold_)
+
+    @property
+    def sources(self) -> list[str]:
+        """Evidence sources in order: watched layers, ``"logits"``, ``"spectrum"``."""
+        return [*self.layers, LOGITS, SPECTRUM]
+
+    def _require_fitted(self) -> None:
+        if self.spec is None:
+            raise NotFittedError("This Guard instance is not fitted yet. Call 'fit' with clean data before using it.")
+
+    def _allocate(self, spec: dict[str, Any]) -> None:
+        """Creates every learned buffer from a spec (used by ``fit`` and by ``load``)."""
+        k = spec["num_classes"]
+        c, h, w = spec["input_shape"]
+        gh, gw = spec["spectral_grid"]
+        self.layers = list(spec["layers"])
+        self.grids = dict(zip(self.layers, spec["grids"]))
+        dims = [*spec["dims"], k, len(spec["hf_index"])]
+        self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
+        self.register_buffer("dct_h", spectrum.dct_matrix(h))
+        self.register_buffer("dct_w", spectrum.dct_matrix(w))
+        self.register_buffer("pool_h", spectrum.pool_matrix(h, gh))
+        self.register_buffer("pool_w", spectrum.pool_matrix(w, gw))
+        self.register_buffer("hf_index", torch.tensor(spec["hf_index"], dtype=torch.long))
+        names = spec["score_features"]
+        self.plan = [evidence.parse_feature(n, self.sources) for n in names]
+        nf = len(names)
+        self.register_buffer("evidence_mean", torch.zeros(k, nf))
+        self.register_buffer("evidence_std", torch.ones(k, nf))
+        if spec.get("calibration", "clean") == "clean":  # files of format 1 have no heads: the clean-only combiner
+            weight, bias = combiner.identity_heads(nf)
+        else:
+            weight, bias = torch.zeros(spec["heads"], nf), torch.zeros(spec["heads"])
+        self.register_buffer("head_weight", weight)
+        self.register_buffer("head_bias", bias)
+        self.register_buffer("threshold_", torch.zeros(()))
+        self.register_buffer("sigma_", torch.zeros(()))
+        self.spec = spec
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Model input -> pixel image (undoes ``normalize``)."""
+        return x * self.norm_std + self.norm_mean
+
+    def from_pixels(self, pixels: Tensor) -> Tensor:
+        """Pixel image -> model input (applies ``normalize``)."""
+        return (pixels - self.norm_mean) / self.norm_std
+
+    def _spectral(self, x: Tensor) -> Tensor:
+        pixels = self.to_pixels(x).to(self.dct_h.dtype)
+        return spectrum.hf_features(pixels, self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index)
+
+    def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [g(f) for g, f in zip(self.gaussians, feats)]
+
+    def _needed(self) -> set[int]:
+        """Sources the score and the origin need (0 = first watched layer, for the origin)."""
+        return {src for kind, src in self.plan if kind != "margin"} | {0}
+
+    def _score_from(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
+        """Evidence -> class-standardised z -> combiner heads -> score (N,); differentiable."""
+        ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
+        z = calibrate.standardize(ev, logits.argmax(1), self.evidence_mean, self.evidence_std)
+        return combiner.head_score(z, self.head_weight, self.head_bias, self.temperature)
