@@ -75,8 +75,23 @@ def test_crosscheck_and_adaptive_sections(bench_out):
 
 def test_markdown_has_every_table(bench_out):
     md = (bench_out / "digits.md").read_text()
-    for heading in ("AUROC [95 % CI]", "TPR at the calibrated threshold", "Caught or correct", "### Cost", "torchattacks", "Adaptive attacks"):
+    for heading in ("AUROC [95 % CI]", "TPR at the calibrated threshold", "Caught or correct", "### Cost", "torchattacks", "Adaptive attacks",
+                    "What hfguard learned", "Generalisation"):
         assert heading in md
+    # the learned heads are summarised per source; never-generated families are marked
+    assert "| strong |" in md and "| boundary |" in md and "never generated" in md
+
+
+def test_hfguard_ablations_and_shared_calibration_split(bench_out):
+    res = json.loads((bench_out / "digits.json").read_text())
+    run = res["runs"]["cnn"]
+    assert {"hfguard clean-only", "hfguard w/o L2 self-attacks"} <= set(run["detectors"])
+    rep = run["hfguard_fit_report"]
+    assert rep["calibration"] == "self-attack" and rep["threshold_samples"] == res["config"]["n_cal"]  # same split as the peers
+    impl = run["detectors"]["hfguard w/o L2 self-attacks"]["implementation"]
+    assert "attack_families" in impl and "pgd-l2" not in impl
+    # the ablations are never attacked adaptively nor chosen as the strongest peer
+    assert not run["strongest_baseline"].startswith("hfguard")
 
 
 def test_trajectory_attack_pulls_layers_toward_the_target(digits_model, digits):
