@@ -64,8 +64,9 @@ def export_onnx(guard: Any, path: str | os.PathLike, example_input: Tensor, *, o
     import onnx
 
     model = onnx.load(os.fspath(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "hfguard_policy", guard.policy
+    for key, value in (("hfguard_policy", guard.policy), ("hfguard_nonfinite", guard.nonfinite)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.save(model, os.fspath(path))
 
 
@@ -88,7 +89,9 @@ class OnnxGuard:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])
-        self.policy = self.session.get_modelmeta().custom_metadata_map.get("hfguard_policy", "flag")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.policy = meta.get("hfguard_policy", "flag")
+        self.nonfinite = meta.get("hfguard_nonfinite", "raise")
 
     def check(self, x: Tensor) -> Any:
         from hfguard.guard import Verdict
@@ -97,7 +100,22 @@ class OnnxGuard:
             raise InputError(f"expected a floating-point torch.Tensor of images, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"this model takes images of shape {self.input_shape}, got {tuple(x.shape[1:])}")
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})
+        x = x.detach().cpu().float()
+        finite = torch.isfinite(x)
+        bad = None
+        if not bool(finite.all()):  # as Guard.check: raise, or zero the values, score the row inf and flag it
+            if self.nonfinite == "raise":
+                raise InputError(
+                    f"input contains NaN or Inf values ({int((~finite).sum())} of {x.numel()} entries); "
+                    "export a guard built with nonfinite='flag' to flag such rows instead"
+                )
+            bad = ~finite.flatten(1).all(1)
+            x = torch.where(finite, x, torch.zeros(()))
+        out = self.session.run(None, {self.input_name: x.contiguous().numpy()})
         logits, score, flagged, origin = (torch.from_numpy(o) for o in out)
+        # the graph filtered what it flagged; rows with NaN/Inf are flagged on top (their logits are the zeroed image's)
         filtered = flagged.clone() if self.policy == "filter" else torch.zeros_like(flagged)
+        if bad is not None:
+            score = score.masked_fill(bad, float("inf"))
+            flagged = flagged | bad
         return Verdict(logits, score, flagged, filtered, logits.argmax(1), origin)

@@ -34,11 +34,13 @@ def dct2(x: Tensor, ch: Tensor, cw: Tensor) -> Tensor:
 
 def pool_matrix(n: int, g: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Averaging matrix (g, n) that pools ``n`` positions into ``g`` bins like ``adaptive_avg_pool1d``."""
-    p = torch.zeros(g, n, dtype=torch.float64)
+    # built from Python numbers, so a traced (ONNX) graph holds it as one constant: traced tensor
+    # arithmetic would export the ceiling's floor division of negatives as ONNX's truncating Div
+    rows = []
     for b in range(g):
         lo, hi = (b * n) // g, -((-(b + 1) * n) // g)
-        p[b, lo:hi] = 1.0 / (hi - lo)
-    return p.to(dtype)
+        rows.append([1.0 / (hi - lo) if lo <= i < hi else 0.0 for i in range(n)])
+    return torch.tensor(rows, dtype=dtype)
 
 
 def spectral_grid(h: int, w: int, max_grid: int = 8) -> tuple[int, int]:

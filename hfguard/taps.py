@@ -151,7 +151,9 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
     4-D activations are average-pooled to ``grid`` x ``grid`` (with a
     reshape-mean when the size divides and gradients are being recorded, whose
     backward does not keep the activation alive, so a later in-place op in the
-    model cannot break it; without gradients the faster ``avg_pool2d``).
+    model cannot break it; without gradients the faster ``avg_pool2d``). When the
+    size does not divide, the bins of ``adaptive_avg_pool2d`` are applied as two
+    averaging matrices, which export to ONNX (``adaptive_avg_pool2d`` does not).
     """
     if a.dim() == 2:
         return a
@@ -162,7 +164,11 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
         if a.requires_grad and torch.is_grad_enabled():
             return a.reshape(n, c, grid, h // grid, grid, w // grid).mean((3, 5)).flatten(1)
         return F.avg_pool2d(a, (h // grid, w // grid)).flatten(1)
-    return F.adaptive_avg_pool2d(a, grid).flatten(1)
+    from hfguard.spectrum import pool_matrix
+
+    ph = pool_matrix(h, grid, dtype=a.dtype).to(a.device)
+    pw = pool_matrix(w, grid, dtype=a.dtype).to(a.device)
+    return (ph @ a @ pw.T).flatten(1)
 
 
 @contextlib.contextmanager

@@ -44,3 +44,33 @@ def test_onnx_guard_rejects_wrong_shapes(fitted, digits, tmp_path):
         og.check(torch.zeros(2, 1, 9, 9))
     with pytest.raises(hfguard.InputError):
         og.check(np.zeros((2, 1, 8, 8)))
+
+
+def test_nan_rows_are_flagged_like_guard_check(digits_model, digits, tmp_path):
+    """Defect: OnnxGuard.check returned NaN images unflagged while Guard.check flags them."""
+    g = hfguard.protect(digits_model, progress=False, nonfinite="flag").fit((digits.x_train, digits.y_train))
+    g.export_onnx(str(tmp_path / "g.onnx"), digits.x_test[:2])
+    og = hfguard.OnnxGuard(str(tmp_path / "g.onnx"))
+    x = digits.x_test[:6].clone()
+    x[1, 0, 2, 3] = float("nan")
+    x[4, 0, 0, 0] = float("inf")
+    v, o = g.check(x), og.check(x)
+    assert o.flagged[1] and o.flagged[4] and torch.isinf(o.score[[1, 4]]).all()
+    assert torch.equal(o.flagged, v.flagged)
+    strict = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    strict.export_onnx(str(tmp_path / "s.onnx"), digits.x_test[:2])
+    with pytest.raises(hfguard.InputError, match="NaN"):
+        hfguard.OnnxGuard(str(tmp_path / "s.onnx")).check(x)
+
+
+def test_a_map_the_pooling_grid_does_not_divide_exports(tmp_path):
+    """Defect: a small CNN on 30x30 inputs could not be exported (adaptive_avg_pool2d)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(16 * 15 * 15, 5)).eval()
+    x = torch.rand(120, 1, 30, 30)
+    g = hfguard.protect(m, progress=False, calibration_size=40, calibration="clean").fit((x, torch.arange(120) % 5))
+    assert 30 % g.grids["1"] and 15 % g.grids["4"]  # neither map divides by its pooling grid
+    _parity(g, x[:16], tmp_path / "c30.onnx")

@@ -85,3 +85,10 @@ def test_capture_ignores_other_threads():
         assert "1" not in store
         m(torch.rand(2, 1, 8, 8))
     assert store["1"].shape[0] == 2
+
+
+def test_pooling_a_map_the_grid_does_not_divide_matches_adaptive_pooling():
+    a = torch.randn(3, 5, 15, 11)
+    for grid in (2, 4):
+        ref = torch.nn.functional.adaptive_avg_pool2d(a, grid).flatten(1)
+        assert torch.allclose(pool_activation(a, grid), ref, atol=1e-6)
