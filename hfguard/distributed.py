@@ -1,6 +1,9 @@
 """Merging a fit across ``torch.distributed`` ranks (each rank reads only its shard).
 
 * The statistics are sums: one ``all_reduce`` each.
+* Collectives run on :func:`comm_device` (CUDA under NCCL, CPU otherwise).
+* A rank whose shard is empty still takes part: the ranks agree on the layer spec
+  (:func:`agree_on`) and the empty rank contributes zero sums and no samples.
 * The calibration hold-out is a bottom-k sample by content hash, so the global
   sample is the k lowest priorities of the union of the ranks' samples: the
   ranks exchange their samples (``all_gather``), keep the global bottom k, and
@@ -11,10 +14,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "merge_samples", "all_reduce_sum"]
+__all__ = ["is_distributed", "merge_samples", "all_reduce_sum", "all_reduce_", "agree_on", "comm_device"]
 
 
 def is_distributed() -> bool:
@@ -23,24 +28,55 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(value: int) -> int:
-    """Sum of an integer over all ranks."""
+def comm_device() -> torch.device:
+    """Where collectives run: the current CUDA device under NCCL (which rejects CPU tensors), else the CPU."""
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return int(t.item())
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(t: Tensor) -> Tensor:
+    """In-place sum of ``t`` over all ranks, through :func:`comm_device` (``t`` stays where it is)."""
+    import torch.distributed as dist
+
+    dev = comm_device()
+    if t.device == dev:
+        dist.all_reduce(t)
+        return t
+    moved = t.to(dev)
+    dist.all_reduce(moved)
+    t.copy_(moved.to(t.device))
+    return t
+
+
+def all_reduce_sum(value: int) -> int:
+    """Sum of an integer over all ranks."""
+    return int(all_reduce_(torch.tensor([value], dtype=torch.float64)).item())
+
+
+def agree_on(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable, small), in rank order; ``[value]`` when not distributed."""
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _gather_padded(t: Tensor, capacity: int) -> Tensor:
     """all_gather of a (n <= capacity, ...) tensor: (world * capacity, ...) with zero padding."""
     import torch.distributed as dist
 
-    pad = t.new_zeros((capacity, *t.shape[1:]))
-    pad[: len(t)] = t
+    dev = comm_device()
+    pad = t.new_zeros((capacity, *t.shape[1:]), device=dev)
+    pad[: len(t)] = t.to(dev)
     out = [torch.empty_like(pad) for _ in range(dist.get_world_size())]
     dist.all_gather(out, pad.contiguous())
-    return torch.cat(out)
+    return torch.cat(out).to(t.device)
 
 
 def merge_samples(items: dict[str, Tensor], priority: Tensor, capacity: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.batches import batch_count_hint, iter_batches
+from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
@@ -171,12 +172,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             x = _clean_batch(guard, x, index, device)
             if spec is None:
                 spec = prepare(guard, x)
-                guard._allocate(spec)
-                guard.to(x.device)
-                logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(spec["layers"], spec["dims"])))
-                accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]]
-                per_image = x[0].numel() * 4
-                images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // per_image)))
+                accs, images = _start(guard, spec, held, x.device)
             elif tuple(x.shape[1:]) != tuple(spec["input_shape"]):
                 raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(spec['input_shape'])}")
             logits, feats = guard._features(x)
@@ -194,8 +190,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
                 acc.update(rest[f"source{i}"], rest["y"])
             images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
         bar.close()
-    if spec is None or images is None:
-        raise DataError("fit got no data: the loader or iterable yielded no images")
+    spec, accs, images = _agree(guard, spec, accs, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
     for i, acc in enumerate(accs):
         if lost:
@@ -223,6 +218,46 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
     )
     guard.fit_report = report
     logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.threshold_), float(guard.sigma_))
+
+
+def _source_dims(spec: dict[str, Any]) -> list[int]:
+    return [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]
+
+
+def _row_template(spec: dict[str, Any]) -> dict[str, Tensor]:
+    """Zero-row tensors with the layout of the held-out rows (features of every source and the class)."""
+    rows = {f"source{i}": torch.zeros(0, d) for i, d in enumerate(_source_dims(spec))}
+    rows["y"] = torch.zeros(0, dtype=torch.long)
+    return rows
+
+
+def _start(guard: Any, spec: dict[str, Any], held: Reservoir, device: torch.device) -> tuple[list[ClassGaussianAccumulator], Reservoir]:
+    """Allocates the state for ``spec``: accumulators, and the image sample sized to at most ``IMAGE_BYTES``."""
+    guard._allocate(spec)
+    guard.to(device)
+    logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(spec["layers"], spec["dims"])))
+    accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in _source_dims(spec)]
+    c, h, w = spec["input_shape"]
+    images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // (c * h * w * 4))))
+    held.ensure_keys(_row_template(spec))
+    images.ensure_keys({"x": torch.zeros(0, c, h, w), "y": torch.zeros(0, dtype=torch.long)})
+    return accs, images
+
+
+def _agree(guard: Any, spec: dict[str, Any] | None, accs: list[ClassGaussianAccumulator], images: Reservoir | None, held: Reservoir,
+           device: torch.device) -> tuple[dict[str, Any], list[ClassGaussianAccumulator], Reservoir]:
+    """Under torch.distributed every rank must reach the collectives with the same spec: a rank with an empty shard
+    takes the others' spec (zero sums, no samples); ranks that saw different models or image sizes are refused."""
+    specs = agree_on(spec)
+    seen = [s for s in specs if s is not None]
+    if not seen:
+        raise DataError("fit got no data: the loader or iterable yielded no images" + (" on any rank" if len(specs) > 1 else ""))
+    if any(s != seen[0] for s in seen):
+        raise DataError("the ranks of a distributed fit chose different layers or saw different image sizes; every rank must wrap the same model and data format")
+    if spec is None:
+        spec = seen[0]
+        accs, images = _start(guard, spec, held, device)
+    return spec, accs, images
 
 
 def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Tensor:
@@ -268,6 +303,7 @@ def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[flo
 def _calibration_rows(guard: Any, data: Any, spec: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
     """Source features of (a content-hash sample of at most ``calibration_size``) calibration images."""
     res = Reservoir(guard.calibration_size)
+    res.ensure_keys(_row_template(spec))
     with guard._eval_model(), torch.no_grad():
         for index, (x, y) in enumerate(iter_batches(data, guard.batch_size)):
             if x.shape[0] == 0:

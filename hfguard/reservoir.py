@@ -46,6 +46,13 @@ class Reservoir:
     def __len__(self) -> int:
         return len(self.priority)
 
+    def ensure_keys(self, template: dict[str, Tensor]) -> None:
+        """Declares the row layout before any row arrives (a rank with an empty shard must still
+        take part in :meth:`merged` with every key): missing keys get zero-row tensors like ``template``'s."""
+        for k, v in template.items():
+            if k not in self.items:
+                self.items[k] = v[:0].detach().clone()
+
     def offer(self, batch: dict[str, Tensor], priority: Tensor) -> dict[str, Tensor]:
         """Offers a batch (rows along dim 0) with its priorities (N,); returns the rows that are
         *not* kept now (rejected newcomers and evicted older rows)."""

@@ -71,12 +71,12 @@ class ClassGaussianAccumulator:
 
     def all_reduce(self) -> None:
         """Sums the statistics over all ranks when ``torch.distributed`` is initialised."""
-        import torch.distributed as dist
+        from hfguard.distributed import all_reduce_, is_distributed
 
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():
             return
         for t in (self.count, self.sums, self.scatter):
-            dist.all_reduce(t)
+            all_reduce_(t)
 
     def finalize(self) -> "GaussianModel":
         """Turns the sums into means and a whitening matrix."""
