@@ -36,3 +36,34 @@ def test_choose_sigma_respects_max_flip():
     sigma, rates = choose_sigma(predict, imgs, (0.3, 0.5, 1.0, 2.0), max_flip=0.05)
     assert rates[sigma] <= 0.05
     assert all(r > 0.05 for s, r in rates.items() if s > sigma)
+
+
+def test_filtered_logits_are_the_model_on_the_low_passed_pixels(digits_model, digits):
+    """Under policy='filter' a flagged row's logits are model(normalize(lowpass(pixels))), with and without normalize."""
+    import hfguard
+    from hfguard.filters import lowpass
+
+    mean, std = 0.3, 0.2
+
+    class Normalized(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, z):
+            return self.inner(z * std + mean)
+
+    x = digits.x_test[:12]
+    cases = [
+        (digits_model, None, x, x),
+        (Normalized(digits_model).eval(), ([mean], [std]), (x - mean) / std, x),
+    ]
+    for model, norm, inputs, pixels in cases:
+        fit_x = digits.x_train if norm is None else (digits.x_train - mean) / std
+        g = hfguard.protect(model, policy="filter", normalize=norm, progress=False, filter_sigma=0.8, calibration="clean").fit((fit_x, digits.y_train))
+        g.threshold_.fill_(float("-inf"))  # flag every row
+        v = g.check(inputs)
+        assert v.filtered.all()
+        smoothed = lowpass(pixels, 0.8)
+        expected = model(smoothed if norm is None else (smoothed - mean) / std)
+        assert torch.allclose(v.logits, expected, atol=1e-5)

@@ -106,3 +106,32 @@ def test_any_split_merges_to_the_same_sums(cuts, seed):
         merged.merge(part)
     assert torch.equal(merged.count, full.count)
     assert torch.allclose(merged.sums, full.sums) and torch.allclose(merged.scatter, full.scatter)
+
+
+def test_oas_matches_scikit_learn_up_to_its_dropped_2_over_p_terms():
+    """Ours is Chen et al.'s eq. 23 as written; scikit-learn drops the 2/p terms (its comment says so), which
+    moves the coefficient by less than a 2/p fraction and vanishes as p grows."""
+    from sklearn.covariance import oas
+
+    g = torch.Generator().manual_seed(5)
+    for n, d in ((40, 10), (500, 8), (30, 60)):
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+        xc = x - x.mean(0)
+        cov = xc.T @ xc / n
+        _, ref = oas(x.numpy())
+        ours = oas_shrinkage(cov, n)
+        assert abs(ours - ref) <= (2.0 / d) * max(ours, ref), (n, d, ours, ref)
+        if d >= 50:
+            assert abs(ours - ref) < 2e-3
+
+
+def test_float32_distances_match_a_float64_reference():
+    g = torch.Generator().manual_seed(6)
+    k, d = 5, 64
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) * 3 + 50.0  # far from the origin: cancellation risk
+    z = means[torch.arange(40) % k] + torch.randn(40, d, generator=g, dtype=torch.float64)
+    w = torch.linalg.cholesky(torch.linalg.inv(torch.eye(d, dtype=torch.float64) * 2.0))
+    center = means.mean(0)
+    ref = class_sq_distances(z - center, w, (means - center) @ w)
+    got = class_sq_distances((z - center).float(), w.float(), ((means - center) @ w).float())
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)

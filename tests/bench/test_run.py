@@ -56,7 +56,10 @@ def test_every_detector_is_scored_on_every_attack(bench_out):
             assert m["n_successful"] == run["attacks"][a]["n_successful"]
             if m["n_successful"]:
                 assert 0 <= m["auroc"] <= 1 and 0 <= m["auroc_ci95"][0] <= m["auroc_ci95"][1] <= 1
-                assert m["tpr"] <= m["caught_or_correct"] + 1e-9
+                # a successful adversarial is misclassified by the model, and hfguard filters only what it flags,
+                # so "caught or correct" can only add the flagged ones: it equals the TPR; the repaired share is a part of it
+                assert abs(m["tpr"] - m["caught_or_correct"]) < 1e-9
+                assert m.get("repaired", 0.0) <= m["tpr"] + 1e-9
     strong = [a for a, v in run["attacks"].items() if v["n_successful"] >= 10]
     assert strong, "the tiny attacks should succeed on some images"
 
