@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "orthogonal_pgd"]
+__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "detector_pgd", "orthogonal_pgd"]
 
 Model = Callable[[Tensor], Tensor]
 
@@ -199,6 +199,77 @@ def cw_l2(
     return best.detach()
 
 
+def margin_loss(logits: Tensor, y: Tensor, kappa: float = float("inf")) -> Tensor:
+    """Carlini-Wagner margin ``max_{j != y} z_j - z_y`` clipped at ``kappa`` (N,): to maximise; flat once the
+    wrong class leads by ``kappa`` (a high-confidence misclassification)."""
+    onehot = F.one_hot(y, logits.shape[1]).bool()
+    other = logits.masked_fill(onehot, float("-inf")).max(1).values
+    return (other - logits.gather(1, y[:, None]).squeeze(1)).clamp(max=kappa)
+
+
+def detector_pgd(
+    model: Model,
+    score: Callable[[Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    threshold: float,
+    mode: str = "orthogonal",
+    loss: str = "ce",
+    kappa: float = 5.0,
+    steps: int = 200,
+    step_size: float | None = None,
+    norm: str = "inf",
+    seed: int = 0,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
+    """Detector-aware PGD (Bryniarski et al., 2022) in its two forms, with a CE or a margin classifier loss.
+
+    While an image is classified correctly it steps on the classifier loss (cross-entropy, or the margin
+    of :func:`margin_loss` clipped at ``kappa``). Once misclassified it steps to lower the detector
+    ``score``: ``mode="orthogonal"`` projects the score's gradient orthogonally to the classifier
+    loss's gradient (so the step does not undo the misclassification); ``mode="selective"`` uses the
+    score's gradient alone (stronger when the score and the classifier loss share a direction, as with
+    margin evidence). Per image it returns the misclassified iterate with the lowest score below
+    ``threshold`` seen during the run (the best iterate), else the final iterate.
+    """
+    if mode not in ("orthogonal", "selective") or loss not in ("ce", "margin"):
+        raise ValueError(f"mode must be 'orthogonal' or 'selective' and loss 'ce' or 'margin', got {mode!r}, {loss!r}")
+    x = x.detach()
+    alpha = step_size if step_size is not None else 2.5 * eps / max(1, steps // 4)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps * 0.5
+    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
+    best = x_adv.clone()
+    best_score = torch.full((x.shape[0],), float("inf"), device=x.device)
+    view = (-1, *([1] * (x.dim() - 1)))
+    for _ in range(steps + 1):
+        xr = x_adv.clone().requires_grad_(True)
+        logits = model(xr)
+        cls = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else margin_loss(logits, y, kappa)
+        g_cls = torch.autograd.grad(cls.sum(), xr)[0]
+        xs = x_adv.clone().requires_grad_(True)
+        s = score(xs)
+        g_s = torch.autograd.grad(s.sum(), xs)[0]
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y
+            better = wrong & (s < threshold) & (s < best_score)
+            best[better] = x_adv[better]
+            best_score = torch.where(better, s.detach(), best_score)
+            if mode == "orthogonal":
+                u = _normalize_l2(g_cls)
+                g_s = g_s - (g_s * u).flatten(1).sum(1).view(view) * u
+            direction = torch.where(wrong.view(view), -g_s, g_cls)
+            step = direction.sign() if norm == "inf" else _normalize_l2(direction)
+            x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi)
+    found = torch.isfinite(best_score)
+    with torch.no_grad():
+        best[~found] = x_adv[~found]
+    return best.detach()
+
+
 def orthogonal_pgd(
     model: Model,
     score: Callable[[Tensor], Tensor],
@@ -214,41 +285,6 @@ def orthogonal_pgd(
     lo: float = 0.0,
     hi: float = 1.0,
 ) -> Tensor:
-    """Detector-aware PGD (Bryniarski et al., 2022, "orthogonal" variant).
-
-    While an image is still classified correctly it steps on the
-    cross-entropy gradient; once misclassified it steps to lower the
-    detector ``score`` with that gradient projected orthogonally to the
-    classification gradient, so evading the detector does not undo the
-    misclassification.  Returns, per image, the last iterate that was both
-    misclassified and below ``threshold`` (else the final iterate).
-    """
-    x = x.detach()
-    alpha = step_size if step_size is not None else 2.5 * eps / max(1, steps // 4)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps * 0.5
-    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
-    best = x_adv.clone()
-    found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    view = (-1, *([1] * (x.dim() - 1)))
-    for _ in range(steps):
-        xr = x_adv.clone().requires_grad_(True)
-        logits = model(xr)
-        ce = F.cross_entropy(logits, y, reduction="none")
-        g_ce = torch.autograd.grad(ce.sum(), xr, retain_graph=False)[0]
-        xs = x_adv.clone().requires_grad_(True)
-        s = score(xs)
-        g_s = torch.autograd.grad(s.sum(), xs)[0]
-        with torch.no_grad():
-            wrong = logits.argmax(1) != y
-            evading = wrong & (s < threshold)
-            best[evading] = x_adv[evading]
-            found |= evading
-            u = _normalize_l2(g_ce)
-            proj = g_s - (g_s * u).flatten(1).sum(1).view(view) * u
-            direction = torch.where(wrong.view(view), -proj, g_ce)
-            step = direction.sign() if norm == "inf" else _normalize_l2(direction)
-            x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi)
-    with torch.no_grad():
-        best[~found] = x_adv[~found]
-    return best.detach()
+    """Orthogonal detector-aware PGD on the cross-entropy: :func:`detector_pgd` with ``mode="orthogonal"``."""
+    return detector_pgd(model, score, x, y, eps, threshold=threshold, mode="orthogonal", loss="ce", steps=steps,
+                        step_size=step_size, norm=norm, seed=seed, lo=lo, hi=hi)

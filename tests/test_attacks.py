@@ -96,3 +96,40 @@ def test_boundary_pgd_stops_at_the_first_misclassified_iterate(digits_model, dig
         return top[:, 0] - top[:, 1]
     assert margin(lm)[fooled].median() < 0.5 * margin(ls)[fooled].median()
     assert ((minimal - x).flatten(1).norm(dim=1)[fooled] < (strong - x).flatten(1).norm(dim=1)[fooled]).float().mean() > 0.9
+
+
+def test_margin_loss_is_clipped_at_kappa():
+    from hfguard.attacks import margin_loss
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 9.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(margin_loss(logits, y), torch.tensor([-2.0, 9.0]))
+    assert torch.allclose(margin_loss(logits, y, kappa=5.0), torch.tensor([-2.0, 5.0]))
+
+
+@pytest.mark.parametrize("mode, loss", [("selective", "ce"), ("orthogonal", "margin"), ("selective", "margin")])
+def test_detector_pgd_variants_evade_and_keep_the_best_iterate(fitted, digits, mode, loss):
+    from hfguard.attacks import detector_pgd
+
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    with torch.no_grad():
+        right = fitted.model(x).argmax(1) == y
+    adv = detector_pgd(fitted.model, fitted.score, x, y, 0.15, threshold=fitted.threshold, mode=mode, loss=loss, steps=40)
+    assert ((adv - x).abs().flatten(1).max(1).values <= 0.15 + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        wrong = fitted.model(adv).argmax(1) != y
+        s = fitted.score(adv)
+    evaded = right & wrong & (s <= fitted.threshold)
+    # the kept iterate of an evading image is itself misclassified and below the threshold: best-iterate bookkeeping
+    assert evaded.any()
+    plain = pgd(fitted.model, x, y, 0.15, steps=20)
+    with torch.no_grad():
+        evaded_plain = right & (fitted.model(plain).argmax(1) != y) & (fitted.score(plain) <= fitted.threshold)
+    assert evaded.sum() > evaded_plain.sum()
+
+
+def test_detector_pgd_rejects_unknown_modes(fitted, digits):
+    from hfguard.attacks import detector_pgd
+
+    with pytest.raises(ValueError, match="mode"):
+        detector_pgd(fitted.model, fitted.score, digits.x_test[:2], digits.y_test[:2], 0.1, threshold=0.0, mode="sideways")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hfguard.attacks import orthogonal_pgd, pgd
+from hfguard.attacks import detector_pgd, orthogonal_pgd, pgd
 from hfguard.bench.peers import Detector, HFGuardDetector
 from hfguard.filters import lowpass
 
@@ -104,6 +104,14 @@ def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) 
     return pgd(guard.model, x, y, eps, steps=steps, loss_fn=loss)
 
 
+#: the stronger detector-aware PGD variants (issue 12): selective steps, and a high-confidence margin loss
+DETECTOR_PGD = {
+    "selective PGD (CE)": ("selective", "ce", 0.0),
+    "orthogonal PGD (margin, kappa 5)": ("orthogonal", "margin", 5.0),
+    "selective PGD (margin, kappa 5)": ("selective", "margin", 5.0),
+}
+
+
 def adaptive_suite(
     detectors: list[Detector], guard_detector: HFGuardDetector, x: Tensor, y: Tensor, eps_list: list[float], *,
     steps: int, pgd_steps: int, lambdas: list[float], scales: dict[str, float], progress: bool = True,
@@ -116,7 +124,7 @@ def adaptive_suite(
         correct = model(x).argmax(1) == y
     res: dict[str, Any] = {"n_images": len(x), "n_correct": int(correct.sum()), "steps": steps, "detectors": {d.name: {} for d in detectors}}
     jobs = [(eps, d) for eps in eps_list for d in detectors]
-    bar = tqdm(total=len(jobs) * (3 + len(lambdas)), desc="adaptive attacks", disable=not progress, leave=False)
+    bar = tqdm(total=len(jobs) * (4 + len(lambdas) + len(DETECTOR_PGD)), desc="adaptive attacks", disable=not progress, leave=False)
     for eps in eps_list:
         xt = trajectory_attack(guard_detector.guard, x, y, eps, steps)
         for d in detectors:
@@ -130,6 +138,10 @@ def adaptive_suite(
                 bar.update()
             r["orthogonal PGD"] = evasion(d, orthogonal_pgd(model, d.diff_score, x, y, eps, threshold=d.threshold, steps=steps), y, correct)
             bar.update()
+            for name, (mode, loss, kappa) in DETECTOR_PGD.items():
+                xa = detector_pgd(model, d.diff_score, x, y, eps, threshold=d.threshold, mode=mode, loss=loss, kappa=kappa, steps=steps)
+                r[name] = evasion(d, xa, y, correct)
+                bar.update()
             r["feature trajectory"] = evasion(d, xt, y, correct)
             r["best of all (per image)"] = _union(r, int(correct.sum()))
             bar.update()
