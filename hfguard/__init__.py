@@ -16,9 +16,9 @@ from hfguard.errors import (
     ShapeError,
     StateFileError,
 )
-from hfguard.guard import Guard, Inspection, Verdict, protect
-
-__version__ = "0.1.0"
+from hfguard.guard import Guard, protect
+from hfguard.results import Inspection, Verdict
+from hfguard.version import __version__
 
 
 def __getattr__(name: str):
@@ -30,8 +30,8 @@ def __getattr__(name: str):
 
 
 def load(path, model, **overrides) -> Guard:
-    """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.io.load_guard`)."""
-    from hfguard.io import load_guard
+    """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.loading.load_guard`)."""
+    from hfguard.loading import load_guard
 
     return load_guard(path, model, **overrides)
 

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from hfguard.errors import InputError, ModelError
 from hfguard.filters import lowpass
 from hfguard.fitting import fit_guard
 from hfguard.inputs import check_images
+from hfguard.results import Inspection, Verdict
 from hfguard.modelmode import eval_mode
 from hfguard.selfattack import FAMILIES
 from hfguard.settings import POLICIES, validate_settings
@@ -47,52 +47,6 @@ __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
 
 logger = logging.getLogger("hfguard")
 
-
-
-@dataclass
-class Verdict:
-    """Result of :meth:`Guard.check` (all tensors have N rows).
-
-    Attributes:
-        logits: (N, K) logits; under ``policy="filter"`` the filtered input's logits for flagged rows.
-        score: (N,) combined score, higher = more adversarial.
-        flagged: (N,) bool, ``score > threshold``.
-        filtered: (N,) bool, rows that were low-pass filtered and classified again.
-        predicted: (N,) class from ``logits``.
-        origin: (N,) nearest class expectation at the first watched layer: where the input came from.
-    """
-
-    logits: Tensor
-    score: Tensor
-    flagged: Tensor
-    filtered: Tensor
-    predicted: Tensor
-    origin: Tensor
-
-
-@dataclass
-class Inspection:
-    """Result of :meth:`Guard.inspect`: where each source puts the input, layer by layer.
-
-    Attributes:
-        sources: names of the sources, in forward order: the watched layers, ``"logits"``, then ``"spectrum"``.
-        distances: (N, S, K) normalised squared Mahalanobis distance to each class expectation.
-        affinity: (N, S, K) class posterior under each source's Gaussian model (rows sum to 1).
-        nearest: (N, S) nearest class per source.
-        predicted: (N,) the model's predicted class.
-        origin: (N,) nearest class at the first watched layer.
-    """
-
-    sources: list[str]
-    distances: Tensor
-    affinity: Tensor
-    nearest: Tensor
-    predicted: Tensor
-    origin: Tensor
-
-    def trajectory(self, i: int) -> list[tuple[str, int]]:
-        """``[(source, nearest class), ...]`` for row ``i``: the path from origin to prediction."""
-        return [(s, int(c)) for s, c in zip(self.sources, self.nearest[i])]
 
 
 class Guard(FittedState):

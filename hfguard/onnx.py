@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from hfguard.errors import InputError, ShapeError
+from hfguard.results import Verdict
 
 __all__ = ["export_onnx", "OnnxGuard", "OUTPUTS"]
 
@@ -94,8 +95,6 @@ class OnnxGuard:
         self.nonfinite = meta.get("hfguard_nonfinite", "raise")
 
     def check(self, x: Tensor) -> Any:
-        from hfguard.guard import Verdict
-
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise InputError(f"expected a floating-point torch.Tensor of images, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape:

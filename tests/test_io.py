@@ -51,7 +51,7 @@ def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tm
     g = hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
     p = tmp_path / "v2.safetensors"
     g.save(str(p))
-    header, tensors = io._read(str(p))
+    header, tensors = io.read_guard_file(str(p))
     header["format_version"] = 1
     header.pop("calibration")
     header["spec"].pop("calibration")
