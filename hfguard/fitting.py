@@ -373,7 +373,7 @@ def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib:
     guard.head_weight.copy_(weight)
     guard.head_bias.copy_(bias)
     with torch.no_grad():
-        scores_thr = combiner.head_score(calibrate.standardize(ev_thr, pred_thr, mean, std), weight, bias, guard.temperature)
+        scores_thr = combiner.head_score(calibrate.standardize(ev_thr, pred_thr, mean, std), guard.head_weight, guard.head_bias, guard.temperature)
     guard.threshold_.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
     report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
     t = time.perf_counter()
@@ -415,7 +415,7 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
     for regime in _regimes(guard.attack_families):
-        w, b = combiner.fit_logistic_head(z_clean, z_adv[attacks.regime_mask(regime)])
+        w, b = combiner.fit_logistic_head(z_clean, z_adv[attacks.regime_mask(regime).to(z_adv.device)])
         w, b = combiner.standardised_head(w, b, z_clean)
         weights.append(w)
         biases.append(b)
