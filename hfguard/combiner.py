@@ -26,9 +26,9 @@ from torch import Tensor
 __all__ = ["identity_heads", "fit_logistic_head", "standardised_head", "head_score"]
 
 
-def identity_heads(num_features: int, *, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def identity_heads(num_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """``(W, b)`` that make every evidence feature its own head: the clean-only smooth maximum."""
-    return torch.eye(num_features, dtype=dtype), torch.zeros(num_features, dtype=dtype)
+    return torch.eye(num_features, dtype=dtype, device=device), torch.zeros(num_features, dtype=dtype, device=device)
 
 
 def fit_logistic_head(z_clean: Tensor, z_attack: Tensor, *, l2: float = 1e-3, max_iter: int = 200) -> tuple[Tensor, float]:
@@ -53,8 +53,8 @@ def fit_logistic_head(z_clean: Tensor, z_attack: Tensor, *, l2: float = 1e-3, ma
     x = torch.cat([z_clean, z_attack]).double()
     y = torch.cat([z_clean.new_zeros(len(z_clean)), z_clean.new_ones(len(z_attack))]).double()
     weight = torch.where(y > 0, 0.5 / len(z_attack), 0.5 / len(z_clean))
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def closure() -> Tensor:

@@ -91,7 +91,7 @@ def prepare(guard: Any, x: Tensor) -> dict[str, Any]:
     k = int(out.shape[1])
     if k < 2:
         raise ModelError(f"the model must have at least 2 outputs (classes); got {k}")
-    if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype), atol=1e-4):
+    if bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out), dtype=out.dtype, device=out.device), atol=1e-4):
         warnings.warn("the model's outputs look like probabilities (non-negative, rows sum to 1); hfguard expects logits", stacklevel=5)
     by_name = {i.name: i for i in infos}
     if guard.layers_setting == "auto":
@@ -331,11 +331,17 @@ def _evidence_of_rows(guard: Any, rows: dict[str, Tensor]) -> tuple[Tensor, Tens
         return evidence.evidence_columns(guard.plan, dists, feats[-2]), feats[-2].argmax(1)
 
 
+def _model_input(guard: Any, pixels: Tensor) -> Tensor:
+    """Pixels -> the model's input, on the guard's device and in the model's floating dtype (e.g. float16)."""
+    dtype = next((p.dtype for p in guard.model.parameters() if p.is_floating_point()), pixels.dtype)
+    return guard.from_pixels(pixels.to(guard.dct_h.device)).to(dtype)
+
+
 def _evidence_of_pixels(guard: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
     out_e, out_p = [], []
     with guard._eval_model(), torch.no_grad():
         for i in range(0, len(pixels), guard.batch_size):
-            x = guard.from_pixels(pixels[i : i + guard.batch_size].to(guard.dct_h.device))
+            x = _model_input(guard, pixels[i : i + guard.batch_size])
             logits, feats = guard._features(x)
             dists = {j: g(f) for j, (g, f) in enumerate(zip(guard.gaussians, feats))}
             out_e.append(evidence.evidence_columns(guard.plan, dists, logits.to(guard.dct_h.dtype)))
@@ -363,7 +369,7 @@ def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib:
     z_fit = calibrate.standardize(ev_fit, pred_fit, mean, std)
     report: dict[str, Any] = {"calibration": spec["calibration"]}
     if spec["calibration"] == "clean":
-        weight, bias = combiner.identity_heads(len(spec["score_features"]), dtype=mean.dtype)
+        weight, bias = combiner.identity_heads(len(spec["score_features"]), dtype=mean.dtype, device=mean.device)
         report["heads"] = {}
     else:
         t = time.perf_counter()
@@ -395,14 +401,17 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     dev = guard.dct_h.device
     pixels, labels = sample["x"].to(dev), sample["y"].to(dev)
     with guard._eval_model(), torch.no_grad():
-        correct = torch.cat([guard._forward_model(guard.from_pixels(pixels[i : i + guard.batch_size])).argmax(1) for i in range(0, len(pixels), guard.batch_size)]) == labels
+        correct = torch.cat([guard._forward_model(_model_input(guard, pixels[i : i + guard.batch_size])).argmax(1) for i in range(0, len(pixels), guard.batch_size)]) == labels
     pixels, labels = pixels[correct], labels[correct]
+    if len(pixels) == 0:
+        raise DataError("self-attack calibration found no correctly classified image to attack (check the labels); or pass calibration='clean'")
     lo, hi = guard.input_range if guard.input_range is not None else (float(pixels.min()), float(pixels.max()))
 
     def model(p: Tensor) -> Tensor:
-        return guard._forward_model(guard.from_pixels(p).to(p.dtype))
+        return guard._forward_model(_model_input(guard, p)).float()
 
-    with guard._eval_model():  # autograd.grad w.r.t. the input only: parameters get no .grad
+    # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
+    with guard._eval_model(), torch.enable_grad():
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
     weights, biases = [], []
     for regime in _regimes(guard.attack_families):
@@ -461,10 +470,9 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
 def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
     flip_rates: dict[float, float] = {}
     if guard.filter_sigma_setting == "auto":
-        dev = guard.dct_h.device
 
         def predict(p: Tensor) -> Tensor:
-            return guard._forward_model(guard.from_pixels(p.to(dev)).to(p.dtype)).argmax(1)
+            return guard._forward_model(_model_input(guard, p)).argmax(1)
 
         with guard._eval_model(), torch.no_grad():
             sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, guard.max_filter_flip, guard.batch_size)

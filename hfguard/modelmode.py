@@ -1,11 +1,13 @@
 """Running the user's model in eval mode without ever leaving it changed, even across threads.
 
 A model in training mode must be evaluated in eval mode (BatchNorm would otherwise update its running
-statistics and dropout would fire) and handed back in training mode.  ``model.training`` is shared by
-every thread, so flipping it is guarded by one lock per model: while one call has flipped the model,
-another call on it waits instead of running (or restoring) in the wrong mode.  A model already in eval
-mode, and not flipped by hfguard, takes no lock, so concurrent serving of an eval-mode model runs in
-parallel.
+statistics and dropout would fire) and handed back exactly as it came (every submodule's own flag, so a
+BatchNorm the user froze in eval mode stays frozen).  ``model.training`` is shared by every thread, so
+flipping it is guarded by one lock per model: while one call has flipped the model, another call on it
+waits instead of running (or restoring) in the wrong mode.  A model that has never been seen in training
+mode takes no lock, so concurrent serving of an eval-mode model runs in parallel; once a model has been
+flipped, every later call on it takes its lock (a lock-free path could read "eval" mid-flip and then run
+while the flip is undone).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 __all__ = ["eval_mode"]
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_flipped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_ever_flipped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _registry_lock = threading.Lock()
 
 
@@ -39,17 +41,20 @@ def eval_mode(model: nn.Module) -> Iterator[bool]:
     Yields:
         True when the model was in training mode (and was flipped for the block).
     """
-    if not model.training and model not in _flipped:
+    # read the mode first, then the flag: a thread that reads "eval" while another flips the model
+    # then finds the flag, which the flipper sets before calling eval() and never clears
+    if not model.training and model not in _ever_flipped:
         yield False
         return
     with _lock(model):
-        if not model.training:  # a nested call of this thread, or the flip is over
+        if not model.training:  # a nested call of this thread, or no flip needed now
             yield False
             return
-        _flipped.add(model)  # before eval(): a thread that sees eval mode then also sees the flag
+        _ever_flipped.add(model)
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
             yield True
         finally:
-            model.train(True)  # before discard(): a thread that misses the flag sees training mode
-            _flipped.discard(model)
+            for m, mode in modes:
+                m.training = mode

@@ -103,3 +103,48 @@ def test_leaving_out_every_boundary_family_leaves_one_head(digits_model, digits,
     g.save(str(p))
     g2 = hfguard.load(str(p), digits_model)
     assert g2.attack_families == ["fgsm-linf", "pgd-linf"] and torch.equal(g2.score(digits.x_test[:20]), g.score(digits.x_test[:20]))
+
+
+def test_fit_under_no_grad_and_with_a_half_precision_model(digits_model, digits):
+    """The self-attacks need input gradients even when the caller disabled them; a float16 model gets
+    float16 inputs wherever fit feeds it pixels (review findings)."""
+    import copy
+
+    with torch.no_grad():
+        g = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    assert g.fitted and g.fit_report["calibration"] == "self-attack"
+    half = copy.deepcopy(digits_model).to(torch.bfloat16)
+    gh = hfguard.protect(half, progress=False).fit((digits.x_train.to(torch.bfloat16), digits.y_train))
+    s = gh.score(digits.x_test[:64].to(torch.bfloat16)).float()
+    ref = g.score(digits.x_test[:64])
+    assert torch.isfinite(s).all()
+    assert torch.corrcoef(torch.stack([s, ref]))[0, 1] > 0.8  # same evidence up to half-precision noise
+
+
+def test_mixed_train_eval_submodules_come_back_as_they_were(digits):
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    g = hfguard.protect(model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    model.train()
+    model[1].eval()  # a BatchNorm the user froze
+    before = [m.training for m in model.modules()]
+    stats = model[1].running_mean.clone()
+    with pytest.warns(UserWarning, match="training mode"):
+        g.check(digits.x_test[:8])
+    assert [m.training for m in model.modules()] == before
+    assert torch.equal(model[1].running_mean, stats)
+
+
+def test_a_model_whose_data_cannot_be_attacked_gets_a_clear_error(digits):
+    """A constant classifier: its input gradient is zero, so no self-attack can succeed."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        model[3].weight.zero_()
+        model[3].bias.copy_(torch.arange(10.0))  # always predicts class 9
+    y = torch.arange(len(digits.x_train)) % 10
+    with pytest.raises(hfguard.DataError, match="calibration='clean'"):
+        hfguard.protect(model, progress=False).fit((digits.x_train, y))
