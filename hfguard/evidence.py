@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["source_evidence", "margin_evidence", "evidence_features", "feature_names", "parse_feature", "evidence_columns"]
+__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns"]
 
 #: names of the two sources that are not layers
 LOGITS, SPECTRUM = "logits", "spectrum"
@@ -54,18 +54,8 @@ def margin_evidence(logits: Tensor) -> Tensor:
     return -torch.log(top2[:, 0] - top2[:, 1] + 0.01)
 
 
-def evidence_features(dists: Sequence[Tensor], logits: Tensor) -> Tensor:
-    """All evidence features (N, 3 * len(dists) + 1); see :func:`feature_names` for the order."""
-    pred = logits.argmax(1)
-    cols = []
-    for d in dists:
-        cols.extend(source_evidence(d, pred))
-    cols.append(margin_evidence(logits))
-    return torch.stack(cols, 1)
-
-
 def feature_names(sources: Sequence[str]) -> list[str]:
-    """Names of the columns of :func:`evidence_features` for the given source names."""
+    """Every evidence feature of the given sources, in order (three per source, then the margin)."""
     names = []
     for s in sources:
         names += [f"{s}:distance", f"{s}:gap", f"{s}:nearest"]

@@ -324,11 +324,9 @@ def _calibration_rows(guard: Any, data: Any, spec: dict[str, Any], device: torch
 def _evidence_of_rows(guard: Any, rows: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Evidence (N, F) and predicted classes of stored source rows."""
     dev, dtype = guard.dct_h.device, guard.dct_h.dtype
-    n_src = len(guard.sources)
-    feats = [rows[f"source{i}"].to(dev, dtype) for i in range(n_src)]
+    feats = [rows[f"source{i}"].to(dev, dtype) for i in range(len(guard.sources))]
     with torch.no_grad():
-        dists = {i: g(f) for i, (g, f) in enumerate(zip(guard.gaussians, feats))}
-        return evidence.evidence_columns(guard.plan, dists, feats[-2]), feats[-2].argmax(1)
+        return guard._evidence(feats[-2], guard._source_distances(feats)), feats[-2].argmax(1)
 
 
 def _model_input(guard: Any, pixels: Tensor) -> Tensor:
@@ -343,8 +341,7 @@ def _evidence_of_pixels(guard: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
         for i in range(0, len(pixels), guard.batch_size):
             x = _model_input(guard, pixels[i : i + guard.batch_size])
             logits, feats = guard._features(x)
-            dists = {j: g(f) for j, (g, f) in enumerate(zip(guard.gaussians, feats))}
-            out_e.append(evidence.evidence_columns(guard.plan, dists, logits.to(guard.dct_h.dtype)))
+            out_e.append(guard._evidence(logits, guard._source_distances(feats)))
             out_p.append(logits.argmax(1))
     return torch.cat(out_e), torch.cat(out_p)
 
@@ -379,7 +376,7 @@ def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib:
     guard.head_weight.copy_(weight)
     guard.head_bias.copy_(bias)
     with torch.no_grad():
-        scores_thr = combiner.head_score(calibrate.standardize(ev_thr, pred_thr, mean, std), guard.head_weight, guard.head_bias, guard.temperature)
+        scores_thr = guard._score_evidence(ev_thr, pred_thr)
     guard.threshold_.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
     report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
     t = time.perf_counter()
@@ -454,8 +451,7 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
             )
     if calib is not None:
         with torch.no_grad():
-            mean, std = guard.evidence_mean, guard.evidence_std
-            scores_fit = combiner.head_score(calibrate.standardize(ev_h, pred_h, mean, std), guard.head_weight, guard.head_bias, guard.temperature)
+            scores_fit = guard._score_evidence(ev_h, pred_h)
         thr_fit = calibrate.threshold_at_fpr(scores_fit, guard.fpr)
         # what a threshold set on the fit data would have flagged on the calibration images
         out["fpr_if_calibrated_on_fit_data"] = float((scores_thr > thr_fit).float().mean())

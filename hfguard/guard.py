@@ -212,10 +212,9 @@ class Guard(FittedState):
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
-        needed = self._needed()
-        logits, feats = self._features(x, needed)
-        dists = {i: self.gaussians[i](feats[i]) for i in needed}
-        return logits, self._score_from(logits, dists), dists[0].argmin(1)
+        logits, feats = self._features(x, self._needed())
+        dists = self._source_distances(feats)
+        return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))

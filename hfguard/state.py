@@ -120,8 +120,15 @@ class FittedState(nn.Module):
         """Sources the score and the origin need (0 = first watched layer, for the origin)."""
         return {src for kind, src in self.plan if kind != "margin"} | {0}
 
-    def _score_from(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
-        """Evidence -> class-standardised z -> combiner heads -> score (N,); differentiable."""
-        ev = evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
-        z = calibrate.standardize(ev, logits.argmax(1), self.evidence_mean, self.evidence_std)
+    def _source_distances(self, feats: Sequence[Tensor | None]) -> dict[int, Tensor]:
+        """(N, K) class distances of the sources the score and the origin need (see :meth:`_needed`)."""
+        return {i: self.gaussians[i](feats[i]) for i in self._needed()}
+
+    def _evidence(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
+        """The planned evidence columns (N, F) from the logits and the sources' distances."""
+        return evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
+
+    def _score_evidence(self, ev: Tensor, pred: Tensor) -> Tensor:
+        """Evidence (N, F) of inputs predicted ``pred`` -> class-standardised z -> combiner heads -> score (N,)."""
+        z = calibrate.standardize(ev, pred, self.evidence_mean, self.evidence_std)
         return combiner.head_score(z, self.head_weight, self.head_bias, self.temperature)

@@ -25,7 +25,8 @@ def test_feature_names_and_columns_agree():
     plan = [evidence.parse_feature(n, sources) for n in names]
     dists = {0: torch.rand(4, 3), 1: torch.rand(4, 3)}
     logits = torch.randn(4, 3)
-    full = evidence.evidence_features([dists[0], dists[1]], logits)
+    pred = logits.argmax(1)
+    full = torch.stack([*evidence.source_evidence(dists[0], pred), *evidence.source_evidence(dists[1], pred), evidence.margin_evidence(logits)], 1)
     assert torch.allclose(evidence.evidence_columns(plan, dists, logits), full)
 
 
