@@ -6,10 +6,10 @@ Rules it follows:
   correctly, the adversarial one is not);
 * AUROC is computed against every clean test image (misclassified ones too),
   with a bootstrap 95 % interval;
-* TPR is read at the guard's own threshold, calibrated on held-out *training*
-  data, and the clean FPR measured on the test images is reported beside it;
-* adaptive attacks know the defence: PGD through the filter policy with true
-  gradients, and orthogonal PGD on the guard's differentiable score.
+* TPR is read at the guard's own threshold, and the clean FPR measured on the
+  test images is reported beside it.
+
+Attacks that know the defence (adaptive attacks) live in :mod:`hfguard.bench.adaptive`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd
+from hfguard.attacks import cw_l2, fgsm, pgd
 
-__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "naive_mahalanobis", "adaptive_attacks", "with_policy", "latency", "relative_latency", "fit_cost", "auroc", "roc_plot", "format_table", "jsonable"]
+__all__ = ["Attack", "standard_attacks", "generate", "evaluate_guard", "with_policy", "relative_latency", "auroc", "roc_plot", "format_table", "jsonable"]
 
 
 @dataclass
@@ -140,60 +140,6 @@ def evaluate_guard(
     return out
 
 
-def naive_mahalanobis(guard: Any, x: Tensor) -> Tensor:
-    """The naive baseline: sum over watched layers of the distance to the *nearest* class (Lee et al. style)."""
-    with torch.no_grad():
-        _, feats = guard._features(x)
-        return sum(g(f).min(1).values for g, f in zip(list(guard.gaussians)[: len(guard.layers)], feats[: len(guard.layers)]))
-
-
-def adaptive_attacks(guard: Any, x: Tensor, y: Tensor, eps_list: list[float], *, steps: int = 200, progress: bool = True) -> dict[str, Any]:
-    """Attacks that know the defence; the result is the *evasion rate*.
-
-    Evasion means: the clean image was classified correctly, and the final
-    image is misclassified by the defended pipeline *and* not flagged.
-
-    * ``filter-policy PGD``: PGD (L-inf, 40 steps) on ``guard(x)`` under
-      ``policy="filter"``; the low-pass filter is differentiable, so the true
-      gradient flows through it (no BPDA approximation needed).
-    * ``orthogonal PGD``: steps on the classification loss until
-      misclassified, then lowers ``guard.score`` with its gradient projected
-      orthogonally to the classification gradient (Bryniarski et al. 2022).
-    """
-    from tqdm.auto import tqdm
-
-    model = guard.model
-    flag, filt = with_policy(guard, "flag"), with_policy(guard, "filter")
-    correct = flag.check(x).predicted == y
-    res: dict[str, Any] = {"n_images": len(x)}
-    for eps in tqdm(eps_list, desc="adaptive", disable=not progress, leave=False):
-        xa = pgd(filt, x, y, eps, steps=40)
-        v = filt.check(xa)
-        res[f"filter-policy PGD eps={eps}"] = {
-            "evasion_rate": float((correct & (v.predicted != y) & ~v.flagged).float().sum() / correct.sum().clamp_min(1)),
-            "misclassified_rate": float((correct & (v.predicted != y)).float().sum() / correct.sum().clamp_min(1)),
-        }
-        xo = orthogonal_pgd(model, flag.score, x, y, eps, threshold=guard.threshold, steps=steps)
-        v = flag.check(xo)
-        res[f"orthogonal PGD eps={eps}"] = {
-            "evasion_rate": float((correct & (v.predicted != y) & ~v.flagged).float().sum() / correct.sum().clamp_min(1)),
-            "misclassified_rate": float((correct & (v.predicted != y)).float().sum() / correct.sum().clamp_min(1)),
-        }
-    return res
-
-
-def latency(guard: Any, x: Tensor, *, repeats: int = 60) -> dict[str, float]:
-    """Seconds of ``model(x)`` and ``guard.check(x)``, timed as interleaved pairs in the same run.
-
-    The order inside a pair alternates; ``ratio`` is the median of the per-pair
-    ratios (robust to load changes during the run), ``ratio_of_minimums`` the
-    ratio of the fastest runs.
-    """
-    model = guard.model
-    r = relative_latency(lambda: model(x), lambda: guard.check(x), repeats=repeats)
-    return {"batch": len(x), "repeats": repeats, "model_s": r["base_s"], "check_s": r["other_s"], "ratio": r["ratio"], "ratio_of_minimums": r["ratio_of_minimums"]}
-
-
 def relative_latency(base: Callable[[], Any], other: Callable[[], Any], *, repeats: int = 30, warmup: int = 3) -> dict[str, float]:
     """Seconds of ``base()`` and ``other()``, timed as interleaved pairs (alternating order) in the same run.
 
@@ -216,21 +162,6 @@ def relative_latency(base: Callable[[], Any], other: Callable[[], Any], *, repea
         "ratio_of_minimums": min(to) / min(tb),
         "repeats": repeats,
     }
-
-
-def fit_cost(make_guard: Callable[[], Any], x: Tensor, y: Tensor | None, batch_size: int = 256) -> dict[str, float]:
-    """Seconds of one plain inference pass over ``x`` and of ``make_guard().fit`` on the same data."""
-    guard = make_guard()
-    model = guard.model
-    with torch.no_grad():
-        t = time.perf_counter()
-        for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
-        infer = time.perf_counter() - t
-    t = time.perf_counter()
-    guard.fit((x, y) if y is not None else x)
-    fit = time.perf_counter() - t
-    return {"inference_pass_s": infer, "fit_s": fit, "ratio": fit / infer, "n": len(x)}
 
 
 def roc_plot(result: dict[str, Any], path: str, title: str) -> None:

@@ -72,12 +72,12 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
     return kind, list(sources).index(src)
 
 
-def evidence_columns(plan: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor) -> Tensor:
-    """The evidence features named by ``plan`` (see :func:`parse_feature`) as (N, len(plan))."""
+def evidence_columns(columns: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor) -> Tensor:
+    """The evidence features named by ``columns`` (see :func:`parse_feature`) as (N, len(columns))."""
     pred = logits.argmax(1)
     cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     cols = []
-    for kind, src in plan:
+    for kind, src in columns:
         if kind == "margin":
             cols.append(margin_evidence(logits))
             continue

@@ -39,7 +39,7 @@ from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
 from hfguard.stats import ClassGaussianAccumulator
 from hfguard.taps import choose_layers, discover_layers, pooled_grid, watchable_units
 
-__all__ = ["fit_guard", "prepare", "CALIBRATIONS"]
+__all__ = ["fit_guard", "choose_layout", "CALIBRATIONS"]
 
 logger = logging.getLogger("hfguard")
 
@@ -66,7 +66,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "gaussians": guard._modules.get("gaussians"),
-        "attrs": {k: getattr(guard, k) for k in ("spec", "plan", "layers", "grids", "fit_report")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "grids", "fit_report")},
     }
 
 
@@ -81,8 +81,8 @@ def _restore(guard: Any, saved: dict[str, Any]) -> None:
         setattr(guard, k, v)
 
 
-def prepare(guard: Any, x: Tensor) -> dict[str, Any]:
-    """Chooses layers and sizes on the first batch; returns the spec (not yet allocated)."""
+def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
+    """Chooses layers and sizes on the first batch; returns the layout (not yet allocated)."""
     example = x[: min(len(x), 8)]
     infos, out = discover_layers(guard.model, example)
     if not isinstance(out, Tensor) or out.dim() != 2:
@@ -162,7 +162,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
     images: Reservoir | None = None
     device = next((t.device for t in guard.model.parameters()), torch.device("cpu"))
     accs: list[ClassGaussianAccumulator] = []
-    spec: dict[str, Any] | None = None
+    layout: dict[str, Any] | None = None
     seen_labels = False
     with guard._eval_model(), torch.no_grad():
         bar = tqdm(iter_batches(data, guard.batch_size), total=batch_count_hint(data, guard.batch_size), desc="hfguard fit", disable=not guard.progress, leave=False)
@@ -170,17 +170,17 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             if x.shape[0] == 0:
                 continue
             x = _clean_batch(guard, x, index, device)
-            if spec is None:
-                spec = prepare(guard, x)
-                accs, images = _start(guard, spec, held, x.device)
-            elif tuple(x.shape[1:]) != tuple(spec["input_shape"]):
-                raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(spec['input_shape'])}")
+            if layout is None:
+                layout = choose_layout(guard, x)
+                accs, images = _start(guard, layout, held, x.device)
+            elif tuple(x.shape[1:]) != tuple(layout["input_shape"]):
+                raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(layout['input_shape'])}")
             logits, feats = guard._features(x)
             if y is None:
                 y = logits.argmax(1)
             else:
                 seen_labels = True
-                y = _checked_labels(y.to(x.device), spec["num_classes"], index)
+                y = _checked_labels(y.to(x.device), layout["num_classes"], index)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
             rows["y"] = y.cpu()
             pixels = guard.to_pixels(x)
@@ -190,7 +190,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
                 acc.update(rest[f"source{i}"], rest["y"])
             images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
         bar.close()
-    spec, accs, images = _agree(guard, spec, accs, images, held, device)
+    layout, accs, images = _agree(guard, layout, accs, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
     for i, acc in enumerate(accs):
         if lost:
@@ -207,9 +207,9 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         )
     shrinkage = _set_gaussians(guard, accs)
     t_stats = time.perf_counter() - t0
-    calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, spec, device)
+    calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, layout, device)
     sample = images.merged()[0]
-    report = _calibrate(guard, spec, hold, calib, sample, labelled=seen_labels)
+    report = _calibrate(guard, layout, hold, calib, sample, labelled=seen_labels)
     report.update(
         samples_in_statistics=int(accs[0].count.sum()),
         class_counts=counts.tolist(),
@@ -217,47 +217,47 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         seconds={"statistics": t_stats, **report.pop("seconds"), "total": time.perf_counter() - t0},
     )
     guard.fit_report = report
-    logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.threshold_), float(guard.sigma_))
+    logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.calibrated_threshold), float(guard.sigma_))
 
 
-def _source_dims(spec: dict[str, Any]) -> list[int]:
-    return [*spec["dims"], spec["num_classes"], len(spec["hf_index"])]
+def _source_dims(layout: dict[str, Any]) -> list[int]:
+    return [*layout["dims"], layout["num_classes"], len(layout["hf_index"])]
 
 
-def _row_template(spec: dict[str, Any]) -> dict[str, Tensor]:
+def _row_template(layout: dict[str, Any]) -> dict[str, Tensor]:
     """Zero-row tensors with the layout of the held-out rows (features of every source and the class)."""
-    rows = {f"source{i}": torch.zeros(0, d) for i, d in enumerate(_source_dims(spec))}
+    rows = {f"source{i}": torch.zeros(0, d) for i, d in enumerate(_source_dims(layout))}
     rows["y"] = torch.zeros(0, dtype=torch.long)
     return rows
 
 
-def _start(guard: Any, spec: dict[str, Any], held: Reservoir, device: torch.device) -> tuple[list[ClassGaussianAccumulator], Reservoir]:
-    """Allocates the state for ``spec``: accumulators, and the image sample sized to at most ``IMAGE_BYTES``."""
-    guard._allocate(spec)
+def _start(guard: Any, layout: dict[str, Any], held: Reservoir, device: torch.device) -> tuple[list[ClassGaussianAccumulator], Reservoir]:
+    """Allocates the state for ``layout``: accumulators, and the image sample sized to at most ``IMAGE_BYTES``."""
+    guard._allocate(layout)
     guard.to(device)
-    logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(spec["layers"], spec["dims"])))
-    accs = [ClassGaussianAccumulator(spec["num_classes"], d) for d in _source_dims(spec)]
-    c, h, w = spec["input_shape"]
+    logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(layout["layers"], layout["dims"])))
+    accs = [ClassGaussianAccumulator(layout["num_classes"], d) for d in _source_dims(layout)]
+    c, h, w = layout["input_shape"]
     images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // (c * h * w * 4))))
-    held.ensure_keys(_row_template(spec))
+    held.ensure_keys(_row_template(layout))
     images.ensure_keys({"x": torch.zeros(0, c, h, w), "y": torch.zeros(0, dtype=torch.long)})
     return accs, images
 
 
-def _agree(guard: Any, spec: dict[str, Any] | None, accs: list[ClassGaussianAccumulator], images: Reservoir | None, held: Reservoir,
+def _agree(guard: Any, layout: dict[str, Any] | None, accs: list[ClassGaussianAccumulator], images: Reservoir | None, held: Reservoir,
            device: torch.device) -> tuple[dict[str, Any], list[ClassGaussianAccumulator], Reservoir]:
-    """Under torch.distributed every rank must reach the collectives with the same spec: a rank with an empty shard
-    takes the others' spec (zero sums, no samples); ranks that saw different models or image sizes are refused."""
-    specs = agree_on(spec)
-    seen = [s for s in specs if s is not None]
+    """Under torch.distributed every rank must reach the collectives with the same layout: a rank with an empty shard
+    takes the others' layout (zero sums, no samples); ranks that saw different models or image sizes are refused."""
+    layouts = agree_on(layout)
+    seen = [s for s in layouts if s is not None]
     if not seen:
-        raise DataError("fit got no data: the loader or iterable yielded no images" + (" on any rank" if len(specs) > 1 else ""))
+        raise DataError("fit got no data: the loader or iterable yielded no images" + (" on any rank" if len(layouts) > 1 else ""))
     if any(s != seen[0] for s in seen):
         raise DataError("the ranks of a distributed fit chose different layers or saw different image sizes; every rank must wrap the same model and data format")
-    if spec is None:
-        spec = seen[0]
-        accs, images = _start(guard, spec, held, device)
-    return spec, accs, images
+    if layout is None:
+        layout = seen[0]
+        accs, images = _start(guard, layout, held, device)
+    return layout, accs, images
 
 
 def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Tensor:
@@ -300,17 +300,17 @@ def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[flo
     return shrink
 
 
-def _calibration_rows(guard: Any, data: Any, spec: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
     """Source features of (a content-hash sample of at most ``calibration_size``) calibration images."""
     res = Reservoir(guard.calibration_size)
-    res.ensure_keys(_row_template(spec))
+    res.ensure_keys(_row_template(layout))
     with guard._eval_model(), torch.no_grad():
         for index, (x, y) in enumerate(iter_batches(data, guard.batch_size)):
             if x.shape[0] == 0:
                 continue
             x = _clean_batch(guard, x, index, device)
-            if tuple(x.shape[1:]) != tuple(spec["input_shape"]):
-                raise DataError(f"calibration batch {index} has images of shape {tuple(x.shape[1:])}; the fit data had {tuple(spec['input_shape'])}")
+            if tuple(x.shape[1:]) != tuple(layout["input_shape"]):
+                raise DataError(f"calibration batch {index} has images of shape {tuple(x.shape[1:])}; the fit data had {tuple(layout['input_shape'])}")
             _, feats = guard._features(x)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
             rows["y"] = (y if y is not None else torch.full((len(x),), -1)).cpu()
@@ -346,9 +346,9 @@ def _evidence_of_pixels(guard: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(out_e), torch.cat(out_p)
 
 
-def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib: dict[str, Tensor] | None, sample: dict[str, Tensor], *, labelled: bool) -> dict[str, Any]:
+def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], calib: dict[str, Tensor] | None, sample: dict[str, Tensor], *, labelled: bool) -> dict[str, Any]:
     """Standardiser, heads, threshold and filter; returns the fit report's calibration part."""
-    k = spec["num_classes"]
+    k = layout["num_classes"]
     seconds: dict[str, float] = {}
     ev_h, pred_h = _evidence_of_rows(guard, hold)
     n = len(ev_h)
@@ -364,20 +364,20 @@ def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib:
     guard.evidence_mean.copy_(mean)
     guard.evidence_std.copy_(std)
     z_fit = calibrate.standardize(ev_fit, pred_fit, mean, std)
-    report: dict[str, Any] = {"calibration": spec["calibration"]}
-    if spec["calibration"] == "clean":
-        weight, bias = combiner.identity_heads(len(spec["score_features"]), dtype=mean.dtype, device=mean.device)
+    report: dict[str, Any] = {"calibration": layout["calibration"]}
+    if layout["calibration"] == "clean":
+        weight, bias = combiner.identity_heads(len(layout["score_features"]), dtype=mean.dtype, device=mean.device)
         report["heads"] = {}
     else:
         t = time.perf_counter()
         weight, bias, report["self_attacks"] = _self_attack_heads(guard, sample, z_fit, mean, std)
         seconds["self_attacks"] = time.perf_counter() - t
-        report["heads"] = {r: dict(zip(spec["score_features"], [round(float(v), 4) for v in w])) for r, w in zip(_regimes(guard.attack_families), weight)}
+        report["heads"] = {r: dict(zip(layout["score_features"], [round(float(v), 4) for v in w])) for r, w in zip(_regimes(guard.attack_families), weight)}
     guard.head_weight.copy_(weight)
     guard.head_bias.copy_(bias)
     with torch.no_grad():
         scores_thr = guard._score_evidence(ev_thr, pred_thr)
-    guard.threshold_.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
+    guard.calibrated_threshold.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
     report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
     t = time.perf_counter()
     report.update(_choose_filter(guard, sample["x"][:512]))
@@ -386,8 +386,8 @@ def _calibrate(guard: Any, spec: dict[str, Any], hold: dict[str, Tensor], calib:
         samples_held_out=n,
         threshold_samples=len(scores_thr),
         feature_names=evidence.feature_names(guard.sources),
-        score_features=spec["score_features"],
-        calibration_evidence_mean=dict(zip(spec["score_features"], ev_thr.mean(0).tolist())),
+        score_features=layout["score_features"],
+        calibration_evidence_mean=dict(zip(layout["score_features"], ev_thr.mean(0).tolist())),
         seconds=seconds,
     )
     return report

@@ -182,7 +182,7 @@ class Guard(FittedState):
 
     def _check_input(self, x: Any, *, fitted: bool = True) -> tuple[Tensor, Tensor | None]:
         """Validates a batch (see :func:`hfguard.inputs.check_images`)."""
-        expected = tuple(self.spec["input_shape"]) if fitted and self.spec is not None else None
+        expected = tuple(self.layout["input_shape"]) if fitted and self.layout is not None else None
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         return check_images(
             x, expected_shape=expected, model_dtype=dtype, nonfinite=self.nonfinite, input_range=self.input_range, strict=self.strict,
@@ -212,7 +212,7 @@ class Guard(FittedState):
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
-        logits, feats = self._features(x, self._needed())
+        logits, feats = self._features(x, self._sources_used())
         dists = self._source_distances(feats)
         return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
 
@@ -220,7 +220,7 @@ class Guard(FittedState):
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))
 
     def _empty_verdict(self, x: Tensor) -> Verdict:
-        k = self.spec["num_classes"]
+        k = self.layout["num_classes"]
         z = torch.zeros(0, dtype=torch.long, device=x.device)
         b = torch.zeros(0, dtype=torch.bool, device=x.device)
         return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
@@ -283,7 +283,7 @@ class Guard(FittedState):
     def detect(self, x: Tensor) -> Tensor:
         """(N,) bool: ``score(x) > threshold`` (threshold calibrated at ``fpr`` on held-out clean data)."""
         with torch.no_grad():
-            return self.score(x) > self.threshold_
+            return self.score(x) > self.calibrated_threshold
 
     def check(self, x: Tensor) -> Verdict:
         """Everything about a batch in one model pass (plus one pass over the flagged rows under ``policy="filter"``).
@@ -300,7 +300,7 @@ class Guard(FittedState):
             logits, score, origin = self._evaluate(x)
             if bad is not None:
                 score = score.masked_fill(bad, float("inf"))
-            flagged = score > self.threshold_
+            flagged = score > self.calibrated_threshold
             filtered = torch.zeros_like(flagged)
             if self.policy == "filter" and bool(flagged.any()):
                 logits = logits.clone()
@@ -322,7 +322,7 @@ class Guard(FittedState):
             if self.policy == "flag" or x.shape[0] == 0:
                 return self._forward_model(x)
             logits, score, _ = self._evaluate(x)
-            flagged = (score > self.threshold_).detach()
+            flagged = (score > self.calibrated_threshold).detach()
             if not bool(flagged.any()):
                 return logits
             out = logits.clone()
@@ -375,7 +375,7 @@ class Guard(FittedState):
         export_onnx(self, path, example_input, opset=opset)
 
     def extra_repr(self) -> str:
-        state = f"layers={self.layers}, threshold={float(self.threshold_):.4f}" if self.fitted else "not fitted"
+        state = f"layers={self.layers}, threshold={float(self.calibrated_threshold):.4f}" if self.fitted else "not fitted"
         return f"policy={self.policy!r}, fpr={self.fpr}, {state}"
 
 

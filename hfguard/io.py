@@ -21,9 +21,10 @@ from hfguard.errors import StateFileError
 
 __all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "READABLE_VERSIONS", "LOAD_OVERRIDES"]
 
-FORMAT_VERSION = 2
-#: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score;
+#: formats 1-2 name the threshold tensor ``threshold_``)
+READABLE_VERSIONS = (1, 2, 3)
 #: settings a loaded guard may change; the others are baked into the learned state
 LOAD_OVERRIDES = ("policy", "filter_sigma", "input_range", "strict", "nonfinite", "progress", "batch_size")
 _KEY = "hfguard"
@@ -51,11 +52,11 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
     header = {
         "format_version": FORMAT_VERSION,
         "hfguard_version": __version__,
-        "spec": guard.spec,
+        "spec": guard.layout,
         "policy": guard.policy,
         "fpr": guard.fpr,
         "normalize": guard.normalize,
-        "threshold": float(guard.threshold_),
+        "threshold": float(guard.calibrated_threshold),
         "filter_sigma": float(guard.sigma_),
         "max_features": guard.max_features,
         "input_range": guard.input_range,

@@ -32,7 +32,7 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         ModelMismatchError: ``model`` does not have the saved layers with the saved shapes.
     """
     header, tensors = read_guard_file(path)
-    spec = header["spec"]
+    layout = header["spec"]  # the header key keeps its format-1 name
     fixed = sorted(set(overrides) - set(LOAD_OVERRIDES))
     if fixed:
         raise ValueError(
@@ -40,7 +40,7 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
             f"Settings load() can change: {list(LOAD_OVERRIDES)}"
         )
     settings = {
-        "layers": spec["layers"],
+        "layers": layout["layers"],
         "policy": header["policy"],
         "fpr": header["fpr"],
         "normalize": header["normalize"],
@@ -49,33 +49,35 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "input_range": header["input_range"],
         "strict": header["strict"],
         "nonfinite": header["nonfinite"],
-        "score_features": spec["score_features"],
+        "score_features": layout["score_features"],
         "calibration": header.get("calibration", "clean"),
         "attack_families": header.get("attack_families", "all"),
     }
     settings.update(overrides)
     guard = Guard(model, **settings)
     named = dict(model.named_modules())
-    missing = [n for n in spec["layers"] if n not in named]
+    missing = [n for n in layout["layers"] if n not in named]
     if missing:
         raise ModelMismatchError(f"the model has no module(s) {missing}; this guard was saved for a model that has them")
     param = next(model.parameters(), None)
-    example = torch.zeros(1, *spec["input_shape"], device=param.device if param is not None else "cpu", dtype=param.dtype if param is not None else torch.float32)
+    example = torch.zeros(1, *layout["input_shape"], device=param.device if param is not None else "cpu", dtype=param.dtype if param is not None else torch.float32)
     was_training = model.training
     try:
         model.eval()
-        infos, out = discover_layers(model, example, [(n, named[n]) for n in spec["layers"]])
+        infos, out = discover_layers(model, example, [(n, named[n]) for n in layout["layers"]])
     finally:
         model.train(was_training)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != spec["num_classes"]:
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != layout["num_classes"]:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ModelMismatchError(f"the guard was fitted on a model with {spec['num_classes']} outputs; this model returns {got}")
-    saved = spec["layer_shapes"]
+        raise ModelMismatchError(f"the guard was fitted on a model with {layout['num_classes']} outputs; this model returns {got}")
+    saved = layout["layer_shapes"]
     for info in infos:
         if info.name in saved and list(info.shape) != saved[info.name]:
             raise ModelMismatchError(f"layer {info.name!r} outputs shape {list(info.shape)}; the guard was fitted on {saved[info.name]}")
-    guard._allocate(spec)
+    guard._allocate(layout)
     own = guard.guard_state()
+    if header["format_version"] < 3 and "threshold_" in tensors:  # renamed in format 3
+        tensors = {("calibrated_threshold" if k == "threshold_" else k): v for k, v in tensors.items()}
     if header["format_version"] == 1:  # no heads saved: the clean-only combiner, as the file was fitted
         tensors = {**tensors, "head_weight": own["head_weight"], "head_bias": own["head_bias"]}
     if set(own) != set(tensors):

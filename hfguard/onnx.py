@@ -34,7 +34,7 @@ class _CheckGraph(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         g = self.guard
         logits, score, origin = g._evaluate(x)
-        flagged = score > g.threshold_
+        flagged = score > g.calibrated_threshold
         if g.policy == "filter":
             logits = torch.where(flagged[:, None], g._filtered_logits(x).to(logits.dtype), logits)
         return logits, score, flagged, origin

@@ -39,7 +39,7 @@ def claim_stability(guard: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
     with torch.no_grad():
         _, feats = guard._features(x)
         insp = guard.inspect(x)
-    k = guard.spec["num_classes"]
+    k = guard.layout["num_classes"]
     ratios, acc = [], []
     for i, name in enumerate(guard.sources[:-1]):  # layers and logits (the spectrum is claim 3's)
         z = feats[i].double()
@@ -125,8 +125,8 @@ def claim_hf(guard: Any, x: Tensor, y: Tensor, eps: float, sigmas: tuple[float, 
         return spectrum.hf_features(p, ch, cw, guard.pool_h, guard.pool_w, guard.hf_index)
 
     with torch.no_grad():
-        sig = torch.stack([hf(x[y == c]).mean(0) for c in range(guard.spec["num_classes"]) if (y == c).any()])
-        classes = [c for c in range(guard.spec["num_classes"]) if (y == c).any()]
+        sig = torch.stack([hf(x[y == c]).mean(0) for c in range(guard.layout["num_classes"]) if (y == c).any()])
+        classes = [c for c in range(guard.layout["num_classes"]) if (y == c).any()]
         prof = hf(delta)
         prof_c = prof - prof.mean(1, keepdim=True)
         sig_c = sig - sig.mean(1, keepdim=True)

@@ -36,7 +36,7 @@ class ClassGaussian(nn.Module):
 
 
 class FittedState(nn.Module):
-    """Learned buffers of a guard (created from a spec by :meth:`_allocate`) and the scoring maths on features.
+    """Learned buffers of a guard (created from a layout by :meth:`_allocate`) and the scoring maths on features.
 
     Args:
         norm_mean, norm_std: per-channel normalisation of the model's input (1 or C values).
@@ -45,23 +45,23 @@ class FittedState(nn.Module):
     def __init__(self, norm_mean: Tensor, norm_std: Tensor) -> None:
         super().__init__()
         self.temperature = 1.0
-        self.plan: list[tuple[str, int]] = []
+        self.score_columns: list[tuple[str, int]] = []
         self.layers: list[str] = []
         self.grids: dict[str, int] = {}
-        self.spec: dict[str, Any] | None = None
+        self.layout: dict[str, Any] | None = None
         self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
         self.register_buffer("norm_std", norm_std.view(-1, 1, 1))
 
     @property
     def fitted(self) -> bool:
         """Whether :meth:`fit` (or :func:`hfguard.load`) has run."""
-        return self.spec is not None
+        return self.layout is not None
 
     @property
     def threshold(self) -> float:
         """Score threshold: ``score > threshold`` is flagged."""
         self._require_fitted()
-        return float(self.threshold_)
+        return float(self.calibrated_threshold)
 
     @property
     def sources(self) -> list[str]:
@@ -69,37 +69,37 @@ class FittedState(nn.Module):
         return [*self.layers, LOGITS, SPECTRUM]
 
     def _require_fitted(self) -> None:
-        if self.spec is None:
+        if self.layout is None:
             raise NotFittedError("This Guard instance is not fitted yet. Call 'fit' with clean data before using it.")
 
-    def _allocate(self, spec: dict[str, Any]) -> None:
-        """Creates every learned buffer from a spec (used by ``fit`` and by ``load``)."""
-        k = spec["num_classes"]
-        c, h, w = spec["input_shape"]
-        gh, gw = spec["spectral_grid"]
-        self.layers = list(spec["layers"])
-        self.grids = dict(zip(self.layers, spec["grids"]))
-        dims = [*spec["dims"], k, len(spec["hf_index"])]
+    def _allocate(self, layout: dict[str, Any]) -> None:
+        """Creates every learned buffer from a layout (used by ``fit`` and by ``load``)."""
+        k = layout["num_classes"]
+        c, h, w = layout["input_shape"]
+        gh, gw = layout["spectral_grid"]
+        self.layers = list(layout["layers"])
+        self.grids = dict(zip(self.layers, layout["grids"]))
+        dims = [*layout["dims"], k, len(layout["hf_index"])]
         self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
         self.register_buffer("dct_h", spectrum.dct_matrix(h))
         self.register_buffer("dct_w", spectrum.dct_matrix(w))
         self.register_buffer("pool_h", spectrum.pool_matrix(h, gh))
         self.register_buffer("pool_w", spectrum.pool_matrix(w, gw))
-        self.register_buffer("hf_index", torch.tensor(spec["hf_index"], dtype=torch.long))
-        names = spec["score_features"]
-        self.plan = [evidence.parse_feature(n, self.sources) for n in names]
+        self.register_buffer("hf_index", torch.tensor(layout["hf_index"], dtype=torch.long))
+        names = layout["score_features"]
+        self.score_columns = [evidence.parse_feature(n, self.sources) for n in names]
         nf = len(names)
         self.register_buffer("evidence_mean", torch.zeros(k, nf))
         self.register_buffer("evidence_std", torch.ones(k, nf))
-        if spec.get("calibration", "clean") == "clean":  # files of format 1 have no heads: the clean-only combiner
+        if layout.get("calibration", "clean") == "clean":  # files of format 1 have no heads: the clean-only combiner
             weight, bias = combiner.identity_heads(nf)
         else:
-            weight, bias = torch.zeros(spec["heads"], nf), torch.zeros(spec["heads"])
+            weight, bias = torch.zeros(layout["heads"], nf), torch.zeros(layout["heads"])
         self.register_buffer("head_weight", weight)
         self.register_buffer("head_bias", bias)
-        self.register_buffer("threshold_", torch.zeros(()))
+        self.register_buffer("calibrated_threshold", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
-        self.spec = spec
+        self.layout = layout
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Model input -> pixel image (undoes ``normalize``)."""
@@ -116,17 +116,17 @@ class FittedState(nn.Module):
     def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [g(f) for g, f in zip(self.gaussians, feats)]
 
-    def _needed(self) -> set[int]:
+    def _sources_used(self) -> set[int]:
         """Sources the score and the origin need (0 = first watched layer, for the origin)."""
-        return {src for kind, src in self.plan if kind != "margin"} | {0}
+        return {src for kind, src in self.score_columns if kind != "margin"} | {0}
 
     def _source_distances(self, feats: Sequence[Tensor | None]) -> dict[int, Tensor]:
-        """(N, K) class distances of the sources the score and the origin need (see :meth:`_needed`)."""
-        return {i: self.gaussians[i](feats[i]) for i in self._needed()}
+        """(N, K) class distances of the sources the score and the origin need (see :meth:`_sources_used`)."""
+        return {i: self.gaussians[i](feats[i]) for i in self._sources_used()}
 
     def _evidence(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
         """The planned evidence columns (N, F) from the logits and the sources' distances."""
-        return evidence.evidence_columns(self.plan, dists, logits.to(self.evidence_mean.dtype))
+        return evidence.evidence_columns(self.score_columns, dists, logits.to(self.evidence_mean.dtype))
 
     def _score_evidence(self, ev: Tensor, pred: Tensor) -> Tensor:
         """Evidence (N, F) of inputs predicted ``pred`` -> class-standardised z -> combiner heads -> score (N,)."""

@@ -1,6 +1,5 @@
 """Two gloo processes on this machine fit the same guard as one process on all the data."""
 
-import os
 
 import pytest
 import torch

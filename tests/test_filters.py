@@ -61,7 +61,7 @@ def test_filtered_logits_are_the_model_on_the_low_passed_pixels(digits_model, di
     for model, norm, inputs, pixels in cases:
         fit_x = digits.x_train if norm is None else (digits.x_train - mean) / std
         g = hfguard.protect(model, policy="filter", normalize=norm, progress=False, filter_sigma=0.8, calibration="clean").fit((fit_x, digits.y_train))
-        g.threshold_.fill_(float("-inf"))  # flag every row
+        g.calibrated_threshold.fill_(float("-inf"))  # flag every row
         v = g.check(inputs)
         assert v.filtered.all()
         smoothed = lowpass(pixels, 0.8)

@@ -27,7 +27,7 @@ def test_round_trip_gives_identical_scores_and_settings(fitted, digits, saved, d
 
 def test_state_dict_carries_the_learned_state(fitted, digits, digits_model):
     sd = fitted.state_dict()
-    assert any(k.startswith("gaussians.") for k in sd) and "threshold_" in sd
+    assert any(k.startswith("gaussians.") for k in sd) and "calibrated_threshold" in sd
     assert {"head_weight", "head_bias"} <= set(sd)  # the learned combiner is state too
     assert set(fitted.guard_state()) == {k for k in sd if not k.startswith("model.")}
 
@@ -56,13 +56,32 @@ def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tm
     header.pop("calibration")
     header["spec"].pop("calibration")
     header["spec"].pop("heads")
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("head_")}
+    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items() if not k.startswith("head_")}
     old = tmp_path / "v1.safetensors"
     save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
     g1 = hfguard.load(str(old), digits_model)
     x = digits.x_test[:40]
     assert torch.allclose(g1.score(x), g.score(x)) and g1.threshold == g.threshold
     assert load_file(str(old)).keys() == tensors.keys()
+
+
+def test_format_2_files_load_with_their_threshold_name(fitted, digits_model, digits, tmp_path):
+    """Format 2 named the threshold tensor ``threshold_``; such files still load and score identically."""
+    from safetensors.torch import save_file
+
+    from hfguard import io
+
+    p = tmp_path / "v3.safetensors"
+    fitted.save(str(p))
+    header, tensors = io.read_guard_file(str(p))
+    assert header["format_version"] == 3 and "calibrated_threshold" in tensors
+    header["format_version"] = 2
+    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
+    old = tmp_path / "v2.safetensors"
+    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    g2 = hfguard.load(str(old), digits_model)
+    x = digits.x_test[:40]
+    assert torch.equal(g2.score(x), fitted.score(x)) and g2.threshold == fitted.threshold
 
 
 def test_load_with_policy_override(saved, digits_model):

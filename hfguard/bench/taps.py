@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hfguard.errors import ModelError
+from hfguard.taps import capture
 
 __all__ = ["spatial_mean", "last_linear", "tapped_forward", "tapped_features"]
 
@@ -33,17 +34,17 @@ def last_linear(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def _hooks(model: nn.Module, outputs: Sequence[str], inputs: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
+    """Module outputs through the guard's own :func:`hfguard.taps.capture` (a 1x1 grid is the spatial mean);
+    module inputs through pre-hooks, stored under ``"input:" + name``."""
     handles = []
-    try:
-        for name in outputs:
-            handles.append(model.get_submodule(name).register_forward_hook(lambda _m, _i, o, name=name: store.__setitem__(name, spatial_mean(o))))
-        for name in inputs:
-            handles.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, i, name=name: store.__setitem__("input:" + name, spatial_mean(i[0]))))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
+    with capture([(n, model.get_submodule(n)) for n in outputs], dict.fromkeys(outputs, 1)) as store:
+        try:
+            for name in inputs:
+                handles.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, i, name=name: store.__setitem__("input:" + name, spatial_mean(i[0]))))
+            yield store
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def tapped_forward(model: nn.Module, x: Tensor, outputs: Sequence[str] = (), inputs: Sequence[str] = ()) -> tuple[Tensor, list[Tensor]]:
