@@ -37,7 +37,7 @@ from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
 from hfguard.stats import ClassGaussianAccumulator
-from hfguard.taps import choose_layers, discover_layers, pooled_grid, watchable_units
+from hfguard.taps import choose_layers, choose_pooling, discover_layers, layer_kind, watchable_units
 
 __all__ = ["fit_guard", "choose_layout", "CALIBRATIONS"]
 
@@ -66,7 +66,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "gaussians": guard._modules.get("gaussians"),
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "grids", "fit_report")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "poolings", "fit_report")},
     }
 
 
@@ -113,13 +113,13 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
                 raise ModelError(f"layer {n!r} did not run during the forward pass")
             if info.calls != 1:
                 raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
-    grids, dims = [], []
+    c, h, w = (int(s) for s in x.shape[1:])
+    poolings, dims = [], []
     for n in layers:
         shape = by_name[n].shape
-        g = pooled_grid(shape, guard.max_features)
-        grids.append(g)
-        dims.append(shape[0] * g * g if len(shape) == 3 else int(torch.tensor(shape).prod()))
-    c, h, w = (int(s) for s in x.shape[1:])
+        pooling, dim = choose_pooling(shape, layer_kind(shape, (h, w)), guard.max_features)
+        poolings.append([pooling.kind, pooling.size, pooling.channels])
+        dims.append(dim)
     if guard.norm_mean.numel() not in (1, c):
         raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
     grid = spectrum.spectral_grid(h, w)
@@ -139,7 +139,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         "calibration": guard.calibration,
         "heads": len(chosen) if guard.calibration == "clean" else len(_regimes(guard.attack_families)),
         "layers": layers,
-        "grids": grids,
+        "poolings": poolings,
         "dims": dims,
         "num_classes": k,
         "input_shape": [c, h, w],
@@ -197,12 +197,13 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             acc.update(lost[f"source{i}"], lost["y"])
         acc.all_reduce()
     hold = _hand_back_excess(guard, hold, seen, accs)
+    hold = _stratify(hold, accs)
     counts = accs[0].count.long()
     few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
     if few:
         what = "labels" if seen_labels else "the model's predictions"
         raise DataError(
-            f"each class needs at least 2 clean samples outside the calibration hold-out; by {what}, "
+            f"each class needs at least 2 clean samples outside the calibration hold-out (which takes at most a third of a class); by {what}, "
             + ", ".join(f"class {c} has {n}" for c, n in few)
         )
     shrinkage = _set_gaussians(guard, accs)
@@ -284,6 +285,32 @@ def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, accs: list
     for i, acc in enumerate(accs):
         acc.update(back[f"source{i}"], back["y"])
     return {k: v[order[:keep]] for k, v in hold.items()}
+
+
+def _stratify(hold: dict[str, Tensor], accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+    """A class keeps at most a third of its samples in the hold-out; the rest go back to the statistics.
+
+    The hold-out is a uniform sample, so with a few images per class (1000 classes, 6 images each) it would
+    take all of some classes' images; this way every class with 2 or more samples has 2 or more in the
+    statistics.  Deterministic, so every rank of a distributed fit makes the same choice.
+    """
+    y = hold["y"]
+    if len(y) == 0:
+        return hold
+    k = accs[0].count.shape[0]
+    held = torch.bincount(y, minlength=k)
+    total = held + accs[0].count.long()
+    allowed = total // 3
+    order = torch.argsort(y, stable=True)
+    ys = y[order]
+    rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)  # position of each row within its class
+    back = torch.zeros(len(y), dtype=torch.bool)
+    back[order[rank >= allowed[ys]]] = True
+    if not bool(back.any()):
+        return hold
+    for i, acc in enumerate(accs):
+        acc.update(hold[f"source{i}"][back], y[back])
+    return {key: v[~back] for key, v in hold.items()}
 
 
 def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[float]:

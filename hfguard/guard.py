@@ -202,7 +202,7 @@ class Guard(FittedState):
         n_layers = len(self.layers)
         wanted = set(range(n_layers + 2)) if needed is None else needed
         modules = [m for i, m in enumerate(self._watched_modules()) if i in wanted]
-        with capture(modules, self.grids) as store:
+        with capture(modules, self.poolings) as store:
             logits = self._forward_model(x)
         missing = [n for n, _ in modules if n not in store]
         if missing:

@@ -17,6 +17,7 @@ from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.errors import NotFittedError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.stats import class_sq_distances
+from hfguard.taps import FLAT, MAP, Pooling
 
 __all__ = ["ClassGaussian", "FittedState"]
 
@@ -47,7 +48,7 @@ class FittedState(nn.Module):
         self.temperature = 1.0
         self.score_columns: list[tuple[str, int]] = []
         self.layers: list[str] = []
-        self.grids: dict[str, int] = {}
+        self.poolings: dict[str, Pooling] = {}
         self.layout: dict[str, Any] | None = None
         self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
         self.register_buffer("norm_std", norm_std.view(-1, 1, 1))
@@ -78,7 +79,7 @@ class FittedState(nn.Module):
         c, h, w = layout["input_shape"]
         gh, gw = layout["spectral_grid"]
         self.layers = list(layout["layers"])
-        self.grids = dict(zip(self.layers, layout["grids"]))
+        self.poolings = dict(zip(self.layers, layout_poolings(layout)))
         dims = [*layout["dims"], k, len(layout["hf_index"])]
         self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
         self.register_buffer("dct_h", spectrum.dct_matrix(h))
@@ -132,3 +133,12 @@ class FittedState(nn.Module):
         """Evidence (N, F) of inputs predicted ``pred`` -> class-standardised z -> combiner heads -> score (N,)."""
         z = calibrate.standardize(ev, pred, self.evidence_mean, self.evidence_std)
         return combiner.head_score(z, self.head_weight, self.head_bias, self.temperature)
+
+
+def layout_poolings(layout: dict[str, Any]) -> list[Pooling]:
+    """Each watched layer's :class:`~hfguard.taps.Pooling`; files of formats 1-2 stored only a grid side
+    (channels-first maps; other outputs flattened)."""
+    if "poolings" in layout:
+        return [Pooling(str(k), int(s), int(c)) for k, s, c in layout["poolings"]]
+    shapes = layout["layer_shapes"]
+    return [Pooling(MAP if len(shapes[n]) == 3 else FLAT, int(g)) for n, g in zip(layout["layers"], layout["grids"])]

@@ -1,5 +1,13 @@
 """Which layers to watch, and capturing their activations during one forward pass.
 
+A watched layer's output becomes a flat feature vector by its :class:`Pooling`:
+
+* ``"map"``: a (N, C, H, W) feature map, average-pooled to a small spatial grid;
+* ``"map-last"``: a channels-last (N, H, W, C) map (Swin, some ConvNeXt blocks), pooled the same way;
+* ``"tokens"``: a transformer block's (N, L, D) tokens, summarised by the first (class) token and
+  the mean of the other tokens, each averaged over channel groups to fit the feature budget;
+* ``"flat"``: anything else, flattened ((N, D) vectors unchanged).
+
 Hooks are registered for the duration of one call and removed in ``finally``,
 so the user's model never keeps a hook.  Each call's hooks only record
 activations produced by the thread that made the call, so concurrent calls
@@ -19,13 +27,21 @@ from torch import Tensor, nn
 
 from hfguard.errors import ModelError
 
-__all__ = ["LayerInfo", "watchable_units", "discover_layers", "choose_layers", "pooled_grid", "pool_activation", "capture"]
+__all__ = [
+    "LayerInfo", "Pooling", "average_groups", "pool_tokens", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
+    "pooled_grid", "pool_activation", "capture", "KINDS",
+]
+
+MAP, MAP_LAST, TOKENS, FLAT = "map", "map-last", "tokens", "flat"
+KINDS = (MAP, MAP_LAST, TOKENS, FLAT)
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _SKIP_AUTO = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity, nn.Unflatten,
 )
+#: modules of other libraries that only rearrange their input (torchvision's Permute, used by Swin)
+_SKIP_AUTO_NAMES = ("Permute",)
 
 
 @dataclass(frozen=True)
@@ -45,13 +61,27 @@ class LayerInfo:
     order: int
 
 
+def _holds_a_stack(mod: nn.Module) -> bool:
+    """Whether a custom module holds a stack of blocks: a container child with at least 3 children of one type
+    (e.g. a transformer ``Encoder`` whose ``layers`` is a Sequential of ``EncoderBlock``); a block whose
+    ``block`` Sequential holds conv-norm-activation containers (MobileNet, EfficientNet) is not one."""
+    for child in mod.children():
+        if isinstance(child, _CONTAINERS):
+            # blocks: custom modules with submodules (not containers such as a conv-norm-activation Sequential)
+            types = [type(g) for g in child.children() if not isinstance(g, _CONTAINERS) and any(True for _ in g.children())]
+            if len(types) >= 3 and max(types.count(t) for t in set(types)) >= 3:
+                return True
+    return False
+
+
 def watchable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Candidate modules: descend through containers and the root, stop at leaves or custom blocks."""
+    """Candidate modules: descend through containers, the root and custom modules that hold a stack of blocks
+    (a transformer's encoder); stop at leaves and at other custom blocks (a ResNet's BasicBlock)."""
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, mod: nn.Module, is_root: bool) -> None:
         children = list(mod.named_children())
-        if children and (is_root or isinstance(mod, _CONTAINERS)):
+        if children and (is_root or isinstance(mod, _CONTAINERS) or _holds_a_stack(mod)):
             for n, c in children:
                 walk(f"{prefix}.{n}" if prefix else n, c, False)
         elif not is_root:
@@ -104,10 +134,12 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
 
     Walks the candidate modules in call order, groups consecutive ones with the
     same output shape into a stage, and keeps the last module of each stage.
-    Pooling, flatten, dropout and identity modules are skipped (they only
-    rearrange their input), as are modules called more than once per forward
-    and the module that produces the logits.  With more than ``max_layers``
-    stages an evenly spaced subset is kept, always including the first and last.
+    Transformer blocks (token outputs, (L, D)) all share one shape, so each
+    is its own stage.  Pooling, flatten, dropout and identity modules are
+    skipped (they only rearrange their input), as are modules called more than
+    once per forward and the module that produces the logits.  With more than
+    ``max_layers`` stages an evenly spaced subset is kept, always including the
+    first and last.
     """
     stages: list[LayerInfo] = []
     prev_shape = None
@@ -116,10 +148,11 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
         usable = (
             info.calls == 1
             and not isinstance(mod, _SKIP_AUTO)
-            and len(info.shape) in (1, 3)
+            and type(mod).__name__ not in _SKIP_AUTO_NAMES
+            and len(info.shape) in (1, 2, 3)
             and not (len(info.shape) == 1 and info.shape[0] == num_outputs and info is infos[-1])
         )
-        if info.shape == prev_shape and stages and stages[-1].shape == info.shape:
+        if info.shape == prev_shape and stages and stages[-1].shape == info.shape and len(info.shape) != 2:
             if usable:
                 stages[-1] = info
             continue
@@ -131,6 +164,45 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
         idx = torch.linspace(0, len(names) - 1, max_layers).round().long().tolist()
         names = [names[i] for i in sorted(set(idx))]
     return names
+
+
+def layer_kind(shape: Sequence[int], input_hw: tuple[int, int]) -> str:
+    """How to read an activation of ``shape`` (without the batch dimension) from a model fed
+    ``input_hw`` images: ``"map"``, ``"map-last"``, ``"tokens"`` or ``"flat"``.
+
+    A 3-d output is a channels-first map when its last two sizes shrink the image by the same
+    stride in both directions (PyTorch's convention, preferred when both readings fit), and a
+    channels-last map when its first two do.
+    """
+    if len(shape) == 2:
+        return TOKENS
+    if len(shape) != 3:
+        return FLAT
+    h, w = input_hw
+
+    def same_stride(a: int, b: int) -> bool:
+        return 0.8 <= (h / a) / (w / b) <= 1.25
+
+    a, b, c = shape
+    if same_stride(b, c) or not same_stride(a, b):
+        return MAP
+    return MAP_LAST
+
+
+def choose_pooling(shape: Sequence[int], kind: str, max_dim: int) -> tuple["Pooling", int]:
+    """The pooling of a layer of ``shape`` and ``kind`` and its feature dimension (at most ``max_dim``
+    where the layer allows: a map pools to one position per channel at the least)."""
+    if kind in (MAP, MAP_LAST):
+        chw = tuple(shape) if kind == MAP else (shape[2], shape[0], shape[1])
+        g = pooled_grid(chw, max_dim)
+        if chw[0] > max_dim:  # wider than the budget even at one position: average channel groups
+            return Pooling(kind, 1, max_dim), max_dim
+        return Pooling(kind, g), chw[0] * g * g
+    if kind == TOKENS:
+        size = max(1, min(int(shape[1]), max_dim // 2))
+        return Pooling(kind, size), 2 * size
+    d = int(torch.tensor(list(shape)).prod())
+    return (Pooling(FLAT, 0, max_dim), max_dim) if d > max_dim else (Pooling(FLAT, 0), d)
 
 
 def pooled_grid(shape: tuple[int, ...], max_dim: int) -> int:
@@ -145,8 +217,54 @@ def pooled_grid(shape: tuple[int, ...], max_dim: int) -> int:
     return 1
 
 
+@dataclass(frozen=True)
+class Pooling:
+    """How one watched layer's output becomes a feature vector (N, D).
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        size: the grid side for maps, the channels kept per token summary for tokens, 0 for flat.
+        channels: for maps (and flat vectors) wider than the feature budget, the groups of channels (entries)
+            averaged to; 0 keeps them all.
+    """
+
+    kind: str
+    size: int
+    channels: int = 0
+
+    def __call__(self, a: Tensor) -> Tensor:
+        if self.kind == TOKENS and a.dim() == 3:
+            return pool_tokens(a, self.size)
+        if self.kind == FLAT:
+            return average_groups(a.flatten(1), self.channels) if self.channels else a.flatten(1)
+        if self.kind == MAP_LAST and a.dim() == 4:
+            a = a.permute(0, 3, 1, 2)
+        out = pool_activation(a, self.size)
+        return average_groups(out, self.channels) if self.channels else out
+
+
+def average_groups(v: Tensor, size: int) -> Tensor:
+    """(..., D) -> (..., size): the mean of ``size`` contiguous groups of the last dimension (as equal as D allows)."""
+    d = v.shape[-1]
+    if size >= d:
+        return v
+    if d % size == 0:
+        return v.reshape(*v.shape[:-1], size, d // size).mean(-1)
+    from hfguard.spectrum import pool_matrix
+
+    return v @ pool_matrix(d, size, dtype=v.dtype).to(v.device).T
+
+
+def pool_tokens(a: Tensor, size: int) -> Tensor:
+    """(N, L, D) tokens -> (N, 2 * size): the first (class) token and the mean of the others, each
+    averaged over ``size`` channel groups."""
+    first = a[:, 0]
+    rest = a[:, 1:].mean(1) if a.shape[1] > 1 else first
+    return average_groups(torch.stack([first, rest], 1), size).flatten(1)
+
+
 def pool_activation(a: Tensor, grid: int) -> Tensor:
-    """Pools an activation to a flat feature vector (N, D).
+    """Pools a channels-first activation to a flat feature vector (N, D).
 
     4-D activations are average-pooled to ``grid`` x ``grid`` (with a
     reshape-mean when the size divides and gradients are being recorded, whose
@@ -172,8 +290,10 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def capture(modules: Sequence[tuple[str, nn.Module]], grids: dict[str, int]) -> Iterator[dict[str, Tensor]]:
+def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooling | int"]) -> Iterator[dict[str, Tensor]]:
     """Context manager: pooled activations of ``modules`` produced by this thread inside the block.
+
+    ``poolings`` gives each module's :class:`Pooling` (an int is a channels-first map's grid side).
 
     Yields:
         A dict, private to this call, filled with ``name -> (N, D)`` pooled features.
@@ -186,14 +306,15 @@ def capture(modules: Sequence[tuple[str, nn.Module]], grids: dict[str, int]) -> 
     handles = []
 
     def make(name: str):
-        grid = grids[name]
+        pooling = poolings[name]
+        pool = Pooling(MAP, pooling) if isinstance(pooling, int) else pooling
 
         def hook(_m, _i, out):
             if threading.get_ident() != owner:
                 return
             if not isinstance(out, Tensor):
                 raise ModelError(f"layer {name!r} must return a tensor to be watched; got {type(out).__name__}")
-            store[name] = pool_activation(out, grid)
+            store[name] = pool(out)
 
         return hook
 

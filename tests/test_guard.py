@@ -378,7 +378,7 @@ def test_logits_and_score_is_one_differentiable_pass(fitted, digits):
     x = digits.x_test[:20].clone().requires_grad_(True)
     logits, score = fitted.logits_and_score(x)
     with torch.no_grad():
-        assert torch.allclose(score, fitted.score(x), atol=1e-6)
+        assert torch.allclose(score, fitted.score(x), rtol=1e-5, atol=1e-5)  # float32: reshape-mean vs avg_pool2d
         assert torch.allclose(logits, fitted.model(x), atol=1e-6)
     assert torch.autograd.grad(score.sum(), x)[0].abs().sum() > 0
 

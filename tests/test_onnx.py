@@ -72,5 +72,5 @@ def test_a_map_the_pooling_grid_does_not_divide_exports(tmp_path):
                       nn.Flatten(), nn.Linear(16 * 15 * 15, 5)).eval()
     x = torch.rand(120, 1, 30, 30)
     g = hfguard.protect(m, progress=False, calibration_size=40, calibration="clean").fit((x, torch.arange(120) % 5))
-    assert 30 % g.grids["1"] and 15 % g.grids["4"]  # neither map divides by its pooling grid
+    assert 30 % g.poolings["1"].size and 15 % g.poolings["4"].size  # neither map divides by its pooling grid
     _parity(g, x[:16], tmp_path / "c30.onnx")
