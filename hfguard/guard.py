@@ -207,14 +207,16 @@ class Guard(FittedState):
         missing = [n for n, _ in modules if n not in store]
         if missing:
             raise ModelError(f"layers {missing} did not run during the forward pass")
-        feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
+        with _full_precision(x):
+            feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
         return logits, feats
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
         logits, feats = self._features(x, self._sources_used())
-        dists = self._source_distances(feats)
-        return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
+        with _full_precision(x):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
+            dists = self._source_distances(feats)
+            return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))
@@ -377,6 +379,11 @@ class Guard(FittedState):
     def extra_repr(self) -> str:
         state = f"layers={self.layers}, threshold={float(self.calibrated_threshold):.4f}" if self.fitted else "not fitted"
         return f"policy={self.policy!r}, fpr={self.fpr}, {state}"
+
+
+def _full_precision(x: Tensor) -> Any:
+    """Turns off a caller's ``torch.autocast`` for the guard's own maths on ``x``'s device."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def protect(

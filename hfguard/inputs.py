@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -58,9 +59,9 @@ def check_images(
     bad = None
     if x.numel() == 0:
         return x, bad
-    xd = x.detach()
-    lo_c, hi_c = xd.amin(dim=(0, 2, 3)), xd.amax(dim=(0, 2, 3))  # NaN propagates: one pass checks both
-    if not bool(torch.isfinite(lo_c).all() and torch.isfinite(hi_c).all()):
+    # one read-back (one host synchronisation on a GPU) answers both questions: NaN/Inf propagate into the extremes
+    plo, phi = _pixel_extremes(x.detach(), norm_mean, norm_std)
+    if not (math.isfinite(plo) and math.isfinite(phi)):
         finite = torch.isfinite(x)
         if nonfinite == "raise":
             raise InputError(
@@ -69,17 +70,25 @@ def check_images(
             )
         bad = ~finite.flatten(1).all(1)
         x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        lo_c, hi_c = x.detach().amin(dim=(0, 2, 3)), x.detach().amax(dim=(0, 2, 3))
+        if input_range is not None:
+            plo, phi = _pixel_extremes(x.detach(), norm_mean, norm_std)
     if input_range is not None:
-        plo = (lo_c.view(-1, 1, 1) * norm_std + norm_mean).min()
-        phi = (hi_c.view(-1, 1, 1) * norm_std + norm_mean).max()
         lo, hi = input_range
         tol = 1e-3 * (hi - lo)
-        if float(plo) < lo - tol or float(phi) > hi + tol:
-            msg = f"pixel values should lie in [{lo}, {hi}] (after undoing `normalize`), got values from {float(plo):.4g} to {float(phi):.4g}" + (
+        if plo < lo - tol or phi > hi + tol:
+            msg = f"pixel values should lie in [{lo}, {hi}] (after undoing `normalize`), got values from {plo:.4g} to {phi:.4g}" + (
                 "" if normalized else "; if the model takes normalised images pass normalize=(mean, std)"
             )
             if strict:
                 raise InputError(msg)
             warnings.warn(msg, stacklevel=4)
     return x, bad
+
+
+def _pixel_extremes(x: Tensor, norm_mean: Tensor, norm_std: Tensor) -> tuple[float, float]:
+    """Smallest and largest pixel value of a batch after undoing the normalisation, read back to the host in
+    one transfer; NaN or infinite when any entry is (NaN and +-inf propagate through the extremes)."""
+    lo_c, hi_c = x.amin(dim=(0, 2, 3)).float(), x.amax(dim=(0, 2, 3)).float()
+    std, mean = norm_std.flatten().float(), norm_mean.flatten().float()
+    lo, hi = torch.stack([(lo_c * std + mean).min(), (hi_c * std + mean).max()]).tolist()  # std > 0 keeps the order
+    return lo, hi

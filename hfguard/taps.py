@@ -245,7 +245,7 @@ class Pooling:
 
 def average_groups(v: Tensor, size: int) -> Tensor:
     """(..., D) -> (..., size): the mean of ``size`` contiguous groups of the last dimension (as equal as D allows)."""
-    d = v.shape[-1]
+    d = int(v.shape[-1])  # a Python int even while tracing for ONNX, so the averaging matrix is one constant
     if size >= d:
         return v
     if d % size == 0:
@@ -278,6 +278,7 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
     if a.dim() != 4:
         return a.flatten(1)
     n, c, h, w = a.shape
+    h, w = int(h), int(w)  # Python ints even while tracing for ONNX (see :func:`average_groups`)
     if h % grid == 0 and w % grid == 0:
         if a.requires_grad and torch.is_grad_enabled():
             return a.reshape(n, c, grid, h // grid, grid, w // grid).mean((3, 5)).flatten(1)

@@ -1,0 +1,133 @@
+"""GPU check (issue 14): hfguard around torchvision resnet50 at 224x224 on a CUDA device.
+
+Measures, on random-weight models made usable by :mod:`hfguard.bench.synthetic` (speed and plumbing only,
+never detection quality):
+
+* ``check()`` over the bare forward, batch 64, float32, float16 and under ``torch.autocast`` (median of
+  interleaved pairs, each timed with ``torch.cuda.synchronize``);
+* ``fit`` of a 1000-class guard on 6 clean images per class (6000 images, self-attack calibration
+  included): seconds, images per second, peak GPU memory;
+* the saved guard's size, and how far float16 / autocast scores are from float32 scores;
+* the same ``check()`` ratio for vit_b_16 (10 classes).
+
+    python benchmarks/gpu_check.py            # writes benchmarks/results/gpu-check.json (needs CUDA)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+import hfguard
+from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
+
+
+def timed_ratio(base, other, repeats: int) -> dict[str, float]:
+    def run(f) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        f()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for _ in range(5):
+            run(base)
+            run(other)
+        tb, to = [], []
+        for i in range(repeats):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                (tb if which == 0 else to).append(run(base if which == 0 else other))
+    return {"bare_forward_ms": 1e3 * statistics.median(tb), "check_ms": 1e3 * statistics.median(to), "ratio": statistics.median(o / b for o, b in zip(to, tb))}
+
+
+def images(n: int, size: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pixels = torch.rand(n, 3, size, size, generator=g)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
+    return ((pixels - mean) / std).to(device), (torch.arange(n) % k).to(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/gpu-check.json")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA device")
+    warnings.simplefilter("ignore")
+    dev = "cuda"
+    torch.backends.cudnn.benchmark = True
+    out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": "python benchmarks/gpu_check.py"}
+
+    # resnet50, 1000 classes, 6 clean images per class
+    k, size = 1000, 224
+    x, y = images(6 * k, size, k, dev, 0)
+    model = usable_random_model(random_model("resnet50", k, size).to(dev), x, y, k, batch_size=250)
+    out["resnet50_train_accuracy_of_fitted_head"] = float((torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)]) == y).float().mean())
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    t = time.perf_counter()
+    guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=250).fit((x, y))
+    torch.cuda.synchronize()
+    fit_s = time.perf_counter() - t
+    rep = guard.fit_report
+    out["resnet50_1000_classes_fit"] = {
+        "images": len(x), "images_per_class": 6, "seconds": fit_s, "images_per_second": len(x) / fit_s,
+        "seconds_by_step": rep["seconds"], "peak_gpu_memory_above_model_mb": (torch.cuda.max_memory_allocated() - base_mem) / 2**20,
+        "layers": guard.layers, "self_attacks_succeeded": rep["self_attacks"]["succeeded"], "threshold_samples": rep["threshold_samples"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "g.safetensors")
+        guard.save(path)
+        out["resnet50_1000_classes_state_mb"] = os.path.getsize(path) / 2**20
+    xb, _ = images(64, size, k, dev, 1)
+    out["resnet50_check_over_forward_float32_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
+    s32 = guard.score(xb).detach()
+    with torch.autocast("cuda", dtype=torch.float16):
+        out["resnet50_check_over_forward_autocast_float16_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
+        s_ac = guard.score(xb).detach().float()
+    half = random_model("resnet50", k, size).to(dev)
+    half.load_state_dict(model.state_dict())
+    half = half.half().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "g.safetensors")
+        guard.save(path)
+        g16 = hfguard.load(path, half)
+    xh = xb.half()
+    out["resnet50_check_over_forward_float16_model_batch64"] = timed_ratio(lambda: half(xh), lambda: g16.check(xh), args.repeats)
+    s16 = g16.score(xh).detach().float()
+    spread = float(s32.std())
+    out["score_difference_vs_float32"] = {
+        "float16_model_max_abs": float((s16 - s32).abs().max()), "autocast_max_abs": float((s_ac - s32).abs().max()),
+        "float32_score_std_over_batch": spread, "threshold": guard.threshold,
+        "float16_flag_agreement": float(((s16 > guard.threshold) == (s32 > guard.threshold)).float().mean()),
+    }
+    del model, half, guard, g16
+    torch.cuda.empty_cache()
+
+    # vit_b_16, 10 classes
+    k = 10
+    x, y = images(640, size, k, dev, 2)
+    vit = usable_random_model(random_model("vit_b_16", k, size).to(dev), x, y, k)
+    t = time.perf_counter()
+    gv = hfguard.protect(vit, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=128).fit((x, y))
+    torch.cuda.synchronize()
+    out["vit_b_16_fit"] = {"images": len(x), "seconds": time.perf_counter() - t, "layers": gv.layers}
+    out["vit_b_16_check_over_forward_float32_batch64"] = timed_ratio(lambda: vit(x[:64]), lambda: gv.check(x[:64]), args.repeats)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
