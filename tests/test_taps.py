@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from hfguard.data import small_cnn, small_resnet
@@ -92,3 +93,40 @@ def test_pooling_a_map_the_grid_does_not_divide_matches_adaptive_pooling():
     for grid in (2, 4):
         ref = torch.nn.functional.adaptive_avg_pool2d(a, grid).flatten(1)
         assert torch.allclose(pool_activation(a, grid), ref, atol=1e-6)
+
+
+def test_layer_kind_reads_maps_by_their_strides():
+    from hfguard.taps import layer_kind
+
+    assert layer_kind((96, 56, 56), (224, 224)) == "map"
+    assert layer_kind((56, 56, 96), (224, 224)) == "map-last"  # Swin stage
+    assert layer_kind((56, 40, 96), (224, 160)) == "map-last"  # non-square input
+    assert layer_kind((96, 56, 40), (224, 160)) == "map"
+    assert layer_kind((8, 8, 8), (32, 32)) == "map"  # both readings fit: PyTorch's channels-first convention
+    assert layer_kind((197, 768), (224, 224)) == "tokens"
+    assert layer_kind((1000,), (224, 224)) == "flat"
+
+
+def test_token_pooling_is_the_class_token_and_the_mean_patch_token():
+    from hfguard.taps import Pooling, choose_pooling
+
+    a = torch.randn(3, 5, 8)
+    pooling, dim = choose_pooling((5, 8), "tokens", 16)
+    assert pooling == Pooling("tokens", 8) and dim == 16
+    assert torch.equal(pooling(a), torch.cat([a[:, 0], a[:, 1:].mean(1)], 1))
+    small, dim = choose_pooling((5, 8), "tokens", 8)  # budget 8: each summary averaged to 4 channel groups
+    assert dim == 8 and torch.allclose(small(a), torch.cat([a[:, 0].reshape(3, 4, 2).mean(2), a[:, 1:].mean(1).reshape(3, 4, 2).mean(2)], 1))
+
+
+def test_average_groups_matches_adaptive_pooling_and_wide_maps_fit_the_budget():
+    from hfguard.taps import Pooling, average_groups, choose_pooling
+
+    v = torch.randn(4, 576)
+    assert torch.allclose(average_groups(v, 512), F.adaptive_avg_pool1d(v[:, None], 512)[:, 0], atol=1e-6)
+    pooling, dim = choose_pooling((2048, 7, 7), "map", 512)
+    assert dim == 512 and pooling == Pooling("map", 1, 512)
+    a = torch.randn(2, 2048, 7, 7)
+    assert torch.allclose(pooling(a), a.mean((2, 3)).reshape(2, 512, 4).mean(2), atol=1e-5)
+    last, dim_last = choose_pooling((7, 7, 64), "map-last", 512)
+    b = torch.randn(2, 7, 7, 64)
+    assert dim_last == 64 * 2 * 2 and torch.allclose(last(b), pool_activation(b.permute(0, 3, 1, 2), 2))
