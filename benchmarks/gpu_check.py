@@ -30,12 +30,17 @@ import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_ratio(base, other, repeats: int) -> dict[str, float]:
     def run(f) -> float:
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         f()
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t
 
     with torch.no_grad():
@@ -60,29 +65,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gpu-check.json")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script itself; writes nothing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check.py needs a CUDA device")
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("gpu_check.py needs a CUDA device (or --smoke)")
     warnings.simplefilter("ignore")
-    dev = "cuda"
+    dev = "cpu" if args.smoke else "cuda"
     torch.backends.cudnn.benchmark = True
-    out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": "python benchmarks/gpu_check.py"}
+    out: dict = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__, "command": "python benchmarks/gpu_check.py"}
 
     # resnet50, 1000 classes, 6 clean images per class
-    k, size = 1000, 224
+    k, size = (50, 32) if args.smoke else (1000, 224)
+    if args.smoke:
+        args.repeats = 2
     x, y = images(6 * k, size, k, dev, 0)
     model = usable_random_model(random_model("resnet50", k, size).to(dev), x, y, k, batch_size=250)
     out["resnet50_train_accuracy_of_fitted_head"] = float((torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)]) == y).float().mean())
-    torch.cuda.reset_peak_memory_stats()
-    base_mem = torch.cuda.memory_allocated()
+    cuda = dev == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated() if cuda else 0
     t = time.perf_counter()
     guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=250).fit((x, y))
-    torch.cuda.synchronize()
+    sync()
     fit_s = time.perf_counter() - t
     rep = guard.fit_report
     out["resnet50_1000_classes_fit"] = {
         "images": len(x), "images_per_class": 6, "seconds": fit_s, "images_per_second": len(x) / fit_s,
-        "seconds_by_step": rep["seconds"], "peak_gpu_memory_above_model_mb": (torch.cuda.max_memory_allocated() - base_mem) / 2**20,
+        "seconds_by_step": rep["seconds"], "peak_gpu_memory_above_model_mb": (torch.cuda.max_memory_allocated() - base_mem) / 2**20 if cuda else None,
         "layers": guard.layers, "self_attacks_succeeded": rep["self_attacks"]["succeeded"], "threshold_samples": rep["threshold_samples"],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,17 +102,17 @@ def main() -> None:
     xb, _ = images(64, size, k, dev, 1)
     out["resnet50_check_over_forward_float32_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
     s32 = guard.score(xb).detach()
-    with torch.autocast("cuda", dtype=torch.float16):
+    with torch.autocast(dev, dtype=torch.float16 if cuda else torch.bfloat16):
         out["resnet50_check_over_forward_autocast_float16_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
         s_ac = guard.score(xb).detach().float()
     half = random_model("resnet50", k, size).to(dev)
     half.load_state_dict(model.state_dict())
-    half = half.half().eval()
+    half = half.to(torch.float16 if cuda else torch.bfloat16).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "g.safetensors")
         guard.save(path)
         g16 = hfguard.load(path, half)
-    xh = xb.half()
+    xh = xb.to(torch.float16 if cuda else torch.bfloat16)
     out["resnet50_check_over_forward_float16_model_batch64"] = timed_ratio(lambda: half(xh), lambda: g16.check(xh), args.repeats)
     s16 = g16.score(xh).detach().float()
     spread = float(s32.std())
@@ -112,21 +122,24 @@ def main() -> None:
         "float16_flag_agreement": float(((s16 > guard.threshold) == (s32 > guard.threshold)).float().mean()),
     }
     del model, half, guard, g16
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     # vit_b_16, 10 classes
     k = 10
-    x, y = images(640, size, k, dev, 2)
+    x, y = images(64 if args.smoke else 640, size, k, dev, 2)
     vit = usable_random_model(random_model("vit_b_16", k, size).to(dev), x, y, k)
     t = time.perf_counter()
     gv = hfguard.protect(vit, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=128).fit((x, y))
-    torch.cuda.synchronize()
+    sync()
     out["vit_b_16_fit"] = {"images": len(x), "seconds": time.perf_counter() - t, "layers": gv.layers}
     out["vit_b_16_check_over_forward_float32_batch64"] = timed_ratio(lambda: vit(x[:64]), lambda: gv.check(x[:64]), args.repeats)
+    print(json.dumps(out, indent=2))
+    if args.smoke:
+        return
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
-    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
