@@ -89,6 +89,6 @@ def _pixel_extremes(x: Tensor, norm_mean: Tensor, norm_std: Tensor) -> tuple[flo
     """Smallest and largest pixel value of a batch after undoing the normalisation, read back to the host in
     one transfer; NaN or infinite when any entry is (NaN and +-inf propagate through the extremes)."""
     lo_c, hi_c = x.amin(dim=(0, 2, 3)).float(), x.amax(dim=(0, 2, 3)).float()
-    std, mean = norm_std.flatten().float(), norm_mean.flatten().float()
+    std, mean = norm_std.flatten().to(x.device, torch.float32), norm_mean.flatten().to(x.device, torch.float32)
     lo, hi = torch.stack([(lo_c * std + mean).min(), (hi_c * std + mean).max()]).tolist()  # std > 0 keeps the order
     return lo, hi
