@@ -174,11 +174,15 @@ class Guard(FittedState):
             yield
 
     def _watched_modules(self) -> list[tuple[str, nn.Module]]:
-        named = dict(self.model.named_modules())
-        missing = [n for n in self.layers if n not in named]
+        out, missing = [], []
+        for n in self.layers:
+            try:
+                out.append((n, self.model.get_submodule(n)))  # a path walk, not a walk over every module
+            except AttributeError:
+                missing.append(n)
         if missing:
-            raise ModelError(f"layers {missing} are not modules of the model; available: {list(named)[1:20]}...")
-        return [(n, named[n]) for n in self.layers]
+            raise ModelError(f"layers {missing} are not modules of the model; available: {[n for n, _ in self.model.named_modules()][1:20]}...")
+        return out
 
     def _check_input(self, x: Any, *, fitted: bool = True) -> tuple[Tensor, Tensor | None]:
         """Validates a batch (see :func:`hfguard.inputs.check_images`)."""

@@ -17,6 +17,7 @@ from several threads cannot mix their activations (there is no shared dict).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -250,9 +251,7 @@ def average_groups(v: Tensor, size: int) -> Tensor:
         return v
     if d % size == 0:
         return v.reshape(*v.shape[:-1], size, d // size).mean(-1)
-    from hfguard.spectrum import pool_matrix
-
-    return v @ pool_matrix(d, size, dtype=v.dtype).to(v.device).T
+    return v @ _averaging_matrix(d, size, v.dtype, v.device).T
 
 
 def pool_tokens(a: Tensor, size: int) -> Tensor:
@@ -261,6 +260,15 @@ def pool_tokens(a: Tensor, size: int) -> Tensor:
     first = a[:, 0]
     rest = a[:, 1:].mean(1) if a.shape[1] > 1 else first
     return average_groups(torch.stack([first, rest], 1), size).flatten(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _averaging_matrix(n: int, g: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`hfguard.spectrum.pool_matrix` built once per size, dtype and device (building it is a Python loop,
+    and copying it to a GPU on every call would be a host-to-device transfer per batch). Never written to."""
+    from hfguard.spectrum import pool_matrix
+
+    return pool_matrix(n, g, dtype=dtype).to(device)
 
 
 def pool_activation(a: Tensor, grid: int) -> Tensor:
@@ -283,10 +291,8 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
         if a.requires_grad and torch.is_grad_enabled():
             return a.reshape(n, c, grid, h // grid, grid, w // grid).mean((3, 5)).flatten(1)
         return F.avg_pool2d(a, (h // grid, w // grid)).flatten(1)
-    from hfguard.spectrum import pool_matrix
-
-    ph = pool_matrix(h, grid, dtype=a.dtype).to(a.device)
-    pw = pool_matrix(w, grid, dtype=a.dtype).to(a.device)
+    ph = _averaging_matrix(h, grid, a.dtype, a.device)
+    pw = _averaging_matrix(w, grid, a.dtype, a.device)
     return (ph @ a @ pw.T).flatten(1)
 
 

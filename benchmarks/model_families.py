@@ -1,0 +1,102 @@
+"""CPU cost of hfguard on torchvision families at ImageNet size (issue 14).
+
+For each family (random weights made usable by :mod:`hfguard.bench.synthetic`: speed and size only,
+never detection quality), at 224x224 and batch 16 on this machine's CPU:
+
+* ``check()`` over the bare forward: median of per-pair ratios over interleaved pairs;
+* peak resident memory of ``fit`` above the process before it (Linux ``VmHWM``, reset before the fit);
+* the saved guard's size; the layers watched.
+
+The guard is fitted with ``calibration="clean", score_features="all"``: ``check`` then computes every
+source and feature, as the default self-attack guard does (the two differ only in the combiner's weights,
+an (H, F) matrix product), without paying for self-attacks on a CPU at 224x224.
+
+    python benchmarks/model_families.py        # writes benchmarks/results/model-families.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import torch
+
+import hfguard
+from hfguard.bench.synthetic import FAMILIES, IMAGENET_NORMALIZE, random_model, usable_random_model
+from hfguard.evaluate import relative_latency
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--out", default="benchmarks/results/model-families.json")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    k = 10
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4 * k, 3, args.size, args.size, generator=g) - mean) / std
+    y = torch.arange(len(x)) % k
+    out = {
+        "command": f"python benchmarks/model_families.py --size {args.size} --batch {args.batch} --repeats {args.repeats}",
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "note": "random weights (speed and size only); guard fitted with calibration='clean', score_features='all' (every source computed, as the default)",
+        "families": {},
+    }
+    for name in args.families:
+        model = usable_random_model(random_model(name, k, args.size), x, y, k, batch_size=8)
+        _reset_peak_rss()
+        before = _rss_mb()
+        t = time.perf_counter()
+        guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=8,
+                                calibration="clean", score_features="all").fit((x, y))
+        fit_s = time.perf_counter() - t
+        peak = _peak_rss_mb() - before
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "g.safetensors")
+            guard.save(path)
+            size_mb = os.path.getsize(path) / 2**20
+        xb = x[: args.batch]
+        lat = relative_latency(lambda: model(xb), lambda: guard.check(xb), repeats=args.repeats, warmup=1)
+        out["families"][name] = {
+            "check_over_forward": lat["ratio"], "forward_s": lat["base_s"], "check_s": lat["other_s"],
+            "fit_peak_rss_above_start_mb": peak, "fit_s_40_images": fit_s, "state_mb": size_mb,
+            "layers": guard.layers, "feature_dims": guard.layout["dims"],
+        }
+        print(name, json.dumps(out["families"][name]), flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
