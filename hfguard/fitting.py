@@ -122,7 +122,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         dims.append(dim)
     if guard.norm_mean.numel() not in (1, c):
         raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
-    grid = spectrum.spectral_grid(h, w)
+    tile = [spectrum.spectral_tile(h), spectrum.spectral_tile(w)]
+    grid = spectrum.spectral_grid(*tile)
     sources = [*layers, LOGITS, SPECTRUM]
     names = evidence.feature_names(sources)
     setting = guard.score_features_setting
@@ -144,6 +145,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         "num_classes": k,
         "input_shape": [c, h, w],
         "layer_shapes": {n: list(by_name[n].shape) for n in layers},
+        "spectral_tile": tile,
         "spectral_grid": list(grid),
         "hf_index": spectrum.hf_block_mask(grid).nonzero().flatten().tolist(),
     }

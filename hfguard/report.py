@@ -117,12 +117,14 @@ def claim_hf(guard: Any, x: Tensor, y: Tensor, eps: float, sigmas: tuple[float, 
     delta = (x_adv - x)[ok]
     xo, target = x[ok], pred_a[ok]
     h, w = x.shape[-2:]
-    ch, cw = guard.dct_h, guard.dct_w
-    rad_delta = spectrum.radial_spectrum(delta, ch, cw).mean(0)
-    rad_clean = spectrum.radial_spectrum(x, ch, cw).mean(0)
+    # the radial profile is over the whole image (the guard's own DCT matrices may be tile-sized)
+    fh, fw = (spectrum.dct_matrix(int(n), dtype=x.dtype, device=x.device) for n in (h, w))
+    rad_delta = spectrum.radial_spectrum(delta, fh, fw).mean(0)
+    rad_clean = spectrum.radial_spectrum(x, fh, fw).mean(0)
+
     # HF signature match: the HF log-power profile of the perturbation vs each class's mean profile
     def hf(p: Tensor) -> Tensor:
-        return spectrum.hf_features(p, ch, cw, guard.pool_h, guard.pool_w, guard.hf_index)
+        return spectrum.hf_features(p, guard.dct_h, guard.dct_w, guard.pool_h, guard.pool_w, guard.hf_index)
 
     with torch.no_grad():
         sig = torch.stack([hf(x[y == c]).mean(0) for c in range(guard.layout["num_classes"]) if (y == c).any()])

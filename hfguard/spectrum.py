@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dct_matrix", "dct2", "pool_matrix", "spectral_grid", "hf_block_mask", "hf_features", "radial_spectrum"]
+__all__ = ["dct_matrix", "dct2", "pool_matrix", "spectral_tile", "spectral_grid", "hf_block_mask", "hf_features", "radial_spectrum"]
 
 
 def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
@@ -43,6 +43,16 @@ def pool_matrix(n: int, g: int, *, dtype: torch.dtype = torch.float32) -> Tensor
     return torch.tensor(rows, dtype=dtype)
 
 
+def spectral_tile(n: int, max_side: int = 32, min_side: int = 16) -> int:
+    """Side of the tiles an image side of ``n`` pixels is cut into for its spectrum: ``n`` itself up to
+    ``max_side``, else the largest divisor of ``n`` not above ``max_side`` (``n`` when that is below
+    ``min_side``, e.g. for a prime ``n``)."""
+    if n <= max_side:
+        return n
+    side = max(d for d in range(1, max_side + 1) if n % d == 0)
+    return side if side >= min_side else n
+
+
 def spectral_grid(h: int, w: int, max_grid: int = 8) -> tuple[int, int]:
     """Size of the frequency-block grid for an ``h`` x ``w`` image (at most ``max_grid`` per side)."""
     return min(h, max_grid), min(w, max_grid)
@@ -59,18 +69,27 @@ def hf_block_mask(grid: tuple[int, int]) -> Tensor:
 def hf_features(pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, index: Tensor, eps: float = 1e-6) -> Tensor:
     """HF spectral features of a batch of pixel images.
 
+    Images larger than the DCT matrices are cut into tiles of the matrices' size (see
+    :func:`spectral_tile`), and the power is averaged over the tiles (Welch's estimate): the frequency
+    plane is pooled to a grid of at most 8 x 8 blocks anyway, and a 32-point DCT costs 7 times less per
+    pixel than a 224-point one.
+
     Args:
         pixels: (N, C, H, W) images in pixel units.
-        ch, cw: DCT matrices for H and W.
-        ph, pw: frequency pooling matrices (gh, H) and (gw, W), see :func:`pool_matrix`.
+        ch, cw: DCT matrices (sh, sh) and (sw, sw); sh divides H and sw divides W.
+        ph, pw: frequency pooling matrices (gh, sh) and (gw, sw), see :func:`pool_matrix`.
         index: (F,) long indices of the HF blocks in the flattened grid (``hf_block_mask(grid).nonzero()``).
         eps: floor inside the logarithm.
 
     Returns:
         (N, F) log-power features; differentiable w.r.t. ``pixels``.
     """
+    n, c, h, w = pixels.shape
+    h, w, sh, sw = int(h), int(w), int(ch.shape[0]), int(cw.shape[0])  # Python ints, also while tracing for ONNX
+    if (sh, sw) != (h, w):  # tiles of sh x sw: (N, C, th, sh, tw, sw) -> (N, C, th, tw, sh, sw)
+        pixels = pixels.reshape(n, c, h // sh, sh, w // sw, sw).permute(0, 1, 2, 4, 3, 5)
     coeff = dct2(pixels, ch, cw)
-    power = (coeff * coeff).mean(1)
+    power = (coeff * coeff).flatten(1, -3).mean(1)  # over channels (and tiles): (N, sh, sw)
     blocks = (ph @ power @ pw.T).flatten(1)
     return torch.log(blocks.index_select(1, index) + eps)
 

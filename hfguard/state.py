@@ -82,10 +82,11 @@ class FittedState(nn.Module):
         self.poolings = dict(zip(self.layers, layout_poolings(layout)))
         dims = [*layout["dims"], k, len(layout["hf_index"])]
         self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
-        self.register_buffer("dct_h", spectrum.dct_matrix(h))
-        self.register_buffer("dct_w", spectrum.dct_matrix(w))
-        self.register_buffer("pool_h", spectrum.pool_matrix(h, gh))
-        self.register_buffer("pool_w", spectrum.pool_matrix(w, gw))
+        th, tw = layout.get("spectral_tile", (h, w))  # files of formats 1-2: one tile, the whole image
+        self.register_buffer("dct_h", spectrum.dct_matrix(th))
+        self.register_buffer("dct_w", spectrum.dct_matrix(tw))
+        self.register_buffer("pool_h", spectrum.pool_matrix(th, gh))
+        self.register_buffer("pool_w", spectrum.pool_matrix(tw, gw))
         self.register_buffer("hf_index", torch.tensor(layout["hf_index"], dtype=torch.long))
         names = layout["score_features"]
         self.score_columns = [evidence.parse_feature(n, self.sources) for n in names]

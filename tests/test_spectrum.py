@@ -57,3 +57,19 @@ def test_radial_spectrum_of_constant_image_is_dc_only():
     x = torch.ones(1, 1, 8, 8)
     r = spectrum.radial_spectrum(x, spectrum.dct_matrix(8), spectrum.dct_matrix(8), bins=4)
     assert r[0, 0] > 0 and torch.allclose(r[0, 1:], torch.zeros(3), atol=1e-10)
+
+
+def test_large_images_are_tiled_and_the_tile_powers_averaged():
+    """A 64x96 image's HF features with 32-point DCTs equal the log of the mean block power over its 6 tiles,
+    each computed with scipy's DCT."""
+    assert [spectrum.spectral_tile(n) for n in (28, 32, 64, 224, 227, 100)] == [28, 32, 32, 32, 227, 25]
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
+    grid = spectrum.spectral_grid(32, 32)
+    ch = spectrum.dct_matrix(32, dtype=torch.float64)
+    pm = spectrum.pool_matrix(32, grid[0], dtype=torch.float64)
+    index = spectrum.hf_block_mask(grid).nonzero().flatten()
+    got = spectrum.hf_features(x, ch, ch, pm, pm, index, eps=0.0)
+    tiles = [x[:, :, i : i + 32, j : j + 32].numpy() for i in range(0, 64, 32) for j in range(0, 96, 32)]
+    power = np.mean([dctn(t, type=2, norm="ortho", axes=(-2, -1)) ** 2 for t in tiles], axis=0).mean(1)  # tiles, channels
+    blocks = (pm.numpy() @ power @ pm.numpy().T).reshape(2, -1)[:, index.numpy()]
+    assert np.allclose(got.numpy(), np.log(blocks), atol=1e-10)
