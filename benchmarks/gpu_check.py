@@ -54,6 +54,26 @@ def timed_ratio(base, other, repeats: int) -> dict[str, float]:
     return {"bare_forward_ms": 1e3 * statistics.median(tb), "check_ms": 1e3 * statistics.median(to), "ratio": statistics.median(o / b for o, b in zip(to, tb))}
 
 
+def profile_table(f, cuda: bool) -> dict:
+    """Op counts and the top operators by device (or CPU) time of one call, after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        f()
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            f()
+            sync()
+    events = prof.key_averages()
+    key = "device_time_total" if cuda else "cpu_time_total"
+    top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:15]
+    return {
+        "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
+        "top_by_" + key: [[e.key, e.count, round(getattr(e, key, 0.0) / 1e3, 3)] for e in top],
+    }
+
+
 def images(n: int, size: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.rand(n, 3, size, size, generator=g)
@@ -101,6 +121,8 @@ def main() -> None:
         out["resnet50_1000_classes_state_mb"] = os.path.getsize(path) / 2**20
     xb, _ = images(64, size, k, dev, 1)
     out["resnet50_check_over_forward_float32_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
+    out["resnet50_check_profile"] = profile_table(lambda: guard.check(xb), cuda)
+    out["resnet50_forward_profile"] = profile_table(lambda: model(xb), cuda)
     s32 = guard.score(xb).detach()
     with torch.autocast(dev, dtype=torch.float16 if cuda else torch.bfloat16):
         out["resnet50_check_over_forward_autocast_float16_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)

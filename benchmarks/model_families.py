@@ -66,8 +66,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(4 * k, 3, args.size, args.size, generator=g) - mean) / std
     y = torch.arange(len(x)) % k
+    command = f"python benchmarks/model_families.py --size {args.size} --batch {args.batch} --repeats {args.repeats}" + (
+        "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families))
     out = {
-        "command": f"python benchmarks/model_families.py --size {args.size} --batch {args.batch} --repeats {args.repeats}",
+        "command": command,
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "note": "random weights (speed and size only); guard fitted with calibration='clean', score_features='all' (every source computed, as the default)",
         "families": {},
@@ -90,10 +92,17 @@ def main() -> None:
         out["families"][name] = {
             "check_over_forward": lat["ratio"], "forward_s": lat["base_s"], "check_s": lat["other_s"],
             "fit_peak_rss_above_start_mb": peak, "fit_s_40_images": fit_s, "state_mb": size_mb,
-            "layers": guard.layers, "feature_dims": guard.layout["dims"],
+            "layers": guard.layers, "feature_dims": guard.layout["dims"], "command": command,
         }
         print(name, json.dumps(out["families"][name]), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if args.families != list(FAMILIES) and os.path.exists(args.out):  # a subset: update those entries of the file
+        with open(args.out) as f:
+            old = json.load(f)
+        for name, entry in old["families"].items():
+            entry.setdefault("command", old["command"])
+        old["families"].update(out["families"])
+        out = {**old, "command": "see each family's command"}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
 

@@ -24,6 +24,7 @@ __all__ = ["FAMILIES", "random_model", "usable_random_model", "IMAGENET_NORMALIZ
 FAMILIES: dict[str, dict[str, Any]] = {
     "resnet50": {"min_size": 32},
     "mobilenet_v3_small": {"min_size": 32},
+    "mobilenet_v3_large": {"min_size": 32},
     "efficientnet_b0": {"min_size": 32},
     "convnext_tiny": {"min_size": 32},
     "vit_b_16": {"min_size": 32, "sized": True},  # the position embedding is built for one image size
