@@ -280,6 +280,9 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
     model cannot break it; without gradients the faster ``avg_pool2d``). When the
     size does not divide, the bins of ``adaptive_avg_pool2d`` are applied as two
     averaging matrices, which export to ONNX (``adaptive_avg_pool2d`` does not).
+    On a GPU the matrices are used for every size: CUDA's ``avg_pool2d`` sums each
+    large window serially (measured 2.9 ms of resnet50's 4.3 ms guard overhead at
+    batch 64 on an H200), two small matrix products are a few microseconds.
     """
     if a.dim() == 2:
         return a
@@ -287,7 +290,7 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
         return a.flatten(1)
     n, c, h, w = a.shape
     h, w = int(h), int(w)  # Python ints even while tracing for ONNX (see :func:`average_groups`)
-    if h % grid == 0 and w % grid == 0:
+    if h % grid == 0 and w % grid == 0 and a.device.type == "cpu":
         if a.requires_grad and torch.is_grad_enabled():
             return a.reshape(n, c, grid, h // grid, grid, w // grid).mean((3, 5)).flatten(1)
         return F.avg_pool2d(a, (h // grid, w // grid)).flatten(1)
