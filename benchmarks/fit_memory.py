@@ -14,17 +14,14 @@ import time
 from pathlib import Path
 
 import torch
+from memory import status_mb  # benchmarks/memory.py
 
 import hfguard
 from hfguard.data import small_cnn
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb("VmRSS")
 
 
 def main() -> None:

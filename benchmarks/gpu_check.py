@@ -143,7 +143,7 @@ def main() -> None:
         "float32_score_std_over_batch": spread, "threshold": guard.threshold,
         "float16_flag_agreement": float(((s16 > guard.threshold) == (s32 > guard.threshold)).float().mean()),
     }
-    del model, half, guard, g16
+    model = half = guard = g16 = None  # free the GPU memory before the ViT
     if cuda:
         torch.cuda.empty_cache()
 

@@ -24,31 +24,11 @@ import time
 import warnings
 
 import torch
+from memory import reset_peak, status_mb  # benchmarks/memory.py
 
 import hfguard
 from hfguard.bench.synthetic import FAMILIES, IMAGENET_NORMALIZE, random_model, usable_random_model
 from hfguard.evaluate import relative_latency
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -76,13 +56,13 @@ def main() -> None:
     }
     for name in args.families:
         model = usable_random_model(random_model(name, k, args.size), x, y, k, batch_size=8)
-        _reset_peak_rss()
-        before = _rss_mb()
+        reset_peak()
+        before = status_mb("VmRSS")
         t = time.perf_counter()
         guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=8,
                                 calibration="clean", score_features="all").fit((x, y))
         fit_s = time.perf_counter() - t
-        peak = _peak_rss_mb() - before
+        peak = status_mb("VmHWM") - before
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "g.safetensors")
             guard.save(path)

@@ -36,8 +36,8 @@ from hfguard.errors import InputError, ModelError
 from hfguard.filters import lowpass
 from hfguard.fitting import fit_guard
 from hfguard.inputs import check_images
-from hfguard.results import Inspection, Verdict
 from hfguard.modelmode import eval_mode
+from hfguard.results import Inspection, Verdict
 from hfguard.selfattack import FAMILIES
 from hfguard.settings import POLICIES, validate_settings
 from hfguard.state import FittedState

@@ -2,8 +2,8 @@ import threading
 
 import pytest
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from hfguard.data import small_cnn, small_resnet
