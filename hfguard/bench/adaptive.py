@@ -20,12 +20,18 @@ real score at its calibrated threshold (the twin score only steers the attack).
    expectations under hfguard's fitted Gaussians: the attack the paper's
    theory suggests. The same images are scored by every detector.
 
+5. ``query attack``: a gradient-free random search (Square attack's proposals) on
+   "misclassified and real score below the threshold"; images it evades on where
+   no gradient attack did are reported as ``evaded_only_without_gradients``: the
+   check for gradient masking (it should be about zero).
+
 ``best of all (per image)`` counts an image as evaded when any attack above
 evaded on it: the number to quote as the detector's adaptive robustness.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,7 +42,7 @@ from hfguard.attacks import detector_pgd, orthogonal_pgd, pgd
 from hfguard.bench.peers import Detector, HFGuardDetector
 from hfguard.filters import lowpass
 
-__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "trajectory_attack", "adaptive_suite"]
+__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "trajectory_attack", "query_attack", "adaptive_suite"]
 
 
 def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, defended: bool = False) -> dict[str, float]:
@@ -104,6 +110,58 @@ def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) 
     return pgd(guard.model, x, y, eps, steps=steps, loss_fn=loss)
 
 
+def _pipeline_loss(detector: Detector, xa: Tensor, y: Tensor, scale: float) -> Tensor:
+    """Zero exactly when ``xa`` is misclassified and its real score is below the threshold; larger the farther it is."""
+    with torch.no_grad():
+        logits, scores = detector.deployed(xa)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).max(1).values
+    return F.relu(true - other + 1e-3) + F.relu((scores - detector.threshold) / scale + 1e-3)
+
+
+def _square_fraction(i: int, queries: int, p_init: float = 0.05) -> float:
+    """Square attack's schedule of the square's area (fraction of the image), rescaled from 10,000 queries."""
+    it = int(i / max(queries, 1) * 10000)
+    for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
+        if it <= bound:
+            return p_init / 2**k
+    return p_init / 2**9
+
+
+def query_attack(detector: Detector, x: Tensor, y: Tensor, eps: float, queries: int, scale: float, seed: int = 0) -> Tensor:
+    """Gradient-free L-inf random search (Square attack's proposals, Andriushchenko et al. 2020) on the pipeline
+    objective "misclassified and real score below the threshold": the check for gradient masking.
+
+    Each step proposes, for every image not yet evading, one square of side ``sqrt(p * H * W)`` set to
+    ``x +- eps`` per channel, and keeps it when the objective drops; it never uses a gradient, so a detector
+    whose gradients mislead the white-box attacks is caught out here.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = x.shape
+
+    def rand_sign(*shape: int) -> Tensor:
+        return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(x.device, x.dtype)
+
+    xa = (x + eps * rand_sign(n, c, 1, w)).clamp(0, 1)  # vertical stripes
+    best = _pipeline_loss(detector, xa, y, scale)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    for i in range(queries):
+        idx = (best > 0).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        side = max(1, min(h, w, int(round(math.sqrt(_square_fraction(i, queries) * h * w)))))
+        top = torch.randint(0, h - side + 1, (len(idx),), generator=g).to(x.device)
+        left = torch.randint(0, w - side + 1, (len(idx),), generator=g).to(x.device)
+        inside = ((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, None, :, None] & (
+            (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, None, :]
+        cand = torch.where(inside, (x[idx] + eps * rand_sign(len(idx), c, 1, 1)).clamp(0, 1), xa[idx])
+        loss = _pipeline_loss(detector, cand, y[idx], scale)
+        better = loss < best[idx]
+        xa[idx[better]] = cand[better]
+        best[idx[better]] = loss[better]
+    return xa
+
+
 #: the stronger detector-aware PGD variants (issue 12): selective steps, and a high-confidence margin loss
 DETECTOR_PGD = {
     "selective PGD (CE)": ("selective", "ce", 0.0),
@@ -114,7 +172,7 @@ DETECTOR_PGD = {
 
 def adaptive_suite(
     detectors: list[Detector], guard_detector: HFGuardDetector, x: Tensor, y: Tensor, eps_list: list[float], *,
-    steps: int, pgd_steps: int, lambdas: list[float], scales: dict[str, float], progress: bool = True,
+    steps: int, pgd_steps: int, lambdas: list[float], scales: dict[str, float], queries: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Every adaptive attack at every eps against each of ``detectors``; the trajectory images are shared."""
     from tqdm.auto import tqdm
@@ -143,6 +201,12 @@ def adaptive_suite(
                 r[name] = evasion(d, xa, y, correct)
                 bar.update()
             r["feature trajectory"] = evasion(d, xt, y, correct)
+            if queries:
+                white_box = torch.stack([v["_evaded"] for v in r.values()]).any(0)
+                q = evasion(d, query_attack(d, x, y, eps, queries, scales[d.name]), y, correct)
+                # the masking check: images the gradient-free search evades on while no gradient attack did
+                q["evaded_only_without_gradients"] = float((q["_evaded"] & ~white_box).sum() / correct.sum().clamp_min(1))
+                r[f"query attack (gradient-free, {queries} queries)"] = q
             r["best of all (per image)"] = _union(r, int(correct.sum()))
             bar.update()
             res["detectors"][d.name][f"eps={eps}"] = r

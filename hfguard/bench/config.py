@@ -34,6 +34,7 @@ class BenchConfig:
     square_queries: int = 1000
     adaptive_eps: tuple[float, ...] = (0.1, 0.03)
     adaptive_steps: int = 100
+    adaptive_queries: int = 1000  # gradient-free masking check (query attack) per image, eps and detector
     lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
     fpr: float = 0.05
     latency_batch: int = 256
@@ -75,7 +76,7 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
     if tiny:
         cfg = replace(
             cfg, n_fit=600, n_cal=200, n_test=60, n_cross=30, n_adaptive=16, n_spectral=100, pgd_steps=5, cw_steps=5,
-            square_queries=20, adaptive_steps=4, lambdas=(1.0,), latency_repeats=2, latency_batch=32, bootstrap=10,
+            square_queries=20, adaptive_queries=20, adaptive_steps=4, lambdas=(1.0,), latency_repeats=2, latency_batch=32, bootstrap=10,
             adaptive_eps=(cfg.adaptive_eps[0],),
         )
     return replace(cfg, **overrides)

@@ -159,7 +159,7 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     scales = {d.name: float(d.score_all(x_cal[:2000]).std()) for d in (hf, best)}
     res["adaptive"] = adaptive_suite(
         [hf, best], hf, x[: cfg.n_adaptive], y[: cfg.n_adaptive], list(cfg.adaptive_eps),
-        steps=cfg.adaptive_steps, pgd_steps=cfg.pgd_steps, lambdas=list(cfg.lambdas), scales=scales, progress=progress,
+        steps=cfg.adaptive_steps, pgd_steps=cfg.pgd_steps, lambdas=list(cfg.lambdas), scales=scales, queries=cfg.adaptive_queries, progress=progress,
     )
     res["seconds"] = time.perf_counter() - t_start
     return res

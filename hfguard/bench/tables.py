@@ -183,7 +183,9 @@ def adaptive_summary(run: dict[str, Any]) -> str:
             r = ad[d][eps]
             single = {k: v for k, v in r.items() if k != "best of all (per image)"}
             top = max(single, key=lambda k: single[k]["evasion_rate"])
-            cells.append(f"**{r['best of all (per image)']['evasion_rate']:.3f}** ({top}: {single[top]['evasion_rate']:.3f})")
+            masking = next((v["evaded_only_without_gradients"] for v in single.values() if "evaded_only_without_gradients" in v), None)
+            note = "" if masking is None else f"; evaded only by the gradient-free search: {masking:.3f}"
+            cells.append(f"**{r['best of all (per image)']['evasion_rate']:.3f}** ({top}: {single[top]['evasion_rate']:.3f}{note})")
         lines.append(f"| {eps.split('=')[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

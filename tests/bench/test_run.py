@@ -75,6 +75,8 @@ def test_crosscheck_and_adaptive_sections(bench_out):
     best = ad["hfguard"][eps]["best of all (per image)"]["evasion_rate"]
     assert best >= max(r["evasion_rate"] for k, r in ad["hfguard"][eps].items() if k != "best of all (per image)") - 1e-9
     assert any(k.startswith("CE - ") for k in ad["hfguard"][eps])
+    query = next(r for k, r in ad["hfguard"][eps].items() if k.startswith("query attack (gradient-free"))
+    assert 0 <= query["evaded_only_without_gradients"] <= query["evasion_rate"]
     for r in ad["hfguard"][eps].values():
         assert 0 <= r["evasion_rate"] <= r["misclassified_rate"] <= 1
 
@@ -115,3 +117,38 @@ def test_trajectory_attack_pulls_layers_toward_the_target(digits_model, digits):
     xa = trajectory_attack(det.guard, x, y, 0.15, steps=10)
     assert (xa - x).abs().max() <= 0.15 + 1e-6
     assert target_distance(xa).mean() < 0.7 * target_distance(x).mean()
+
+
+def test_query_attack_searches_without_gradients_within_the_budget(digits_model, digits):
+    """Against a detector that never flags, the gradient-free search must find misclassifications on its own,
+    inside the L-inf ball and the pixel box; a detector whose score blocks everything leaves no evasion."""
+    from hfguard.bench.adaptive import evasion, query_attack
+    from hfguard.bench.peers import Detector
+
+    class Constant(Detector):
+        name = "constant"
+
+        def __init__(self, model, value):
+            super().__init__(model)
+            self.value, self.threshold = value, 0.5
+
+        def score(self, x):
+            return torch.full((len(x),), self.value)
+
+        def diff_score(self, x):
+            return self.score(x)
+
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    with torch.no_grad():
+        correct = digits_model(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    never = Constant(digits_model, 0.0)
+    xa = query_attack(never, x, y, 0.3, queries=150, scale=1.0)
+    assert float((xa - x).abs().max()) <= 0.3 + 1e-6 and float(xa.min()) >= 0 and float(xa.max()) <= 1
+    with torch.no_grad():
+        fooled = (digits_model(xa).argmax(1) != y).float().mean()
+    assert fooled > 0.5
+    always = Constant(digits_model, 1.0)
+    xb = query_attack(always, x, y, 0.3, queries=20, scale=1.0)
+    ev = evasion(always, xb, y, torch.ones(len(y), dtype=torch.bool))
+    assert ev["evasion_rate"] == 0.0
