@@ -48,6 +48,8 @@ CALIBRATIONS = ("self-attack", "clean")
 IMAGE_BYTES = 256 * 2**20
 #: fewer expected clean exceedances of the threshold than this: the FPR estimate is noisy
 MIN_EXCEEDANCES = 10
+#: fewer held-out clean rows than this: no threshold can be set (half of them fit the combiner)
+MIN_HELD_OUT = 10
 
 
 def fit_guard(guard: Any, data: Any, calibration_data: Any = None) -> Any:
@@ -117,7 +119,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
     poolings, dims = [], []
     for n in layers:
         shape = by_name[n].shape
-        pooling, dim = choose_pooling(shape, layer_kind(shape, (h, w)), guard.max_features)
+        pooling, dim = choose_pooling(shape, layer_kind(shape, (h, w), guard.model.get_submodule(n)), guard.max_features)
         poolings.append([pooling.kind, pooling.size, pooling.channels])
         dims.append(dim)
     if guard.norm_mean.numel() not in (1, c):
@@ -200,6 +202,11 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         acc.all_reduce()
     hold = _hand_back_excess(guard, hold, seen, accs)
     hold = _stratify(hold, accs)
+    if len(hold["y"]) < MIN_HELD_OUT:
+        raise DataError(
+            f"too few clean samples to calibrate the threshold: {len(hold['y'])} held out (at most a third of each class is held "
+            f"out, and {MIN_HELD_OUT} are needed); pass more clean images per class"
+        )
     counts = accs[0].count.long()
     few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
     if few:

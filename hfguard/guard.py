@@ -41,7 +41,7 @@ from hfguard.results import Inspection, Verdict
 from hfguard.selfattack import FAMILIES
 from hfguard.settings import POLICIES, validate_settings
 from hfguard.state import FittedState
-from hfguard.taps import capture
+from hfguard.taps import capture, no_autocast
 
 __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
 
@@ -136,6 +136,7 @@ class Guard(FittedState):
         validate_settings(
             policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
             calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
+            max_features=max_features,
         )
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         self.strict = bool(strict)
@@ -387,7 +388,7 @@ class Guard(FittedState):
 
 def _full_precision(x: Tensor) -> Any:
     """Turns off a caller's ``torch.autocast`` for the guard's own maths on ``x``'s device."""
-    return torch.autocast(x.device.type, enabled=False)
+    return no_autocast(x.device)
 
 
 def protect(

@@ -87,8 +87,10 @@ def check_images(
 
 def _pixel_extremes(x: Tensor, norm_mean: Tensor, norm_std: Tensor) -> tuple[float, float]:
     """Smallest and largest pixel value of a batch after undoing the normalisation, read back to the host in
-    one transfer; NaN or infinite when any entry is (NaN and +-inf propagate through the extremes)."""
-    lo_c, hi_c = x.amin(dim=(0, 2, 3)).float(), x.amax(dim=(0, 2, 3)).float()
-    std, mean = norm_std.flatten().to(x.device, torch.float32), norm_mean.flatten().to(x.device, torch.float32)
+    one transfer; NaN or infinite exactly when an entry is (NaN and +-inf propagate through the extremes;
+    float64 keeps a finite float32/float16 input from overflowing)."""
+    wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    lo_c, hi_c = x.amin(dim=(0, 2, 3)).to(wide), x.amax(dim=(0, 2, 3)).to(wide)
+    std, mean = norm_std.flatten().to(x.device, wide), norm_mean.flatten().to(x.device, wide)
     lo, hi = torch.stack([(lo_c * std + mean).min(), (hi_c * std + mean).max()]).tolist()  # std > 0 keeps the order
     return lo, hi

@@ -26,6 +26,7 @@ def validate_settings(
     attack_families: str | Sequence[str],
     nonfinite: str,
     input_range: Any,
+    max_features: int = 512,
 ) -> None:
     """Raises ``ValueError`` naming the setting, what it accepts and what it got."""
     if policy not in POLICIES:
@@ -36,6 +37,8 @@ def validate_settings(
         raise ValueError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
     if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
         raise ValueError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
+    if int(max_features) < 2:
+        raise ValueError(f"max_features must be at least 2 (a transformer layer keeps two token summaries), got {max_features!r}")
     if int(calibration_size) < 40:
         raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
     if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):

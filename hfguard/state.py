@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,18 @@ class FittedState(nn.Module):
         self.register_buffer("calibrated_threshold", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
         self.layout = layout
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 (torch's signature)
+        old = prefix + "threshold_"  # the buffer's name before file format 3
+        if old in state_dict and prefix + "calibrated_threshold" not in state_dict:
+            state_dict[prefix + "calibrated_threshold"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def threshold_(self) -> Tensor:
+        """Deprecated name of :attr:`calibrated_threshold` (before 0.2)."""
+        warnings.warn("guard.threshold_ is now guard.calibrated_threshold (or float(guard.threshold))", DeprecationWarning, stacklevel=2)
+        return self.calibrated_threshold
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Model input -> pixel image (undoes ``normalize``)."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from hfguard.errors import ModelError
 
 __all__ = [
     "LayerInfo", "Pooling", "average_groups", "pool_tokens", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
-    "pooled_grid", "pool_activation", "capture", "KINDS",
+    "pooled_grid", "pool_activation", "capture", "no_autocast", "KINDS",
 ]
 
 MAP, MAP_LAST, TOKENS, FLAT = "map", "map-last", "tokens", "flat"
@@ -167,13 +168,16 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
     return names
 
 
-def layer_kind(shape: Sequence[int], input_hw: tuple[int, int]) -> str:
+def layer_kind(shape: Sequence[int], input_hw: tuple[int, int], module: nn.Module | None = None) -> str:
     """How to read an activation of ``shape`` (without the batch dimension) from a model fed
     ``input_hw`` images: ``"map"``, ``"map-last"``, ``"tokens"`` or ``"flat"``.
 
     A 3-d output is a channels-first map when its last two sizes shrink the image by the same
-    stride in both directions (PyTorch's convention, preferred when both readings fit), and a
-    channels-last map when its first two do.
+    stride in both directions, and a channels-last map when its first two do. When both readings
+    fit (e.g. (96, 96, 96) from a 384-px image), the module that produced it decides: a
+    convolution or 2-d batch norm inside it means channels-first; a LayerNorm or Linear whose size
+    is the last dimension, and no convolution, means channels-last (a Swin block); otherwise
+    PyTorch's channels-first convention.
     """
     if len(shape) == 2:
         return TOKENS
@@ -182,12 +186,23 @@ def layer_kind(shape: Sequence[int], input_hw: tuple[int, int]) -> str:
     h, w = input_hw
 
     def same_stride(a: int, b: int) -> bool:
-        return 0.8 <= (h / a) / (w / b) <= 1.25
+        return 0.9 <= (h / a) / (w / b) <= 1.11
 
     a, b, c = shape
-    if same_stride(b, c) or not same_stride(a, b):
-        return MAP
-    return MAP_LAST
+    first, last = same_stride(b, c), same_stride(a, b)
+    if first and last and module is not None:
+        return MAP_LAST if _channels_last_module(module, c) else MAP
+    return MAP_LAST if last and not first else MAP
+
+
+def _channels_last_module(module: nn.Module, channels: int) -> bool:
+    mods = list(module.modules())
+    if any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in mods):
+        return False
+    return any(
+        (isinstance(m, nn.LayerNorm) and m.normalized_shape[-1] == channels) or (isinstance(m, nn.Linear) and m.out_features == channels)
+        for m in mods
+    )
 
 
 def choose_pooling(shape: Sequence[int], kind: str, max_dim: int) -> tuple["Pooling", int]:
@@ -199,7 +214,7 @@ def choose_pooling(shape: Sequence[int], kind: str, max_dim: int) -> tuple["Pool
         if chw[0] > max_dim:  # wider than the budget even at one position: average channel groups
             return Pooling(kind, 1, max_dim), max_dim
         return Pooling(kind, g), chw[0] * g * g
-    if kind == TOKENS:
+    if kind == TOKENS and shape[0] > 1:
         size = max(1, min(int(shape[1]), max_dim // 2))
         return Pooling(kind, size), 2 * size
     d = int(torch.tensor(list(shape)).prod())
@@ -236,7 +251,7 @@ class Pooling:
     def __call__(self, a: Tensor) -> Tensor:
         if self.kind == TOKENS and a.dim() == 3:
             return pool_tokens(a, self.size)
-        if self.kind == FLAT:
+        if self.kind == FLAT:  # (a single token is flat too)
             return average_groups(a.flatten(1), self.channels) if self.channels else a.flatten(1)
         if self.kind == MAP_LAST and a.dim() == 4:
             a = a.permute(0, 3, 1, 2)
@@ -268,7 +283,10 @@ def _averaging_matrix(n: int, g: int, dtype: torch.dtype, device: torch.device) 
     and copying it to a GPU on every call would be a host-to-device transfer per batch). Never written to."""
     from hfguard.spectrum import pool_matrix
 
-    return pool_matrix(n, g, dtype=dtype).to(device)
+    # a normal tensor even when first asked for under inference_mode (an inference tensor, cached, would
+    # break every later call that records gradients: score().backward(), attacks, ONNX export)
+    with torch.inference_mode(False), torch.no_grad():
+        return pool_matrix(n, g, dtype=dtype).to(device)
 
 
 def pool_activation(a: Tensor, grid: int) -> Tensor:
@@ -299,11 +317,21 @@ def pool_activation(a: Tensor, grid: int) -> Tensor:
     return (ph @ a @ pw.T).flatten(1)
 
 
+def no_autocast(device: torch.device) -> Any:
+    """Turns off a caller's ``torch.autocast`` on ``device`` (a no-op where this torch has no autocast for it)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooling | int"]) -> Iterator[dict[str, Tensor]]:
+def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooling | int | Callable[[Tensor], Tensor]"]) -> Iterator[dict[str, Tensor]]:
     """Context manager: pooled activations of ``modules`` produced by this thread inside the block.
 
-    ``poolings`` gives each module's :class:`Pooling` (an int is a channels-first map's grid side).
+    ``poolings`` gives each module's :class:`Pooling` (an int is a channels-first map's grid side; any
+    other callable is applied as is). Pooling runs outside a caller's autocast: the activation keeps
+    the dtype the model produced.
 
     Yields:
         A dict, private to this call, filled with ``name -> (N, D)`` pooled features.
@@ -324,7 +352,8 @@ def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooli
                 return
             if not isinstance(out, Tensor):
                 raise ModelError(f"layer {name!r} must return a tensor to be watched; got {type(out).__name__}")
-            store[name] = pool(out)
+            with no_autocast(out.device):
+                store[name] = pool(out)
 
         return hook
 

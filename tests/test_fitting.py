@@ -148,3 +148,12 @@ def test_a_model_whose_data_cannot_be_attacked_gets_a_clear_error(digits):
     y = torch.arange(len(digits.x_train)) % 10
     with pytest.raises(hfguard.DataError, match="calibration='clean'"):
         hfguard.protect(model, progress=False).fit((digits.x_train, y))
+
+
+def test_too_few_images_per_class_to_hold_any_out_is_a_clear_error(digits_model, digits):
+    """Review finding: with 2 images per class the stratified hold-out was empty and fit crashed inside torch."""
+    from hfguard.errors import DataError
+
+    idx = torch.cat([(digits.y_train == c).nonzero().flatten()[:2] for c in range(10)])
+    with pytest.raises(DataError, match="too few clean samples to calibrate"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[idx], digits.y_train[idx]))

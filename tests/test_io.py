@@ -161,3 +161,44 @@ def test_other_model_is_refused(saved):
     wider = small_cnn(1, 12, 8)
     with pytest.raises(hfguard.ModelMismatchError, match="outputs"):
         hfguard.load(str(saved), wider)
+
+
+def test_format_2_file_of_large_images_keeps_its_full_size_spectrum_and_grid_pooling(tmp_path):
+    """A format-2 header has ``grids`` and no ``poolings`` or ``spectral_tile``: it loads as it was fitted
+    (maps pooled by grid, a whole-image 40-point DCT), and an old state_dict key still loads."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from hfguard import io
+    from hfguard.bench.synthetic import usable_random_model
+    from hfguard.taps import Pooling
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 20 * 20, 3)).eval()
+    x, y = torch.rand(90, 3, 40, 40), torch.arange(90) % 3
+    usable_random_model(model, x, y, 3)
+    g = hfguard.protect(model, progress=False, calibration="clean").fit((x, y))
+    assert g.dct_h.shape == (20, 20)  # format 3: tiles of 20 (the largest divisor of 40 up to 32)
+    p = tmp_path / "v3.safetensors"
+    g.save(str(p))
+    header, tensors = io.read_guard_file(str(p))
+    header["format_version"] = 2
+    layout = header["spec"]
+    layout["grids"] = [q[1] for q in layout.pop("poolings")]
+    layout.pop("spectral_tile")
+    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
+    from hfguard import spectrum
+
+    tensors["dct_h"], tensors["dct_w"] = spectrum.dct_matrix(40), spectrum.dct_matrix(40)  # sized as format 2 saved them
+    gh, gw = layout["spectral_grid"]
+    tensors["pool_h"], tensors["pool_w"] = spectrum.pool_matrix(40, gh), spectrum.pool_matrix(40, gw)
+    old = tmp_path / "v2.safetensors"
+    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    g2 = hfguard.load(str(old), model)
+    assert g2.dct_h.shape == (40, 40) and g2.poolings == {n: Pooling("map", s) for n, s in zip(g.layers, layout["grids"])}
+    assert torch.isfinite(g2.score(x[:4])).all()
+    g3 = hfguard.protect(model, progress=False, calibration="clean").fit((x, y))
+    sd = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in g.state_dict().items()}
+    g3.load_state_dict(sd)
+    assert g3.threshold == g.threshold

@@ -130,3 +130,39 @@ def test_average_groups_matches_adaptive_pooling_and_wide_maps_fit_the_budget():
     last, dim_last = choose_pooling((7, 7, 64), "map-last", 512)
     b = torch.randn(2, 7, 7, 64)
     assert dim_last == 64 * 2 * 2 and torch.allclose(last(b), pool_activation(b.permute(0, 3, 1, 2), 2))
+
+
+def test_ambiguous_maps_are_read_by_the_module_that_made_them():
+    """(96, 96, 96) from a 384-px image fits both readings: a Swin-like block (LayerNorm over the last
+    dimension, no convolution) is channels-last, a convolution channels-first."""
+    from hfguard.taps import layer_kind
+
+    swin_like = nn.Sequential(nn.LayerNorm(96), nn.Linear(96, 96))
+    conv = nn.Sequential(nn.Conv2d(3, 96, 3), nn.BatchNorm2d(96))
+    assert layer_kind((96, 96, 96), (384, 384), swin_like) == "map-last"
+    assert layer_kind((96, 96, 96), (384, 384), conv) == "map"
+    assert layer_kind((56, 56, 64), (224, 224)) == "map-last"  # strides 4, 4 vs 4, 3.5: only channels-last fits
+
+
+def test_a_single_token_is_pooled_as_a_vector():
+    from hfguard.taps import Pooling, choose_pooling
+
+    pooling, dim = choose_pooling((1, 768), "tokens", 512)
+    assert pooling == Pooling("flat", 0, 512) and dim == 512
+    assert pooling(torch.randn(3, 1, 768)).shape == (3, 512)
+
+
+def test_cached_matrices_made_under_inference_mode_still_allow_gradients():
+    """Review finding: a pooling matrix first built under inference_mode was cached as an inference tensor
+    and broke every later backward pass through it."""
+    from hfguard.taps import _averaging_matrix, average_groups
+
+    _averaging_matrix.cache_clear()
+    with torch.inference_mode():
+        average_groups(torch.randn(2, 768), 512)
+        pool_activation(torch.randn(2, 4, 7, 7), 2)
+    v = torch.randn(2, 768, requires_grad=True)
+    average_groups(v, 512).sum().backward()
+    a = torch.randn(2, 4, 7, 7, requires_grad=True)
+    pool_activation(a, 2).sum().backward()
+    assert v.grad is not None and a.grad is not None

@@ -34,10 +34,10 @@ def last_linear(model: nn.Module) -> str:
 
 @contextlib.contextmanager
 def _hooks(model: nn.Module, outputs: Sequence[str], inputs: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Module outputs through the guard's own :func:`hfguard.taps.capture` (a 1x1 grid is the spatial mean);
+    """Module outputs through the guard's own :func:`hfguard.taps.capture`, pooled by :func:`spatial_mean`;
     module inputs through pre-hooks, stored under ``"input:" + name``."""
     handles = []
-    with capture([(n, model.get_submodule(n)) for n in outputs], dict.fromkeys(outputs, 1)) as store:
+    with capture([(n, model.get_submodule(n)) for n in outputs], dict.fromkeys(outputs, spatial_mean)) as store:
         try:
             for name in inputs:
                 handles.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, i, name=name: store.__setitem__("input:" + name, spatial_mean(i[0]))))
