@@ -86,10 +86,13 @@ def hf_features(pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, 
     """
     n, c, h, w = pixels.shape
     h, w, sh, sw = int(h), int(w), int(ch.shape[0]), int(cw.shape[0])  # Python ints, also while tracing for ONNX
-    if (sh, sw) != (h, w):  # tiles of sh x sw: (N, C, th, sh, tw, sw) -> (N, C, th, tw, sh, sw)
-        pixels = pixels.reshape(n, c, h // sh, sh, w // sw, sw).permute(0, 1, 2, 4, 3, 5)
-    coeff = dct2(pixels, ch, cw)
-    power = (coeff * coeff).flatten(1, -3).mean(1)  # over channels (and tiles): (N, sh, sw)
+    if (sh, sw) == (h, w):
+        coeff = dct2(pixels, ch, cw)
+        power = (coeff * coeff).mean(1)  # over channels: (N, H, W)
+    else:  # tiles of sh x sw, transformed in place (no permuted copy): rows of each tile, then its columns
+        rows = ch @ pixels.reshape(n, c, h // sh, sh, w)  # (N, C, th, sh, W)
+        coeff = rows.reshape(n, c, h // sh, sh, w // sw, sw) @ cw.T  # (N, C, th, sh, tw, sw)
+        power = (coeff * coeff).mean((1, 2, 4))  # over channels and tiles: (N, sh, sw)
     blocks = (ph @ power @ pw.T).flatten(1)
     return torch.log(blocks.index_select(1, index) + eps)
 
