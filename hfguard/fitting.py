@@ -189,16 +189,14 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             rows["y"] = y.cpu()
             pixels = guard.to_pixels(x)
             priority = content_priority(pixels, guard.seed)
-            rest = held.offer(rows, priority)
-            for i, acc in enumerate(accs):
-                acc.update(rest[f"source{i}"], rest["y"])
+            _add_rows(accs, held.offer(rows, priority))
             images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
         bar.close()
     layout, accs, images = _agree(guard, layout, accs, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
-    for i, acc in enumerate(accs):
-        if lost:
-            acc.update(lost[f"source{i}"], lost["y"])
+    if lost:
+        _add_rows(accs, lost)
+    for acc in accs:
         acc.all_reduce()
     hold = _hand_back_excess(guard, hold, seen, accs)
     hold = _stratify(hold, accs)
@@ -290,10 +288,9 @@ def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, accs: list
     if keep >= n_held:
         return hold
     order = torch.randperm(n_held, generator=torch.Generator().manual_seed(guard.seed + 3))
-    back = {k: v[order[keep:]] for k, v in hold.items()}
-    for i, acc in enumerate(accs):
-        acc.update(back[f"source{i}"], back["y"])
-    return {k: v[order[:keep]] for k, v in hold.items()}
+    back = torch.zeros(n_held, dtype=torch.bool)
+    back[order[keep:]] = True
+    return _give_back(hold, back, accs)
 
 
 def _stratify(hold: dict[str, Tensor], accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
@@ -315,11 +312,21 @@ def _stratify(hold: dict[str, Tensor], accs: list[ClassGaussianAccumulator]) -> 
     rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)  # position of each row within its class
     back = torch.zeros(len(y), dtype=torch.bool)
     back[order[rank >= allowed[ys]]] = True
+    return _give_back(hold, back, accs)
+
+
+def _add_rows(accs: list[ClassGaussianAccumulator], rows: dict[str, Tensor]) -> None:
+    """Adds stored rows (features of every source and the class) to the per-source statistics."""
+    for i, acc in enumerate(accs):
+        acc.update(rows[f"source{i}"], rows["y"])
+
+
+def _give_back(hold: dict[str, Tensor], back: Tensor, accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+    """Moves the held-out rows marked in ``back`` (bool mask) into the statistics; returns the rows still held out."""
     if not bool(back.any()):
         return hold
-    for i, acc in enumerate(accs):
-        acc.update(hold[f"source{i}"][back], y[back])
-    return {key: v[~back] for key, v in hold.items()}
+    _add_rows(accs, {k: v[back] for k, v in hold.items()})
+    return {k: v[~back] for k, v in hold.items()}
 
 
 def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[float]:

@@ -212,14 +212,14 @@ class Guard(FittedState):
         missing = [n for n, _ in modules if n not in store]
         if missing:
             raise ModelError(f"layers {missing} did not run during the forward pass")
-        with _full_precision(x):
+        with no_autocast(x.device):
             feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
         return logits, feats
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
         logits, feats = self._features(x, self._sources_used())
-        with _full_precision(x):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
+        with no_autocast(x.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
             dists = self._source_distances(feats)
             return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
 
@@ -384,11 +384,6 @@ class Guard(FittedState):
     def extra_repr(self) -> str:
         state = f"layers={self.layers}, threshold={float(self.calibrated_threshold):.4f}" if self.fitted else "not fitted"
         return f"policy={self.policy!r}, fpr={self.fpr}, {state}"
-
-
-def _full_precision(x: Tensor) -> Any:
-    """Turns off a caller's ``torch.autocast`` for the guard's own maths on ``x``'s device."""
-    return no_autocast(x.device)
 
 
 def protect(

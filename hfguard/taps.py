@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hfguard.errors import ModelError
@@ -329,12 +328,11 @@ def no_autocast(device: torch.device) -> Any:
 
 
 @contextlib.contextmanager
-def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooling | int | Callable[[Tensor], Tensor]"]) -> Iterator[dict[str, Tensor]]:
+def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, Callable[[Tensor], Tensor]]) -> Iterator[dict[str, Tensor]]:
     """Context manager: pooled activations of ``modules`` produced by this thread inside the block.
 
-    ``poolings`` gives each module's :class:`Pooling` (an int is a channels-first map's grid side; any
-    other callable is applied as is). Pooling runs outside a caller's autocast: the activation keeps
-    the dtype the model produced.
+    ``poolings`` gives each module's :class:`Pooling` (or any callable from its output to (N, D)).
+    Pooling runs outside a caller's autocast: the activation keeps the dtype the model produced.
 
     Yields:
         A dict, private to this call, filled with ``name -> (N, D)`` pooled features.
@@ -347,8 +345,7 @@ def capture(modules: Sequence[tuple[str, nn.Module]], poolings: dict[str, "Pooli
     handles = []
 
     def make(name: str):
-        pooling = poolings[name]
-        pool = Pooling(MAP, pooling) if isinstance(pooling, int) else pooling
+        pool = poolings[name]
 
         def hook(_m, _i, out):
             if threading.get_ident() != owner:

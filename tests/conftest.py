@@ -42,6 +42,17 @@ class CustomNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class Normalized(nn.Module):
+    """``inner`` behind an input normalisation: takes ``(pixels - mean) / std`` and feeds ``inner`` the pixels."""
+
+    def __init__(self, inner: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.inner, self.mean, self.std = inner, mean, std
+
+    def forward(self, z):
+        return self.inner(z * self.std + self.mean)
+
+
 @pytest.fixture()
 def custom_net():
     torch.manual_seed(0)

@@ -43,20 +43,13 @@ def test_filtered_logits_are_the_model_on_the_low_passed_pixels(digits_model, di
     import hfguard
     from hfguard.filters import lowpass
 
+    from .conftest import Normalized
+
     mean, std = 0.3, 0.2
-
-    class Normalized(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, z):
-            return self.inner(z * std + mean)
-
     x = digits.x_test[:12]
     cases = [
         (digits_model, None, x, x),
-        (Normalized(digits_model).eval(), ([mean], [std]), (x - mean) / std, x),
+        (Normalized(digits_model, mean, std).eval(), ([mean], [std]), (x - mean) / std, x),
     ]
     for model, norm, inputs, pixels in cases:
         fit_x = digits.x_train if norm is None else (digits.x_train - mean) / std

@@ -11,7 +11,7 @@ import hfguard
 from hfguard.attacks import pgd
 from hfguard.data import small_cnn
 
-from .conftest import assert_equivalent_guards, assert_same_state, model_state
+from .conftest import Normalized, assert_equivalent_guards, assert_same_state, model_state
 
 
 def test_fit_returns_self(digits_model, digits):
@@ -228,16 +228,7 @@ def test_explicit_layers_and_custom_module_with_inplace_relu(custom_net, digits)
 
 def test_normalize_maps_back_to_pixels(digits_model, digits):
     mean, std = 0.3, 0.2
-
-    class Normalized(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, z):
-            return self.inner(z * std + mean)
-
-    model = Normalized(digits_model).eval()
+    model = Normalized(digits_model, mean, std).eval()
     g = hfguard.protect(model, normalize=([mean], [std]), progress=False).fit(((digits.x_train - mean) / std, digits.y_train))
     plain = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
     x = digits.x_test[:20]

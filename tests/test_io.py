@@ -42,9 +42,21 @@ def test_load_honours_runtime_overrides_and_refuses_the_rest(saved, digits_model
             hfguard.load(str(saved), digits_model, **bad)
 
 
+def write_old_file(path, header, tensors, version):
+    """Writes ``header`` and ``tensors`` as a guard file of format ``version`` (the threshold named ``threshold_``)."""
+    from safetensors.torch import save_file
+
+    from hfguard import io
+
+    header = {**header, "format_version": version}
+    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    return tensors
+
+
 def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tmp_path):
     """A file written before the combiner heads existed (format 1) still loads and scores as it did."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from hfguard import io
 
@@ -52,13 +64,11 @@ def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tm
     p = tmp_path / "v2.safetensors"
     g.save(str(p))
     header, tensors = io.read_guard_file(str(p))
-    header["format_version"] = 1
     header.pop("calibration")
     header["spec"].pop("calibration")
     header["spec"].pop("heads")
-    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items() if not k.startswith("head_")}
     old = tmp_path / "v1.safetensors"
-    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    tensors = write_old_file(old, header, {k: v for k, v in tensors.items() if not k.startswith("head_")}, 1)
     g1 = hfguard.load(str(old), digits_model)
     x = digits.x_test[:40]
     assert torch.allclose(g1.score(x), g.score(x)) and g1.threshold == g.threshold
@@ -67,18 +77,14 @@ def test_format_1_files_load_as_the_clean_only_combiner(digits_model, digits, tm
 
 def test_format_2_files_load_with_their_threshold_name(fitted, digits_model, digits, tmp_path):
     """Format 2 named the threshold tensor ``threshold_``; such files still load and score identically."""
-    from safetensors.torch import save_file
-
     from hfguard import io
 
     p = tmp_path / "v3.safetensors"
     fitted.save(str(p))
     header, tensors = io.read_guard_file(str(p))
     assert header["format_version"] == 3 and "calibrated_threshold" in tensors
-    header["format_version"] = 2
-    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
     old = tmp_path / "v2.safetensors"
-    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    write_old_file(old, header, tensors, 2)
     g2 = hfguard.load(str(old), digits_model)
     x = digits.x_test[:40]
     assert torch.equal(g2.score(x), fitted.score(x)) and g2.threshold == fitted.threshold
@@ -166,10 +172,9 @@ def test_other_model_is_refused(saved):
 def test_format_2_file_of_large_images_keeps_its_full_size_spectrum_and_grid_pooling(tmp_path):
     """A format-2 header has ``grids`` and no ``poolings`` or ``spectral_tile``: it loads as it was fitted
     (maps pooled by grid, a whole-image 40-point DCT), and an old state_dict key still loads."""
-    from safetensors.torch import save_file
     from torch import nn
 
-    from hfguard import io
+    from hfguard import io, spectrum
     from hfguard.bench.synthetic import usable_random_model
     from hfguard.taps import Pooling
 
@@ -183,18 +188,14 @@ def test_format_2_file_of_large_images_keeps_its_full_size_spectrum_and_grid_poo
     p = tmp_path / "v3.safetensors"
     g.save(str(p))
     header, tensors = io.read_guard_file(str(p))
-    header["format_version"] = 2
     layout = header["spec"]
     layout["grids"] = [q[1] for q in layout.pop("poolings")]
     layout.pop("spectral_tile")
-    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
-    from hfguard import spectrum
-
     tensors["dct_h"], tensors["dct_w"] = spectrum.dct_matrix(40), spectrum.dct_matrix(40)  # sized as format 2 saved them
     gh, gw = layout["spectral_grid"]
     tensors["pool_h"], tensors["pool_w"] = spectrum.pool_matrix(40, gh), spectrum.pool_matrix(40, gw)
     old = tmp_path / "v2.safetensors"
-    save_file(tensors, str(old), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
+    write_old_file(old, header, tensors, 2)
     g2 = hfguard.load(str(old), model)
     assert g2.dct_h.shape == (40, 40) and g2.poolings == {n: Pooling("map", s) for n, s in zip(g.layers, layout["grids"])}
     assert torch.isfinite(g2.score(x[:4])).all()

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from hfguard.data import small_cnn, small_resnet
-from hfguard.taps import capture, choose_layers, discover_layers, pool_activation, pooled_grid, watchable_units
+from hfguard.taps import Pooling, capture, choose_layers, discover_layers, pool_activation, pooled_grid, watchable_units
 
 
 def _auto(model, shape, k=10):
@@ -70,7 +70,7 @@ def test_capture_removes_hooks_even_on_error():
     m = small_cnn(1, 10, 8).eval()
     mods = [("1", m[1])]
     with pytest.raises(RuntimeError):
-        with capture(mods, {"1": 2}):
+        with capture(mods, {"1": Pooling("map", 2)}):
             raise RuntimeError("boom")
     assert all(len(mod._forward_hooks) == 0 for mod in m.modules())
 
@@ -79,7 +79,7 @@ def test_capture_ignores_other_threads():
     m = small_cnn(1, 10, 8).eval()
     mods = [("1", m[1])]
     other = {}
-    with capture(mods, {"1": 2}) as store:
+    with capture(mods, {"1": Pooling("map", 2)}) as store:
         t = threading.Thread(target=lambda: other.setdefault("out", m(torch.rand(5, 1, 8, 8))))
         t.start()
         t.join()
