@@ -87,22 +87,30 @@ def main(n_val: int = 1000) -> None:
         zc_fit, zc_thr = z_cal[:half], z_cal[half:]
         auto = [g.fit_report["score_features"].index(n) for n in (f"{g.layers[0]}:distance", f"{g.layers[0]}:gap", f"{g.layers[0]}:nearest", "margin")]
 
-        def head(z_adv: torch.Tensor) -> tuple[torch.Tensor, float]:
+        def head(z_adv: torch.Tensor, tails: bool = True) -> tuple[torch.Tensor, float]:
             w, b = combiner.fit_logistic_head(zc_fit, z_adv)
-            return combiner.standardised_head(w, b, zc_fit)
+            if tails:
+                return combiner.standardised_head(w, b, zc_fit)
+            h = zc_fit @ w + b  # the rule before 0.3: mean 0 and sd 1 on clean data
+            return w / h.std(), float((b - h.mean()) / h.std())
 
         (ws, bs), (wb, bb), (wa, ba) = head(strong), head(boundary), head(torch.cat([strong, boundary]))
+        (ws0, bs0), (wb0, bb0) = head(strong, False), head(boundary, False)
         mlp = _mlp(zc_fit, torch.cat([strong, boundary]))
-        clean_mu, clean_sd = torch.logsumexp(zc_fit[:, auto], 1).mean(), torch.logsumexp(zc_fit[:, auto], 1).std()
+        clean_only = torch.logsumexp(zc_fit[:, auto], 1).double()  # put on the heads' scale: clean tail at 0, SHARPNESS units above the median
+        clean_med, clean_tail = (float(v) for v in torch.quantile(clean_only, torch.tensor([0.5, combiner.TAIL_QUANTILE], dtype=torch.float64)))
+        clean_unit = (clean_tail - clean_med) / combiner.SHARPNESS
         combos = {
             "clean-only: smooth max of first-layer evidence + margin (calibration='clean')": lambda z: torch.logsumexp(z[:, auto], 1),
             "clean-only: smooth max of every feature": lambda z: torch.logsumexp(z, 1),
             "one logistic head, strong self-attacks": lambda z: z @ ws + bs,
             "one logistic head, boundary self-attacks": lambda z: z @ wb + bb,
             "one logistic head, all self-attacks": lambda z: z @ wa + ba,
-            "smooth max of strong and boundary heads (default)": lambda z: torch.logsumexp(torch.stack([z @ ws + bs, z @ wb + bb], 1), 1),
+            "smooth max of strong and boundary heads, each at clean mean 0 and sd 1 (the default before 0.3)":
+                lambda z: torch.logsumexp(torch.stack([z @ ws0 + bs0, z @ wb0 + bb0], 1), 1),
+            "smooth max of strong and boundary heads, clean tails aligned (default)": lambda z: torch.logsumexp(torch.stack([z @ ws + bs, z @ wb + bb], 1), 1),
             "smooth max of both heads and the clean-only score": lambda z: torch.logsumexp(torch.stack(
-                [z @ ws + bs, z @ wb + bb, (torch.logsumexp(z[:, auto], 1) - clean_mu) / clean_sd], 1), 1),
+                [z @ ws + bs, z @ wb + bb, (torch.logsumexp(z[:, auto], 1) - clean_tail) / clean_unit], 1), 1),
             "MLP (16 tanh units), all self-attacks": lambda z: (lambda o: o[:, 1] - o[:, 0])(mlp(z)),
         }
         rows = {}

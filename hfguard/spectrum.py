@@ -66,7 +66,9 @@ def hf_block_mask(grid: tuple[int, int]) -> Tensor:
     return ((i + j) >= 0.5).flatten()
 
 
-def hf_features(pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, index: Tensor, eps: float = 1e-6) -> Tensor:
+def hf_features(
+    pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, index: Tensor, eps: float = 1e-6, *, channel_weight: Tensor | None = None
+) -> Tensor:
     """HF spectral features of a batch of pixel images.
 
     Images larger than the DCT matrices are cut into tiles of the matrices' size (see
@@ -75,24 +77,43 @@ def hf_features(pixels: Tensor, ch: Tensor, cw: Tensor, ph: Tensor, pw: Tensor, 
     pixel than a 224-point one.
 
     Args:
-        pixels: (N, C, H, W) images in pixel units.
+        pixels: (N, C, H, W) images in pixel units, or images ``(pixels - mean) / std`` with
+            ``channel_weight = std ** 2`` (see below).
         ch, cw: DCT matrices (sh, sh) and (sw, sw); sh divides H and sw divides W.
         ph, pw: frequency pooling matrices (gh, sh) and (gw, sw), see :func:`pool_matrix`.
         index: (F,) long indices of the HF blocks in the flattened grid (``hf_block_mask(grid).nonzero()``).
         eps: floor inside the logarithm.
+        channel_weight: (C,) or (1,) weights of each channel's power in the mean over channels (default 1).
+            A per-channel affine map ``p = x * std + mean`` changes a tile's DCT by ``std`` everywhere but
+            at the DC coefficient, so the features of ``p`` are those of ``x`` weighted by ``std ** 2``
+            whenever ``index`` leaves out the block holding DC (block 0, never an HF block): the guard
+            skips un-normalising the batch (one pass over it).
 
     Returns:
         (N, F) log-power features; differentiable w.r.t. ``pixels``.
     """
     n, c, h, w = pixels.shape
     h, w, sh, sw = int(h), int(w), int(ch.shape[0]), int(cw.shape[0])  # Python ints, also while tracing for ONNX
+
+    def squared(coeff: Tensor) -> Tensor:  # in place where no gradient needs the coefficients: no second buffer
+        return coeff * coeff if coeff.requires_grad else coeff.square_()
+
     if (sh, sw) == (h, w):
-        coeff = dct2(pixels, ch, cw)
-        power = (coeff * coeff).mean(1)  # over channels: (N, H, W)
-    else:  # tiles of sh x sw, transformed in place (no permuted copy): rows of each tile, then its columns
-        rows = ch @ pixels.reshape(n, c, h // sh, sh, w)  # (N, C, th, sh, W)
-        coeff = rows.reshape(n, c, h // sh, sh, w // sw, sw) @ cw.T  # (N, C, th, sh, tw, sw)
-        power = (coeff * coeff).mean((1, 2, 4))  # over channels and tiles: (N, sh, sw)
+        chan = squared(dct2(pixels, ch, cw))  # (N, C, sh, sw)
+    else:
+        # one band of tiles at a time (rows of each tile, then its columns; no permuted copy), summed over its
+        # tiles: a band's coefficients stay in cache (measured 1.7x faster than the whole batch at 224 px)
+        th, tw = h // sh, w // sw
+        chan = None
+        for i in range(th):
+            coeff = (ch @ pixels[:, :, i * sh : (i + 1) * sh]).reshape(n, c, sh, tw, sw) @ cw.T  # (N, C, sh, tw, sw)
+            part = squared(coeff).sum(3)
+            chan = part if chan is None else (chan + part if part.requires_grad else chan.add_(part))
+        chan = chan / (th * tw)  # mean over the tiles: (N, C, sh, sw)
+    if channel_weight is None:
+        power = chan.mean(1)  # over channels: (N, sh, sw)
+    else:
+        power = (chan * (channel_weight.to(chan.dtype) / c).reshape(1, -1, 1, 1)).sum(1)
     blocks = (ph @ power @ pw.T).flatten(1)
     return torch.log(blocks.index_select(1, index) + eps)
 

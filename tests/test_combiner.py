@@ -31,12 +31,21 @@ def test_logistic_head_separates_shifted_evidence_and_points_the_right_way():
     assert acc > 0.9
 
 
-def test_standardised_head_has_zero_mean_unit_sd_on_clean():
+def test_standardised_heads_line_up_their_clean_tails():
     g = torch.Generator().manual_seed(3)
-    clean = torch.randn(1000, 4, dtype=torch.float64, generator=g)
-    w, b = combiner.standardised_head(torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64), 3.0, clean)
-    h = clean @ w + b
-    assert abs(float(h.mean())) < 1e-9 and abs(float(h.std()) - 1.0) < 1e-9
+    clean = torch.randn(4000, 4, dtype=torch.float64, generator=g)
+    clean[:, 3] = torch.distributions.Exponential(1.0).sample((4000,)).double()  # a heavy upper tail, like the margin's
+    heads = [combiner.standardised_head(torch.tensor(w, dtype=torch.float64), 3.0, clean) for w in ([1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 5.0])]
+    for w, b in heads:
+        h = clean @ w + b
+        q = torch.quantile(h, torch.tensor([0.5, combiner.TAIL_QUANTILE], dtype=h.dtype))
+        assert abs(float(q[1])) < 1e-6  # the tail quantile at 0 ...
+        assert abs(float(q[1] - q[0]) - combiner.SHARPNESS) < 1e-6  # ... and SHARPNESS units above the median
+    # the smooth maximum of the two then flags about 2 * (1 - TAIL_QUANTILE) of clean rows above 0: each head a like share
+    w = torch.stack([h[0] for h in heads])
+    b = torch.tensor([h[1] for h in heads], dtype=torch.float64)
+    flagged = float((combiner.head_score(clean, w, b) > 0).double().mean())
+    assert 1.5 * (1 - combiner.TAIL_QUANTILE) < flagged < 2.5 * (1 - combiner.TAIL_QUANTILE)
 
 
 def test_fit_logistic_head_rejects_bad_shapes():

@@ -73,3 +73,30 @@ def test_large_images_are_tiled_and_the_tile_powers_averaged():
     power = np.mean([dctn(t, type=2, norm="ortho", axes=(-2, -1)) ** 2 for t in tiles], axis=0).mean(1)  # tiles, channels
     blocks = (pm.numpy() @ power @ pm.numpy().T).reshape(2, -1)[:, index.numpy()]
     assert np.allclose(got.numpy(), np.log(blocks), atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [28, 64])  # one whole-image DCT; 32-px tiles
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channel_weights_stand_in_for_undoing_the_normalisation(size, channels):
+    """The guard feeds normalised inputs with std**2 weights instead of un-normalised pixels: equal features
+    (only a tile's DC coefficient, never an HF block, feels the mean), with and without gradients."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(4, channels, size, size, dtype=torch.float64, generator=g)
+    mean = torch.tensor([0.485, 0.456, 0.406][:channels], dtype=torch.float64).view(-1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225][:channels], dtype=torch.float64).view(-1, 1, 1)
+    x = (pixels - mean) / std
+    tile = spectrum.spectral_tile(size)
+    grid = spectrum.spectral_grid(tile, tile)
+    ch = spectrum.dct_matrix(tile, dtype=torch.float64)
+    pm = spectrum.pool_matrix(tile, grid[0], dtype=torch.float64)
+    index = spectrum.hf_block_mask(grid).nonzero().flatten()
+    assert 0 not in index.tolist()
+    want = spectrum.hf_features(pixels, ch, ch, pm, pm, index)
+    got = spectrum.hf_features(x, ch, ch, pm, pm, index, channel_weight=std.flatten() ** 2)
+    assert torch.allclose(got, want, atol=1e-9)
+    xg = x.clone().requires_grad_(True)
+    with_grad = spectrum.hf_features(xg, ch, ch, pm, pm, index, channel_weight=std.flatten() ** 2)
+    assert torch.allclose(with_grad.detach(), want, atol=1e-9)
+    with_grad.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert torch.equal(x, (pixels - mean) / std)  # the input is never squared in place
