@@ -12,8 +12,8 @@ with one row of ``W`` per *head*.  Two ways of fitting the heads:
 * ``calibration="self-attack"``: one L2-regularised logistic regression per attack regime
   (strong attacks, minimal "boundary" attacks) separates clean evidence from the evidence
   of attacks the guard generated on its own clean data (:func:`fit_logistic_head`); each
-  head is rescaled to zero mean and unit variance on clean data (:func:`standardised_head`)
-  so the maximum treats the regimes alike.
+  head is rescaled so that its clean upper tails line up (:func:`standardised_head`) and the
+  maximum gives each regime a like share of the false alarms.
 
 Everything is one matmul and a logsumexp: differentiable, stored in two buffers, exportable.
 """
@@ -84,8 +84,14 @@ def standardised_head(w: Tensor, b: float, z_clean: Tensor) -> tuple[Tensor, flo
     (``benchmarks/combiner_validation.py``).
     """
     h = (z_clean @ w + b).double()
+    if h.numel() == 0 or not bool(torch.isfinite(h).all()):
+        raise ValueError(f"a head's clean outputs must be finite and non-empty; got {h.numel()} rows, {int((~torch.isfinite(h)).sum())} not finite")
     med, tail = (float(v) for v in torch.quantile(h, torch.tensor([0.5, TAIL_QUANTILE], dtype=h.dtype, device=h.device)))
-    unit = max(tail - med, 1e-6) / SHARPNESS
+    sd = float(h.std()) if h.numel() > 1 else 0.0
+    spread = tail - med
+    if not spread > 1e-3 * sd:  # a tail tied to the median (a point mass): a Gaussian's distance between the two instead
+        spread = 2.33 * sd if sd > 0 else 1.0
+    unit = spread / SHARPNESS
     return w / unit, (b - tail) / unit
 
 

@@ -53,7 +53,6 @@ class FittedState(nn.Module):
         self.layout: dict[str, Any] | None = None
         self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
         self.register_buffer("norm_std", norm_std.view(-1, 1, 1))
-        self._unit_std = bool((norm_std == 1).all())
         self._hf_without_dc = False
 
     @property
@@ -91,7 +90,8 @@ class FittedState(nn.Module):
         self.register_buffer("pool_h", spectrum.pool_matrix(th, gh))
         self.register_buffer("pool_w", spectrum.pool_matrix(tw, gw))
         self.register_buffer("hf_index", torch.tensor(layout["hf_index"], dtype=torch.long))
-        self._hf_without_dc = 0 not in layout["hf_index"]  # always so for hf_block_mask; see _spectral
+        # always so for hf_block_mask's blocks (see _spectral); checked, not assumed, for whatever a file holds
+        self._hf_without_dc = not set(spectrum.dc_blocks(self.pool_h, self.pool_w)) & set(layout["hf_index"])
         names = layout["score_features"]
         self.score_columns = [evidence.parse_feature(n, self.sources) for n in names]
         nf = len(names)
@@ -112,7 +112,6 @@ class FittedState(nn.Module):
         if old in state_dict and prefix + "calibrated_threshold" not in state_dict:
             state_dict[prefix + "calibrated_threshold"] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._unit_std = bool((self.norm_std == 1).all())
 
     @property
     def threshold_(self) -> Tensor:
@@ -132,9 +131,9 @@ class FittedState(nn.Module):
         """HF features of the pixel images behind the model inputs ``x``. The HF blocks never hold a tile's DC
         coefficient, the only one that undoing ``normalize`` shifts, so the batch is not un-normalised: each
         channel's power is weighted by ``std ** 2`` instead (see :func:`hfguard.spectrum.hf_features`)."""
-        if not self._hf_without_dc:
+        if not getattr(self, "_hf_without_dc", False):
             return spectrum.hf_features(self.to_pixels(x).to(self.dct_h.dtype), self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index)
-        weight = None if self._unit_std else self.norm_std.flatten() ** 2
+        weight = self.norm_std.flatten().to(self.dct_h.dtype) ** 2
         return spectrum.hf_features(x.to(self.dct_h.dtype), self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index, channel_weight=weight)
 
     def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:

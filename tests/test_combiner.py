@@ -48,6 +48,19 @@ def test_standardised_heads_line_up_their_clean_tails():
     assert 1.5 * (1 - combiner.TAIL_QUANTILE) < flagged < 2.5 * (1 - combiner.TAIL_QUANTILE)
 
 
+def test_a_head_tied_at_its_median_or_constant_keeps_a_sane_scale():
+    clean = torch.zeros(1000, 2, dtype=torch.float64)
+    clean[:5, 0] = torch.arange(1.0, 6.0, dtype=torch.float64)  # 99.5 % of the rows share one value: tail == median
+    w, b = combiner.standardised_head(torch.tensor([1.0, 0.0], dtype=torch.float64), 0.0, clean)
+    assert torch.isfinite(w).all() and float(w.abs().max()) < 1e3
+    w, b = combiner.standardised_head(torch.tensor([0.0, 1.0], dtype=torch.float64), 2.0, clean)  # a constant head
+    assert torch.isfinite(w).all() and abs(float(clean[0] @ w + b)) < 1e-9
+    import pytest
+
+    with pytest.raises(ValueError, match="finite"):
+        combiner.standardised_head(torch.tensor([1.0, 0.0], dtype=torch.float64), 0.0, torch.full((10, 2), float("nan"), dtype=torch.float64))
+
+
 def test_fit_logistic_head_rejects_bad_shapes():
     import pytest
 

@@ -390,3 +390,22 @@ def test_score_features_as_a_list_fits_and_scores(digits_model, digits):
     assert g.score(digits.x_test[:5]).shape == (5,)
     with pytest.raises(ValueError, match="unknown evidence feature"):
         hfguard.protect(digits_model, progress=False, score_features=["nope:distance"]).fit((digits.x_train, digits.y_train))
+
+
+@pytest.mark.parametrize("size", [(28, 28), (64, 96)])  # a whole-image DCT; 32-px tiles on a non-square image
+@pytest.mark.parametrize("normalize", [((0.5,), (0.25,)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_spectral_features_of_normalised_inputs_equal_those_of_the_pixels(size, normalize):
+    """The guard skips un-normalising the batch (channel powers weighted by std**2 instead): same features as
+    the pixels' own, under inference_mode too, and the caller's batch is left as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)).eval()
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in normalize)
+    x = (torch.rand(90, 3, *size) - mean) / std
+    g = hfguard.protect(model, normalize=normalize, calibration="clean", progress=False, calibration_size=40).fit((x, torch.arange(90) % 3))
+    assert g._hf_without_dc
+    want = hfguard.spectrum.hf_features(g.to_pixels(x[:8]), g.dct_h, g.dct_w, g.pool_h, g.pool_w, g.hf_index)
+    kept = x.clone()
+    assert torch.allclose(g._spectral(x[:8]), want, atol=1e-4)
+    with torch.inference_mode():
+        assert torch.allclose(g._spectral(x[:8]), want, atol=1e-4)
+    assert torch.equal(x, kept)

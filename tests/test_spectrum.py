@@ -68,11 +68,12 @@ def test_large_images_are_tiled_and_the_tile_powers_averaged():
     ch = spectrum.dct_matrix(32, dtype=torch.float64)
     pm = spectrum.pool_matrix(32, grid[0], dtype=torch.float64)
     index = spectrum.hf_block_mask(grid).nonzero().flatten()
-    got = spectrum.hf_features(x, ch, ch, pm, pm, index, eps=0.0)
     tiles = [x[:, :, i : i + 32, j : j + 32].numpy() for i in range(0, 64, 32) for j in range(0, 96, 32)]
     power = np.mean([dctn(t, type=2, norm="ortho", axes=(-2, -1)) ** 2 for t in tiles], axis=0).mean(1)  # tiles, channels
     blocks = (pm.numpy() @ power @ pm.numpy().T).reshape(2, -1)[:, index.numpy()]
-    assert np.allclose(got.numpy(), np.log(blocks), atol=1e-10)
+    for band in (None, 32, 64):  # the default (one row of tiles at a time on a CPU) and the whole image at once (GPUs)
+        got = spectrum.hf_features(x, ch, ch, pm, pm, index, eps=0.0, band=band)
+        assert np.allclose(got.numpy(), np.log(blocks), atol=1e-10)
 
 
 @pytest.mark.parametrize("size", [28, 64])  # one whole-image DCT; 32-px tiles
@@ -99,4 +100,18 @@ def test_channel_weights_stand_in_for_undoing_the_normalisation(size, channels):
     assert torch.allclose(with_grad.detach(), want, atol=1e-9)
     with_grad.sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
-    assert torch.equal(x, (pixels - mean) / std)  # the input is never squared in place
+    kept, ptr = x.clone(), x.data_ptr()
+    spectrum.hf_features(x, ch, ch, pm, pm, index, channel_weight=std.flatten() ** 2)
+    assert x.data_ptr() == ptr and torch.equal(x, kept)  # the input is never squared in place
+
+
+def test_dc_blocks_and_band_checks():
+    assert spectrum.dc_blocks(spectrum.pool_matrix(32, 8), spectrum.pool_matrix(32, 8)) == [0]
+    assert spectrum.dc_blocks(spectrum.pool_matrix(7, 7), spectrum.pool_matrix(6, 3)) == [0]
+    assert 0 not in spectrum.hf_block_mask((8, 8)).nonzero().flatten().tolist()
+    x = torch.rand(1, 1, 96, 64)
+    ch, pm = spectrum.dct_matrix(32), spectrum.pool_matrix(32, 8)
+    index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    for bad in (0, 48, 64):  # not a multiple of the tile, or not dividing the height
+        with pytest.raises(ValueError, match="band"):
+            spectrum.hf_features(x, ch, ch, pm, pm, index, band=bad)

@@ -66,6 +66,9 @@ def test_pool_activation_paths_agree():
     assert pool_activation(torch.rand(3, 4, 7, 7), 2).shape == (3, 16)
     one = torch.rand(3, 5, 7, 6)
     assert torch.allclose(pool_activation(one, 1), torch.nn.functional.adaptive_avg_pool2d(one, 1).flatten(1), atol=1e-6)
+    one.requires_grad_(True)
+    pool_activation(one, 1).sum().backward()
+    assert torch.allclose(one.grad, torch.full_like(one, 1 / 42))
 
 
 def test_capture_removes_hooks_even_on_error():
