@@ -43,6 +43,8 @@ _SKIP_AUTO = (
 )
 #: modules of other libraries that only rearrange their input (torchvision's Permute, used by Swin)
 _SKIP_AUTO_NAMES = ("Permute",)
+#: normalisations: they never replace the module before them as a stage's output (see :func:`choose_layers`)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,9 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
     """The automatic layer choice.
 
     Walks the candidate modules in call order, groups consecutive ones with the
-    same output shape into a stage, and keeps the last module of each stage.
+    same output shape into a stage, and keeps the last module of each stage
+    that is not a normalisation (a ConvNeXt's stage output, not the LayerNorm
+    that opens the next downsampling step and only rescales it).
     Transformer blocks (token outputs, (L, D)) all share one shape, so each
     is its own stage.  Pooling, flatten, dropout and identity modules are
     skipped (they only rearrange their input), as are modules called more than
@@ -154,7 +158,7 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
             and not (len(info.shape) == 1 and info.shape[0] == num_outputs and info is infos[-1])
         )
         if info.shape == prev_shape and stages and stages[-1].shape == info.shape and len(info.shape) != 2:
-            if usable:
+            if usable and not _is_norm(mod):
                 stages[-1] = info
             continue
         prev_shape = info.shape
@@ -165,6 +169,10 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
         idx = torch.linspace(0, len(names) - 1, max_layers).round().long().tolist()
         names = [names[i] for i in sorted(set(idx))]
     return names
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return isinstance(mod, _NORMS) or type(mod).__name__.endswith("Norm") or type(mod).__name__.endswith("Norm2d")
 
 
 def layer_kind(shape: Sequence[int], input_hw: tuple[int, int], module: nn.Module | None = None) -> str:

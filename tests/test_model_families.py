@@ -131,3 +131,14 @@ def test_dict_batches_workers_and_non_square_images():
     ref = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, progress=False, calibration="clean").fit((x, y))
     assert g.layout["input_shape"] == [3, 20, 28]
     assert torch.equal(g.score(x[:8]), ref.score(x[:8]))
+
+
+def test_stages_end_at_their_last_block_not_at_the_next_norm():
+    """ConvNeXt's downsampling opens with a LayerNorm2d of the stage's output (same shape): the stage is
+    represented by its last block, not by that norm; a ResNet stem still ends at its ReLU (after the BatchNorm)."""
+    from hfguard.fitting import choose_layout
+
+    lc = choose_layout(hfguard.protect(random_model("convnext_tiny", 4, 64), progress=False), torch.rand(2, 3, 64, 64))
+    assert lc["layers"][:3] == ["features.1.2", "features.3.2", "features.5.8"]
+    lr = choose_layout(hfguard.protect(random_model("resnet50", 4, 32), progress=False), torch.rand(2, 3, 32, 32))
+    assert lr["layers"][0] == "relu"
