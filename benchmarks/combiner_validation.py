@@ -26,7 +26,7 @@ from hfguard.attacks import cw_l2, fgsm, pgd
 from hfguard.data import CALIBRATION_HOLDOUT, cached_model, load_dataset
 from hfguard.evaluate import auroc, jsonable
 from hfguard.fitting import _evidence_of_pixels
-from hfguard.selfattack import self_attacks
+from hfguard.selfattack import FAMILIES, self_attacks
 
 
 def _mlp(z_clean: torch.Tensor, z_adv: torch.Tensor, hidden: int = 16, steps: int = 600) -> torch.nn.Module:
@@ -97,6 +97,19 @@ def main(n_val: int = 1000) -> None:
         (ws, bs), (wb, bb), (wa, ba) = head(strong), head(boundary), head(torch.cat([strong, boundary]))
         (ws0, bs0), (wb0, bb0) = head(strong, False), head(boundary, False)
         mlp = _mlp(zc_fit, torch.cat([strong, boundary]))
+        # more heads: one per self-attack family; or strong attacks split by budget (L-inf-equivalent below 0.06)
+        names = list(FAMILIES)
+        linf = torch.tensor([names[i].endswith("linf") for i in sa.family.tolist()])
+        budget = torch.where(linf, sa.budget, sa.budget / (xs[0].numel() ** 0.5 / 2))
+        m_strong, m_boundary = sa.regime_mask("strong"), sa.regime_mask("boundary")
+
+        def max_of_heads(groups: list[torch.Tensor]):  # noqa: ANN202
+            fitted = [head(z_sa[m]) for m in groups]
+            w, b = torch.stack([f[0] for f in fitted]), torch.tensor([f[1] for f in fitted], dtype=z_sa.dtype)
+            return lambda z: torch.logsumexp(z @ w.T + b, 1)
+
+        per_family = max_of_heads([sa.family == i for i in range(len(names))])
+        by_budget = max_of_heads([m_strong & (budget >= 0.06), m_strong & (budget < 0.06), m_boundary])
         clean_only = torch.logsumexp(zc_fit[:, auto], 1).double()  # put on the heads' scale: clean tail at 0, SHARPNESS units above the median
         clean_med, clean_tail = (float(v) for v in torch.quantile(clean_only, torch.tensor([0.5, combiner.TAIL_QUANTILE], dtype=torch.float64)))
         clean_unit = (clean_tail - clean_med) / combiner.SHARPNESS
@@ -111,6 +124,8 @@ def main(n_val: int = 1000) -> None:
             "smooth max of strong and boundary heads, clean tails aligned (default)": lambda z: torch.logsumexp(torch.stack([z @ ws + bs, z @ wb + bb], 1), 1),
             "smooth max of both heads and the clean-only score": lambda z: torch.logsumexp(torch.stack(
                 [z @ ws + bs, z @ wb + bb, (torch.logsumexp(z[:, auto], 1) - clean_tail) / clean_unit], 1), 1),
+            "smooth max of one head per self-attack family (5), clean tails aligned": per_family,
+            "smooth max of 3 heads (strong eps >= 0.06, strong eps < 0.06, boundary), clean tails aligned": by_budget,
             "MLP (16 tanh units), all self-attacks": lambda z: (lambda o: o[:, 1] - o[:, 0])(mlp(z)),
         }
         rows = {}
