@@ -43,12 +43,31 @@ def _mlp(z_clean: torch.Tensor, z_adv: torch.Tensor, hidden: int = 16, steps: in
     return net.eval()
 
 
+def validation_split(n_val: int = 1000) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST ``(train, calibration, x_val, y_val)``: the models' training images, the 5000 held out of their
+    training, and test images 5000..5000+n_val (the bench reports on 0-999)."""
+    split = load_dataset("fashion-mnist")
+    train, validation = split.holdout(CALIBRATION_HOLDOUT["fashion-mnist"])
+    return train, validation, split.x_test[5000 : 5000 + n_val], split.y_test[5000 : 5000 + n_val]
+
+
+def validation_attacks(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The successful adversarials (clean image correct, adversarial wrong) of six attacks on the validation images."""
+    with torch.no_grad():
+        correct = model(xv).argmax(1) == yv
+    raw = {"FGSM 0.1": fgsm(model, xv, yv, 0.1), "PGD 0.1": pgd(model, xv, yv, 0.1), "PGD 0.05": pgd(model, xv, yv, 0.05),
+           "PGD 0.03": pgd(model, xv, yv, 0.03), "L2 1.0": pgd(model, xv, yv, 1.0, norm="2"), "CW": cw_l2(model, xv, yv, steps=100)}
+    out = {}
+    for k, v in raw.items():
+        with torch.no_grad():
+            out[k] = v[correct & (model(v).argmax(1) != yv)]
+    return out
+
+
 def main(n_val: int = 1000) -> None:
     torch.manual_seed(0)
     t0 = time.time()
-    split = load_dataset("fashion-mnist")
-    train, validation = split.holdout(CALIBRATION_HOLDOUT["fashion-mnist"])
-    xv, yv = split.x_test[5000 : 5000 + n_val], split.y_test[5000 : 5000 + n_val]
+    train, validation, xv, yv = validation_split(n_val)
     result = {"command": "python " + " ".join(sys.argv), "validation_images": f"test[5000:{5000 + n_val}]", "archs": {}}
     md = ["# Combining the evidence: combiners compared on a validation split", "",
           f"Command: `{result['command']}`. Validation attacks on Fashion-MNIST test images 5000-{4999 + n_val} (the bench reports on 0-999); "
@@ -65,15 +84,7 @@ def main(n_val: int = 1000) -> None:
             ev, pred = _evidence_of_pixels(g, pixels)
             return calibrate.standardize(ev, pred, mean, std)
 
-        with torch.no_grad():
-            correct_v = model(xv).argmax(1) == yv
-        raw = {"FGSM 0.1": fgsm(model, xv, yv, 0.1), "PGD 0.1": pgd(model, xv, yv, 0.1), "PGD 0.05": pgd(model, xv, yv, 0.05),
-               "PGD 0.03": pgd(model, xv, yv, 0.03), "L2 1.0": pgd(model, xv, yv, 1.0, norm="2"), "CW": cw_l2(model, xv, yv, steps=100)}
-        val = {}
-        for k, v in raw.items():
-            with torch.no_grad():
-                ok = correct_v & (model(v).argmax(1) != yv)
-            val[k] = z_of(v[ok])
+        val = {k: z_of(v) for k, v in validation_attacks(model, xv, yv).items()}
         z_val_clean = z_of(xv)
         z_cal = z_of(validation[0])
         xs, ys = train[0][:2000], train[1][:2000]

@@ -26,12 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from combiner_validation import validation_attacks, validation_split  # benchmarks/combiner_validation.py
 
 import hfguard
 import hfguard.fitting as fitting
 import hfguard.taps as taps
-from hfguard.attacks import cw_l2, fgsm, pgd
-from hfguard.data import CALIBRATION_HOLDOUT, cached_model, load_dataset
+from hfguard.data import cached_model
 from hfguard.evaluate import auroc, jsonable
 
 
@@ -64,9 +64,7 @@ def channel_statistic(kind: str | None) -> Iterator[None]:
 def main(n_val: int = 1000) -> None:
     torch.manual_seed(0)
     t0 = time.time()
-    split = load_dataset("fashion-mnist")
-    train, validation = split.holdout(CALIBRATION_HOLDOUT["fashion-mnist"])
-    xv, yv = split.x_test[5000 : 5000 + n_val], split.y_test[5000 : 5000 + n_val]
+    train, validation, xv, yv = validation_split(n_val)
     result = {"command": "python " + " ".join(sys.argv), "validation_images": f"test[5000:{5000 + n_val}]", "archs": {}}
     md = ["# Evidence variants compared on a validation split", "",
           f"Command: `{result['command']}`. Each variant is a full `fit` (training split, `calibration_data` = the 5000 held-out "
@@ -74,14 +72,7 @@ def main(n_val: int = 1000) -> None:
           "successful adversarials; then the TPR on PGD 0.1 at the calibrated threshold and the clean FPR on the validation images.", ""]
     for arch in ("cnn", "resnet"):
         model = cached_model("fashion-mnist", arch)
-        with torch.no_grad():
-            correct = model(xv).argmax(1) == yv
-        raw = {"FGSM 0.1": fgsm(model, xv, yv, 0.1), "PGD 0.1": pgd(model, xv, yv, 0.1), "PGD 0.05": pgd(model, xv, yv, 0.05),
-               "PGD 0.03": pgd(model, xv, yv, 0.03), "L2 1.0": pgd(model, xv, yv, 1.0, norm="2"), "CW": cw_l2(model, xv, yv, steps=100)}
-        adv = {}
-        for k, v in raw.items():
-            with torch.no_grad():
-                adv[k] = v[correct & (model(v).argmax(1) != yv)]
+        adv = validation_attacks(model, xv, yv)
         variants: dict[str, tuple[dict, str | None]] = {"default": ({}, None)}
         if arch == "resnet":
             variants["+ global pool (penultimate) as a fourth layer"] = ({"layers": ["layer1", "layer2", "layer3", "pool"]}, None)
