@@ -1,0 +1,82 @@
+"""CPU cost of the guard's spectrum and pooling on ImageNet-size batches (the choices in hfguard.spectrum / taps).
+
+Interleaved medians (each variant timed in a random order every round, in one process):
+
+* the HF features of a 16x3x224x224 normalised batch: one row of 32-px tiles at a time (the CPU default) vs the
+  whole batch at once (the GPU / ONNX path), with the std**2 channel weights vs un-normalising the batch first
+  (as 0.2 did, which also transformed the whole batch at once), and with 16- or 8-px tiles (not used: they would change the features of large images);
+* pooling a (16, 576, 7, 7) map to one position: ``mean`` (used) vs the two strided sums used for larger grids.
+
+Run:  python benchmarks/spectrum_cost.py
+Writes benchmarks/results/spectrum-cost.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hfguard import spectrum
+from hfguard.taps import pool_activation
+
+
+def timed(fns: dict, rounds: int = 40) -> dict[str, float]:
+    """Median milliseconds of each function, timed in a shuffled order every round."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for k in order:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+
+
+def main() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    x = (torch.rand(16, 3, 224, 224) - mean) / std
+    weight = std.flatten() ** 2
+
+    def features(tile: int, **kw):  # noqa: ANN003, ANN202
+        ch, grid = spectrum.dct_matrix(tile), spectrum.spectral_grid(tile, tile)
+        pm, index = spectrum.pool_matrix(tile, grid[0]), spectrum.hf_block_mask(grid).nonzero().flatten()
+        return lambda: spectrum.hf_features(x, ch, ch, pm, pm, index, **kw)
+
+    ch32, pm32 = spectrum.dct_matrix(32), spectrum.pool_matrix(32, 8)
+    index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    spec = timed({
+        "32-px tiles, one row of tiles at a time, std^2 weights (default on a CPU)": features(32, channel_weight=weight),
+        "32-px tiles, whole batch at once, std^2 weights (GPU / ONNX path)": features(32, channel_weight=weight, band=224),
+        "32-px tiles, one row at a time, after un-normalising the batch (one more pass, as 0.2 did)":
+            lambda: spectrum.hf_features(x * std + mean, ch32, ch32, pm32, pm32, index),
+        "16-px tiles, one row at a time (not used)": features(16, channel_weight=weight),
+        "8-px tiles, one row at a time (not used)": features(8, channel_weight=weight),
+    })
+    a = torch.relu(torch.randn(16, 576, 7, 7))
+    n, c, h, w = a.shape
+    pool = timed({
+        "(16, 576, 7, 7) to one position: mean (used)": lambda: pool_activation(a, 1),
+        "(16, 576, 7, 7) to one position: two strided sums (0.2)":
+            lambda: a.reshape(n, c, 1, h, w).sum(3).reshape(n, c, 1, 1, w).sum(4).flatten(1).mul_(1.0 / (h * w)),
+    }, rounds=100)
+    out = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+           f"{torch.get_num_threads()} threads", "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
+    print(json.dumps(out, indent=2))
+    Path("benchmarks/results/spectrum-cost.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
