@@ -64,6 +64,14 @@ def validation_attacks(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tenso
     return out
 
 
+def write_results(stem: str, result: dict, md: list[str], t0: float) -> None:
+    """Writes ``benchmarks/results/<stem>.json`` (with the run's seconds) and ``<stem>.md``."""
+    result["seconds"] = time.time() - t0
+    out = Path("benchmarks/results")
+    (out / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=2))
+    (out / f"{stem}.md").write_text("\n".join(md))
+
+
 def main(n_val: int = 1000) -> None:
     torch.manual_seed(0)
     t0 = time.time()
@@ -154,10 +162,7 @@ def main(n_val: int = 1000) -> None:
         md += [f"| {n} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for n, v in rows.items()]
         md.append("")
         print("\n".join(md[-len(rows) - 4:]), flush=True)
-    result["seconds"] = time.time() - t0
-    out = Path("benchmarks/results")
-    (out / "combiner-validation.json").write_text(json.dumps(jsonable(result), indent=2))
-    (out / "combiner-validation.md").write_text("\n".join(md))
+    write_results("combiner-validation", result, md, t0)
 
 
 if __name__ == "__main__":

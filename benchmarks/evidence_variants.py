@@ -23,16 +23,15 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-from combiner_validation import validation_attacks, validation_split  # benchmarks/combiner_validation.py
+from combiner_validation import validation_attacks, validation_split, write_results  # benchmarks/combiner_validation.py
 
 import hfguard
 import hfguard.fitting as fitting
 import hfguard.taps as taps
 from hfguard.data import cached_model
-from hfguard.evaluate import auroc, jsonable
+from hfguard.evaluate import auroc
 
 
 @contextlib.contextmanager
@@ -103,10 +102,7 @@ def main(n_val: int = 1000) -> None:
                "| variant | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         md += [f"| {n} | " + " | ".join(f"{v[c]:.1f}" if c == "fit (s)" else f"{v[c]:.3f}" for c in cols) + " |" for n, v in rows.items()]
         md.append("")
-    result["seconds"] = time.time() - t0
-    out = Path("benchmarks/results")
-    (out / "evidence-variants.json").write_text(json.dumps(jsonable(result), indent=2))
-    (out / "evidence-variants.md").write_text("\n".join(md))
+    write_results("evidence-variants", result, md, t0)
 
 
 if __name__ == "__main__":

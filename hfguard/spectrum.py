@@ -99,8 +99,8 @@ def hf_features(
             skips un-normalising the batch (one pass over it).
         band: image rows transformed at a time (a multiple of the tile side dividing H); default one row of
             tiles on a CPU, whose coefficients stay in cache (``benchmarks/spectrum_cost.py``: 5.3 against
-            11.6 ms for the whole of a 16x3x224x224 batch), and the whole image on other devices, where kernel launches cost more than memory, and
-            while tracing for ONNX.
+            11.6 ms for the whole of a 16x3x224x224 batch), and the whole image on other devices, where
+            kernel launches cost more than memory, and while tracing for ONNX.
 
     Returns:
         (N, F) log-power features; differentiable w.r.t. ``pixels``.

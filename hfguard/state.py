@@ -131,10 +131,13 @@ class FittedState(nn.Module):
         """HF features of the pixel images behind the model inputs ``x``. The HF blocks never hold a tile's DC
         coefficient, the only one that undoing ``normalize`` shifts, so the batch is not un-normalised: each
         channel's power is weighted by ``std ** 2`` instead (see :func:`hfguard.spectrum.hf_features`)."""
-        if not getattr(self, "_hf_without_dc", False):
-            return spectrum.hf_features(self.to_pixels(x).to(self.dct_h.dtype), self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index)
-        weight = self.norm_std.flatten().to(self.dct_h.dtype) ** 2
-        return spectrum.hf_features(x.to(self.dct_h.dtype), self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index, channel_weight=weight)
+        if getattr(self, "_hf_without_dc", False):
+            images, weight = x, self.norm_std.flatten().to(self.dct_h.dtype) ** 2
+        else:  # a file whose HF blocks hold the DC coefficient: the pixels themselves
+            images, weight = self.to_pixels(x), None
+        return spectrum.hf_features(
+            images.to(self.dct_h.dtype), self.dct_h, self.dct_w, self.pool_h, self.pool_w, self.hf_index, channel_weight=weight
+        )
 
     def _distances(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [g(f) for g, f in zip(self.gaussians, feats)]

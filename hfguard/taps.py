@@ -172,7 +172,7 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    return isinstance(mod, _NORMS) or type(mod).__name__.endswith("Norm") or type(mod).__name__.endswith("Norm2d")
+    return isinstance(mod, _NORMS) or type(mod).__name__.endswith(("Norm", "Norm2d"))  # other libraries' norms by name
 
 
 def layer_kind(shape: Sequence[int], input_hw: tuple[int, int], module: nn.Module | None = None) -> str:
