@@ -9,11 +9,14 @@ with one row of ``W`` per *head*.  Two ways of fitting the heads:
 * ``calibration="clean"`` (no adversarial example seen): ``W`` is the identity over the
   chosen features and ``b = 0``, i.e. the smooth maximum of the standardised evidence
   (a differentiable min-p-value rule, :func:`identity_heads`);
-* ``calibration="self-attack"``: one L2-regularised logistic regression per attack regime
-  (strong attacks, minimal "boundary" attacks) separates clean evidence from the evidence
-  of attacks the guard generated on its own clean data (:func:`fit_logistic_head`); each
-  head is rescaled so that its clean upper tails line up (:func:`standardised_head`) and the
-  maximum gives each regime a like share of the false alarms.
+* ``calibration="self-attack"``: one L2-regularised logistic regression per self-attack family
+  (FGSM, PGD L-inf, PGD L2: strong attacks; minimal "boundary" attacks under both norms)
+  separates clean evidence from the evidence of attacks the guard generated on its own clean
+  data (:func:`fit_logistic_head`); each head is rescaled so that its clean upper tails line
+  up (:func:`standardised_head`) and the maximum gives each family a like share of the false
+  alarms. One head cannot serve both regimes (trained on strong attacks it unlearns the
+  margin that exposes CW), and one head per family beat one per regime on the ResNet's
+  validation attacks (``benchmarks/combiner_validation.py``).
 
 Everything is one matmul and a logsumexp: differentiable, stored in two buffers, exportable.
 """

@@ -35,7 +35,7 @@ from hfguard.errors import DataError, ModelError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
 from hfguard.reservoir import Reservoir, content_priority
-from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
+from hfguard.selfattack import FAMILIES, self_attacks
 from hfguard.stats import ClassGaussianAccumulator
 from hfguard.taps import choose_layers, choose_pooling, discover_layers, layer_kind, watchable_units
 
@@ -50,6 +50,8 @@ IMAGE_BYTES = 256 * 2**20
 MIN_EXCEEDANCES = 10
 #: fewer held-out clean rows than this: no threshold can be set (half of them fit the combiner)
 MIN_HELD_OUT = 10
+#: successful self-attacks a family needs for a combiner head of its own (else its head learns from its whole regime)
+MIN_FAMILY_ROWS = 50
 
 
 def fit_guard(guard: Any, data: Any, calibration_data: Any = None) -> Any:
@@ -140,7 +142,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
     return {
         "score_features": chosen,
         "calibration": guard.calibration,
-        "heads": len(chosen) if guard.calibration == "clean" else len(_regimes(guard.attack_families)),
+        "heads": len(chosen) if guard.calibration == "clean" else len(_head_families(guard.attack_families)),
         "layers": layers,
         "poolings": poolings,
         "dims": dims,
@@ -153,9 +155,9 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
     }
 
 
-def _regimes(families: list[str]) -> list[str]:
-    """The regimes (combiner heads) that the generated families cover, in :data:`REGIMES` order."""
-    return [r for r in REGIMES if any(FAMILIES[f] == r for f in families)]
+def _head_families(families: list[str]) -> list[str]:
+    """The generated families, one combiner head each, in :data:`FAMILIES` order."""
+    return [f for f in FAMILIES if f in families]
 
 
 def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
@@ -415,7 +417,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         t = time.perf_counter()
         weight, bias, report["self_attacks"] = _self_attack_heads(guard, sample, z_fit, mean, std)
         seconds["self_attacks"] = time.perf_counter() - t
-        report["heads"] = {r: dict(zip(layout["score_features"], [round(float(v), 4) for v in w])) for r, w in zip(_regimes(guard.attack_families), weight)}
+        report["heads"] = {f: dict(zip(layout["score_features"], [round(float(v), 4) for v in w])) for f, w in zip(_head_families(guard.attack_families), weight)}
     guard.head_weight.copy_(weight)
     guard.head_bias.copy_(bias)
     with torch.no_grad():
@@ -437,7 +439,8 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
 
 
 def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Attacks the kept clean images with the model's gradients and fits one logistic head per regime."""
+    """Attacks the kept clean images with the model's gradients and fits one logistic head per generated family
+    (a family with fewer than :data:`MIN_FAMILY_ROWS` successful adversarials gets a head fitted on all of its regime's)."""
     dev = guard.dct_h.device
     pixels, labels = sample["x"].to(dev), sample["y"].to(dev)
     with guard._eval_model(), torch.no_grad():
@@ -453,22 +456,28 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
     with guard._eval_model(), torch.enable_grad():
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
-    weights, biases = [], []
-    for regime in _regimes(guard.attack_families):
-        mask = attacks.regime_mask(regime)
-        if int(mask.sum()) < 10:
+    names = list(FAMILIES)
+    regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in {FAMILIES[f] for f in guard.attack_families}}
+    for regime, rows in regime_rows.items():
+        if rows < 10:
             raise DataError(
-                f"self-attack calibration produced only {int(mask.sum())} successful {regime} adversarials from {len(pixels)} correctly classified "
+                f"self-attack calibration produced only {rows} successful {regime} adversarials from {len(pixels)} correctly classified "
                 f"images (per family: {attacks.succeeded}); pass more data, or calibration='clean'"
             )
     ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
-    for regime in _regimes(guard.attack_families):
-        w, b = combiner.fit_logistic_head(z_clean, z_adv[attacks.regime_mask(regime).to(z_adv.device)])
+    weights, biases, pooled = [], [], []
+    for family in _head_families(guard.attack_families):
+        mask = attacks.family == names.index(family)
+        if int(mask.sum()) < MIN_FAMILY_ROWS:  # too few for a head of its own: the family's regime's adversarials
+            mask = attacks.regime_mask(FAMILIES[family])
+            pooled.append(family)
+        w, b = combiner.fit_logistic_head(z_clean, z_adv[mask.to(z_adv.device)])
         w, b = combiner.standardised_head(w, b, z_clean)
         weights.append(w)
         biases.append(b)
-    info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families}}
+    info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families},
+            "heads_on_their_regime": pooled}
     return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), info
 
 

@@ -78,8 +78,8 @@ class Guard(FittedState):
         calibration: how the evidence is combined. ``"self-attack"`` (default):
             ``fit`` attacks a sample of the clean data with the model's gradients
             (FGSM, PGD L-inf/L2 and minimal boundary attacks at random budgets)
-            and learns one logistic head per regime (strong, boundary) over the
-            evidence; the score is their smooth maximum. ``"clean"``: no attack
+            and learns one logistic head per attack family over the evidence;
+            the score is their smooth maximum. ``"clean"``: no attack
             is generated; the score is the smooth maximum of the standardised
             evidence. Clean data only from the user either way.
         attack_size: clean images kept for the self-attacks (at most 256 MB of them).
@@ -145,7 +145,7 @@ class Guard(FittedState):
         self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
         self.calibration = calibration
         self.attack_size = int(attack_size)
-        self.attack_families = list(FAMILIES) if attack_families == "all" else list(attack_families)
+        self.attack_families = [f for f in FAMILIES if attack_families == "all" or f in attack_families]  # FAMILIES order: the heads' order
         self.layers_setting = layers if layers == "auto" else list(layers)
         self.policy = policy
         self.fpr = float(fpr)

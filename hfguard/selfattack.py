@@ -25,7 +25,7 @@ from hfguard.attacks import boundary_pgd, fgsm, pgd
 
 __all__ = ["FAMILIES", "REGIMES", "SelfAttacks", "self_attacks"]
 
-#: family -> regime; the regimes get one combiner head each.
+#: family -> regime. Each family gets one combiner head; a family with too few successes learns from its regime's.
 FAMILIES = {
     "fgsm-linf": "strong",
     "pgd-linf": "strong",

@@ -17,15 +17,33 @@ def memorised(digits):
     return model, (x, y), (digits.x_train[958:], digits.y_train[958:])
 
 
-def test_self_attack_fit_learns_two_heads_over_every_source(fitted):
+def test_self_attack_fit_learns_one_head_per_family_over_every_source(fitted):
+    from hfguard.selfattack import FAMILIES
+
     rep = fitted.fit_report
     assert rep["calibration"] == "self-attack"
-    assert set(rep["heads"]) == {"strong", "boundary"}
-    assert set(rep["heads"]["strong"]) == set(rep["feature_names"])  # every layer, logits, spectrum and the margin
+    assert list(rep["heads"]) == list(FAMILIES)
+    assert set(rep["heads"]["pgd-linf"]) == set(rep["feature_names"])  # every layer, logits, spectrum and the margin
     assert all(rep["self_attacks"]["succeeded"][f] > 0 for f in rep["self_attacks"]["attempted"])
-    assert fitted.head_weight.shape == (2, len(rep["feature_names"]))
-    # the boundary head leans on the margin more than the strong head does (CW-like attacks live there)
-    assert rep["heads"]["boundary"]["margin"] > rep["heads"]["strong"]["margin"]
+    assert fitted.head_weight.shape == (len(FAMILIES), len(rep["feature_names"]))
+    # exactly the families with too few successes learnt from their whole regime
+    from hfguard.fitting import MIN_FAMILY_ROWS
+
+    thin = [f for f, n in rep["self_attacks"]["succeeded"].items() if n < MIN_FAMILY_ROWS]
+    assert rep["self_attacks"]["heads_on_their_regime"] == thin and len(thin) < len(FAMILIES)
+    # a boundary head leans on the margin more than a strong head does (CW-like attacks live there)
+    assert rep["heads"]["boundary-l2"]["margin"] > rep["heads"]["pgd-linf"]["margin"]
+
+
+def test_a_family_with_few_successes_learns_from_its_regime(digits_model, digits, monkeypatch):
+    from hfguard import fitting
+
+    full = hfguard.protect(digits_model, progress=False, attack_families=["fgsm-linf", "pgd-linf"]).fit((digits.x_train, digits.y_train))
+    monkeypatch.setattr(fitting, "MIN_FAMILY_ROWS", 10**6)  # every family too thin: both heads learn from all strong attacks
+    pooled = hfguard.protect(digits_model, progress=False, attack_families=["fgsm-linf", "pgd-linf"]).fit((digits.x_train, digits.y_train))
+    assert pooled.fit_report["self_attacks"]["heads_on_their_regime"] == ["fgsm-linf", "pgd-linf"]
+    assert torch.allclose(pooled.head_weight[0], pooled.head_weight[1])  # one regime, the same rows: the same head
+    assert not torch.allclose(full.head_weight[0], full.head_weight[1])
 
 
 def test_self_attack_score_separates_pgd_better_than_clean_only(digits_model, digits):
@@ -95,9 +113,9 @@ def test_settings_are_validated(digits_model):
         hfguard.protect(digits_model, attack_size=3)
 
 
-def test_leaving_out_every_boundary_family_leaves_one_head(digits_model, digits, tmp_path):
-    g = hfguard.protect(digits_model, progress=False, attack_families=["fgsm-linf", "pgd-linf"]).fit((digits.x_train, digits.y_train))
-    assert list(g.fit_report["heads"]) == ["strong"] and g.head_weight.shape[0] == 1
+def test_leaving_out_families_leaves_one_head_per_generated_family(digits_model, digits, tmp_path):
+    g = hfguard.protect(digits_model, progress=False, attack_families=["pgd-linf", "fgsm-linf"]).fit((digits.x_train, digits.y_train))
+    assert list(g.fit_report["heads"]) == ["fgsm-linf", "pgd-linf"] and g.head_weight.shape[0] == 2
     assert set(g.fit_report["self_attacks"]["attempted"]) == {"fgsm-linf", "pgd-linf"}
     p = tmp_path / "g.safetensors"
     g.save(str(p))
