@@ -138,12 +138,12 @@ def main(n_val: int = 1000) -> None:
             "one logistic head, strong self-attacks": lambda z: z @ ws + bs,
             "one logistic head, boundary self-attacks": lambda z: z @ wb + bb,
             "one logistic head, all self-attacks": lambda z: z @ wa + ba,
-            "smooth max of strong and boundary heads, each at clean mean 0 and sd 1 (the default before 0.3)":
+            "smooth max of strong and boundary heads, each at clean mean 0 and sd 1 (0.2's default)":
                 lambda z: torch.logsumexp(torch.stack([z @ ws0 + bs0, z @ wb0 + bb0], 1), 1),
-            "smooth max of strong and boundary heads, clean tails aligned (default)": lambda z: torch.logsumexp(torch.stack([z @ ws + bs, z @ wb + bb], 1), 1),
+            "smooth max of strong and boundary heads, clean tails aligned (0.3's default)": lambda z: torch.logsumexp(torch.stack([z @ ws + bs, z @ wb + bb], 1), 1),
             "smooth max of both heads and the clean-only score": lambda z: torch.logsumexp(torch.stack(
                 [z @ ws + bs, z @ wb + bb, (torch.logsumexp(z[:, auto], 1) - clean_tail) / clean_unit], 1), 1),
-            "smooth max of one head per self-attack family (5), clean tails aligned": per_family,
+            "smooth max of one head per self-attack family (5), clean tails aligned (default since 0.4)": per_family,
             "smooth max of 3 heads (strong eps >= 0.06, strong eps < 0.06, boundary), clean tails aligned": by_budget,
             "MLP (16 tanh units), all self-attacks": lambda z: (lambda o: o[:, 1] - o[:, 0])(mlp(z)),
         }

@@ -212,7 +212,7 @@ def detector_pgd(
     score: Callable[[Tensor], Tensor],
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: Budget,
     *,
     threshold: float,
     mode: str = "orthogonal",
@@ -233,14 +233,16 @@ def detector_pgd(
     loss's gradient (so the step does not undo the misclassification); ``mode="selective"`` uses the
     score's gradient alone (stronger when the score and the classifier loss share a direction, as with
     margin evidence). Per image it returns the misclassified iterate with the lowest score below
-    ``threshold`` seen during the run (the best iterate), else the final iterate.
+    ``threshold`` seen during the run (the best iterate), else the final iterate. ``eps`` is a number or
+    one budget per image (N,).
     """
     if mode not in ("orthogonal", "selective") or loss not in ("ce", "margin"):
         raise ValueError(f"mode must be 'orthogonal' or 'selective' and loss 'ce' or 'margin', got {mode!r}, {loss!r}")
     x = x.detach()
-    alpha = step_size if step_size is not None else 2.5 * eps / max(1, steps // 4)
+    e = _per_image(eps, x)
+    alpha = step_size if step_size is not None else 2.5 * e / max(1, steps // 4)
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps * 0.5
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e * 0.5
     x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
     best = x_adv.clone()
     best_score = torch.full((x.shape[0],), float("inf"), device=x.device)

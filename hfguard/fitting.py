@@ -457,7 +457,7 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     with guard._eval_model(), torch.enable_grad():
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
     names = list(FAMILIES)
-    regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in {FAMILIES[f] for f in guard.attack_families}}
+    regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:
             raise DataError(

@@ -133,3 +133,15 @@ def test_detector_pgd_rejects_unknown_modes(fitted, digits):
 
     with pytest.raises(ValueError, match="mode"):
         detector_pgd(fitted.model, fitted.score, digits.x_test[:2], digits.y_test[:2], 0.1, threshold=0.0, mode="sideways")
+
+
+def test_detector_pgd_takes_one_budget_per_image(fitted, digits):
+    from hfguard.attacks import detector_pgd
+
+    x, y = digits.x_test[:8], digits.y_test[:8]
+    eps = torch.tensor([0.0, 0.02, 0.05, 0.1, 0.0, 0.02, 0.05, 0.1])
+    adv = detector_pgd(fitted.model, fitted.score, x, y, eps, threshold=fitted.threshold, steps=5)
+    moved = (adv - x).abs().flatten(1).max(1).values
+    assert (moved <= eps + 1e-6).all() and (moved[eps > 0] > 0).all() and (moved[eps == 0] == 0).all()
+    with pytest.raises(ValueError, match="one budget per image"):
+        detector_pgd(fitted.model, fitted.score, x, y, eps[:3], threshold=fitted.threshold, steps=1)
