@@ -67,7 +67,7 @@ def validation_attacks(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tenso
 def write_results(stem: str, result: dict, md: list[str], t0: float) -> None:
     """Writes ``benchmarks/results/<stem>.json`` (with the run's seconds) and ``<stem>.md``."""
     result["seconds"] = time.time() - t0
-    out = Path("benchmarks/results")
+    out = Path(__file__).resolve().parent / "results"  # whatever the working directory
     (out / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=2))
     (out / f"{stem}.md").write_text("\n".join(md))
 
@@ -122,12 +122,18 @@ def main(n_val: int = 1000) -> None:
         budget = torch.where(linf, sa.budget, sa.budget / (xs[0].numel() ** 0.5 / 2))
         m_strong, m_boundary = sa.regime_mask("strong"), sa.regime_mask("boundary")
 
-        def max_of_heads(groups: list[torch.Tensor]):  # noqa: ANN202
-            fitted = [head(z_sa[m]) for m in groups]
+        def max_of(fitted: list[tuple[torch.Tensor, float]]):  # noqa: ANN202
             w, b = torch.stack([f[0] for f in fitted]), torch.tensor([f[1] for f in fitted], dtype=z_sa.dtype)
             return lambda z: torch.logsumexp(z @ w.T + b, 1)
 
-        per_family = max_of_heads([sa.family == i for i in range(len(names))])
+        def max_of_heads(groups: list[torch.Tensor]):  # noqa: ANN202
+            return max_of([head(z_sa[m]) for m in groups])
+
+        fam_heads = [head(z_sa[sa.family == i]) for i in range(len(names))]
+        per_family = max_of(fam_heads)
+        # the clean-only rule's features, each a head of its own (a row of the identity), tails aligned like the learned heads
+        eye = [combiner.standardised_head(torch.eye(z_sa.shape[1], dtype=z_sa.dtype)[j], 0.0, zc_fit) for j in auto]
+        with_clean_features = max_of(fam_heads + eye)
         by_budget = max_of_heads([m_strong & (budget >= 0.06), m_strong & (budget < 0.06), m_boundary])
         clean_only = torch.logsumexp(zc_fit[:, auto], 1).double()  # put on the heads' scale: clean tail at 0, SHARPNESS units above the median
         clean_med, clean_tail = (float(v) for v in torch.quantile(clean_only, torch.tensor([0.5, combiner.TAIL_QUANTILE], dtype=torch.float64)))
@@ -144,6 +150,8 @@ def main(n_val: int = 1000) -> None:
             "smooth max of both heads and the clean-only score": lambda z: torch.logsumexp(torch.stack(
                 [z @ ws + bs, z @ wb + bb, (torch.logsumexp(z[:, auto], 1) - clean_tail) / clean_unit], 1), 1),
             "smooth max of one head per self-attack family (5), clean tails aligned (default since 0.4)": per_family,
+            "smooth max of one head per family and of each clean-only feature (first layer's three + margin) as a head (9)":
+                with_clean_features,
             "smooth max of 3 heads (strong eps >= 0.06, strong eps < 0.06, boundary), clean tails aligned": by_budget,
             "MLP (16 tanh units), all self-attacks": lambda z: (lambda o: o[:, 1] - o[:, 0])(mlp(z)),
         }

@@ -1,0 +1,105 @@
+"""Where the time of ``check()`` goes on an ImageNet-size model (issue 14: mobilenet_v3_small is the worst case).
+
+For one torchvision family (random weights made usable by :mod:`hfguard.bench.synthetic`: speed only), at 224x224
+and batch 16 on this machine's CPU, interleaved medians in one process (each part timed in a shuffled order every
+round) of:
+
+* the bare forward;
+* the forward with the guard's hooks pooling every watched layer;
+* the HF spectrum of the batch (``_spectral``);
+* the evidence maths (class distances of every source, evidence, standardisation, heads);
+* the input check (shape, dtype, range and finiteness, one read-back);
+* ``check()`` itself, and ``check()`` of a guard whose score leaves the spectrum out (``score_features`` without
+  ``spectrum:*``, so the spectrum is never computed): what the paper's HF source costs on this model.
+
+Run:  python benchmarks/check_parts.py [--family mobilenet_v3_small] [--rounds 30]
+Writes benchmarks/results/check-parts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import hfguard
+from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
+from hfguard.taps import capture
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="mobilenet_v3_small")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    random.seed(0)
+    torch.manual_seed(0)
+    k = 10
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
+    x = (torch.rand(4 * k, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) - mean) / std
+    y = torch.arange(len(x)) % k
+    model = usable_random_model(random_model(args.family, k, args.size), x, y, k, batch_size=8).eval()
+    opts = dict(normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=8, calibration="clean")
+    guard = hfguard.protect(model, score_features="all", **opts).fit((x, y))
+    no_hf = [f for f in guard.fit_report["feature_names"] if not f.startswith("spectrum:")]
+    guard_no_hf = hfguard.protect(model, score_features=no_hf, **opts).fit((x, y))
+    xb = x[: args.batch].clone()
+    modules = guard._watched_modules()
+    with torch.no_grad():
+        logits, feats = guard._features(xb)
+
+    def hooked() -> None:
+        with capture(modules, guard.poolings):
+            model(xb)
+
+    def maths() -> torch.Tensor:
+        return guard._score_evidence(guard._evidence(logits, guard._source_distances(feats)), logits.argmax(1))
+
+    parts = {
+        "bare forward": lambda: model(xb),
+        "forward with the hooks pooling every watched layer": hooked,
+        "HF spectrum": lambda: guard._spectral(xb),
+        "evidence maths (distances, evidence, heads)": maths,
+        "input check": lambda: guard._check_input(xb),
+        "check()": lambda: guard.check(xb),
+        "check() without the spectrum source": lambda: guard_no_hf.check(xb),
+    }
+    times: dict[str, list[float]] = {p: [] for p in parts}
+    order = list(parts)
+    with torch.no_grad():
+        for f in parts.values():
+            f()
+            f()
+        for _ in range(args.rounds):
+            random.shuffle(order)
+            for p in order:
+                t = time.perf_counter()
+                parts[p]()
+                times[p].append(time.perf_counter() - t)
+    ms = {p: round(statistics.median(v) * 1e3, 2) for p, v in times.items()}
+    bare = ms["bare forward"]
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "family": args.family, "input": [args.batch, 3, args.size, args.size], "layers": guard.layers,
+        "milliseconds (median)": ms,
+        "over bare forward": {p: round(v / bare, 3) for p, v in ms.items() if p.startswith("check")},
+        "hooks and pooling (forward with hooks - bare)": round(ms["forward with the hooks pooling every watched layer"] - bare, 2),
+    }
+    print(json.dumps(out, indent=2))
+    (Path(__file__).resolve().parent / "results" / "check-parts.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
