@@ -5,6 +5,7 @@ Interleaved medians (each variant timed in a random order every round, in one pr
 * the HF features of a 16x3x224x224 normalised batch: one row of 32-px tiles at a time (the CPU default) vs the
   whole batch at once (the GPU / ONNX path), with the std**2 channel weights vs un-normalising the batch first
   (as 0.2 did, which also transformed the whole batch at once), and with 16- or 8-px tiles (not used: they would change the features of large images);
+* the default's features with an even/odd butterfly (half the multiply-adds, more passes over the band; not used);
 * pooling a (16, 576, 7, 7) map to one position: ``mean`` (used) vs the two strided sums used for larger grids.
 
 Run:  python benchmarks/spectrum_cost.py
@@ -42,6 +43,30 @@ def timed(fns: dict, rounds: int = 40) -> dict[str, float]:
     return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
 
 
+def butterfly_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) -> torch.Tensor:
+    """The default's features (32-px tiles, one row of tiles at a time) with an even/odd butterfly on both axes:
+    a tile's DCT-II is ``E (top + flipped bottom)`` for the even frequencies and ``O (top - flipped bottom)`` for
+    the odd ones, half the multiply-adds of the full matrix; the pooling matrices are permuted to match."""
+    n, c, h, w = x.shape
+    half, tw = tile // 2, w // tile
+    full = spectrum.dct_matrix(tile)
+    even, odd = full[0::2, :half].contiguous(), full[1::2, :half].contiguous()
+    perm = torch.cat([torch.arange(0, tile, 2), torch.arange(1, tile, 2)])
+    pm = spectrum.pool_matrix(tile, 8)[:, perm].contiguous()
+    index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    chan = None
+    for i in range(0, h, tile):
+        band = x[:, :, i : i + tile].reshape(n, c, tile, tw, tile)
+        top, bottom = band[..., :half], band[..., half:].flip(-1)
+        rows = torch.cat([(top + bottom) @ even.T, (top - bottom) @ odd.T], -1).reshape(n, c, tile, w)
+        top, bottom = rows[:, :, :half], rows[:, :, half:].flip(2)
+        ze, zo = (even @ (top + bottom)).reshape(n, c, half, tw, tile), (odd @ (top - bottom)).reshape(n, c, half, tw, tile)
+        part = torch.cat([ze.square_().sum(3), zo.square_().sum(3)], 2)
+        chan = part if chan is None else chan.add_(part)
+    power = (chan / ((h // tile) * tw) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
+    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+
+
 def main() -> None:
     random.seed(0)
     torch.manual_seed(0)
@@ -57,6 +82,8 @@ def main() -> None:
 
     ch32, pm32 = spectrum.dct_matrix(32), spectrum.pool_matrix(32, 8)
     index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    gap = float((butterfly_features(x, weight) - features(32, channel_weight=weight)()).abs().max())
+    assert gap < 1e-4, f"the butterfly variant must give the default's features; max difference {gap}"
     spec = timed({
         "32-px tiles, one row of tiles at a time, std^2 weights (default on a CPU)": features(32, channel_weight=weight),
         "32-px tiles, whole batch at once, std^2 weights (GPU / ONNX path)": features(32, channel_weight=weight, band=224),
@@ -64,6 +91,7 @@ def main() -> None:
             lambda: spectrum.hf_features(x * std + mean, ch32, ch32, pm32, pm32, index),
         "16-px tiles, one row at a time (not used)": features(16, channel_weight=weight),
         "8-px tiles, one row at a time (not used)": features(8, channel_weight=weight),
+        "32-px tiles, one row at a time, even/odd butterfly on both axes (half the multiply-adds; not used)": lambda: butterfly_features(x, weight),
     })
     a = torch.relu(torch.randn(16, 576, 7, 7))
     n, c, h, w = a.shape
@@ -73,7 +101,7 @@ def main() -> None:
             lambda: a.reshape(n, c, 1, h, w).sum(3).reshape(n, c, 1, 1, w).sum(4).flatten(1).mul_(1.0 / (h * w)),
     }, rounds=100)
     out = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads", "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
+           f"{torch.get_num_threads()} threads", "butterfly_max_feature_difference": gap, "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
     print(json.dumps(out, indent=2))
     Path("benchmarks/results/spectrum-cost.json").write_text(json.dumps(out, indent=2))
 

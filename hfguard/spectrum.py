@@ -98,8 +98,8 @@ def hf_features(
             whenever ``index`` leaves out the block holding DC (block 0, never an HF block): the guard
             skips un-normalising the batch (one pass over it).
         band: image rows transformed at a time (a multiple of the tile side dividing H); default one row of
-            tiles on a CPU, whose coefficients stay in cache (``benchmarks/spectrum_cost.py``: 5.3 against
-            11.6 ms for the whole of a 16x3x224x224 batch), and the whole image on other devices, where
+            tiles on a CPU, whose coefficients stay in cache (``benchmarks/spectrum_cost.py``: 3.3 against
+            8.0 ms for the whole of a 16x3x224x224 batch), and the whole image on other devices, where
             kernel launches cost more than memory, and while tracing for ONNX.
 
     Returns:
