@@ -121,8 +121,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
     poolings, dims = [], []
     for n in layers:
         shape = by_name[n].shape
-        pooling, dim = choose_pooling(shape, layer_kind(shape, (h, w), guard.model.get_submodule(n)), guard.max_features)
-        poolings.append([pooling.kind, pooling.size, pooling.channels])
+        pooling, dim = choose_pooling(shape, layer_kind(shape, (h, w), guard.model.get_submodule(n)), guard.max_features, (h, w))
+        poolings.append([pooling.kind, pooling.size, pooling.channels, pooling.prefix])
         dims.append(dim)
     if guard.norm_mean.numel() not in (1, c):
         raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")

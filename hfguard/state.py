@@ -163,7 +163,7 @@ class FittedState(nn.Module):
 def layout_poolings(layout: dict[str, Any]) -> list[Pooling]:
     """Each watched layer's :class:`~hfguard.taps.Pooling`; files of formats 1-2 stored only a grid side
     (channels-first maps; other outputs flattened)."""
-    if "poolings" in layout:
-        return [Pooling(str(k), int(s), int(c)) for k, s, c in layout["poolings"]]
+    if "poolings" in layout:  # format 4 adds each layer's token prefix; before it, one class token was assumed
+        return [Pooling(str(p[0]), int(p[1]), int(p[2]), int(p[3]) if len(p) > 3 else 1) for p in layout["poolings"]]
     shapes = layout["layer_shapes"]
     return [Pooling(MAP if len(shapes[n]) == 3 else FLAT, int(g)) for n, g in zip(layout["layers"], layout["grids"])]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from hfguard.errors import ModelError
 
 __all__ = [
-    "LayerInfo", "Pooling", "average_groups", "pool_tokens", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
+    "LayerInfo", "Pooling", "average_groups", "pool_tokens", "token_prefix", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
     "pooled_grid", "pool_activation", "capture", "no_autocast", "KINDS",
 ]
 
@@ -212,9 +212,11 @@ def _channels_last_module(module: nn.Module, channels: int) -> bool:
     )
 
 
-def choose_pooling(shape: Sequence[int], kind: str, max_dim: int) -> tuple["Pooling", int]:
+def choose_pooling(shape: Sequence[int], kind: str, max_dim: int, input_hw: tuple[int, int] | None = None) -> tuple["Pooling", int]:
     """The pooling of a layer of ``shape`` and ``kind`` and its feature dimension (at most ``max_dim``
-    where the layer allows: a map pools to one position per channel at the least)."""
+    where the layer allows: a map pools to one position per channel at the least). ``input_hw``, the
+    image size, tells a token layer's extra (class, distillation, register) tokens from its patches
+    (:func:`token_prefix`); without it one class token is assumed, as files before format 4 did."""
     if kind in (MAP, MAP_LAST):
         chw = tuple(shape) if kind == MAP else (shape[2], shape[0], shape[1])
         g = pooled_grid(chw, max_dim)
@@ -223,9 +225,26 @@ def choose_pooling(shape: Sequence[int], kind: str, max_dim: int) -> tuple["Pool
         return Pooling(kind, g), chw[0] * g * g
     if kind == TOKENS and shape[0] > 1:
         size = max(1, min(int(shape[1]), max_dim // 2))
-        return Pooling(kind, size), 2 * size
+        prefix = token_prefix(int(shape[0]), input_hw) if input_hw is not None else 1
+        return Pooling(kind, size, prefix=prefix), 2 * size
     d = int(torch.tensor(list(shape)).prod())
     return (Pooling(FLAT, 0, max_dim), max_dim) if d > max_dim else (Pooling(FLAT, 0), d)
+
+
+#: most extra tokens ahead of the patches that :func:`token_prefix` recognises (class, distillation, registers)
+MAX_PREFIX = 8
+
+
+def token_prefix(tokens: int, input_hw: tuple[int, int]) -> int:
+    """How many of a token layer's ``tokens`` come before its patches: ``tokens`` minus the patch count of the
+    closest patch grid that tiles the ``input_hw`` image exactly (a stride dividing both sides) with at most
+    :data:`MAX_PREFIX` tokens to spare. 197 tokens from a 224-px image: 196 patches of 16 px and a class token
+    (1); 196: patches only (0); 198: class and distillation tokens (2). 0 when no grid fits (tokens unrelated
+    to the image's geometry: no token is singled out)."""
+    h, w = input_hw
+    spare = [tokens - (h // s) * (w // s) for s in range(1, min(h, w) + 1) if h % s == 0 and w % s == 0]
+    fits = [p for p in spare if 0 <= p <= MAX_PREFIX]
+    return min(fits) if fits else 0
 
 
 def pooled_grid(shape: tuple[int, ...], max_dim: int) -> int:
@@ -249,15 +268,18 @@ class Pooling:
         size: the grid side for maps, the channels kept per token summary for tokens, 0 for flat.
         channels: for maps (and flat vectors) wider than the feature budget, the groups of channels (entries)
             averaged to; 0 keeps them all.
+        prefix: for tokens, how many lead the patches (class, distillation, register tokens; see
+            :func:`pool_tokens`).
     """
 
     kind: str
     size: int
     channels: int = 0
+    prefix: int = 1
 
     def __call__(self, a: Tensor) -> Tensor:
         if self.kind == TOKENS and a.dim() == 3:
-            return pool_tokens(a, self.size)
+            return pool_tokens(a, self.size, self.prefix)
         if self.kind == FLAT:  # (a single token is flat too)
             return average_groups(a.flatten(1), self.channels) if self.channels else a.flatten(1)
         if self.kind == MAP_LAST and a.dim() == 4:
@@ -276,11 +298,20 @@ def average_groups(v: Tensor, size: int) -> Tensor:
     return v @ _averaging_matrix(d, size, v.dtype, v.device).T
 
 
-def pool_tokens(a: Tensor, size: int) -> Tensor:
-    """(N, L, D) tokens -> (N, 2 * size): the first (class) token and the mean of the others, each
-    averaged over ``size`` channel groups."""
-    first = a[:, 0]
-    rest = a[:, 1:].mean(1) if a.shape[1] > 1 else first
+def pool_tokens(a: Tensor, size: int, prefix: int = 1) -> Tensor:
+    """(N, L, D) tokens -> (N, 2 * size), each half averaged over ``size`` channel groups.
+
+    With ``prefix >= 1`` leading tokens (a class token; with distillation or register tokens, their mean)
+    the summary is that and the mean of the patch tokens. With ``prefix = 0`` (patch tokens only: a patch
+    embedding, or a ViT pooled by averaging) no token stands for the image, so it is the mean of the tokens
+    and their spread (per channel, the root mean square deviation from that mean).
+    """
+    if prefix <= 0:
+        first = a.mean(1)
+        rest = ((a - first[:, None]).square().mean(1) + 1e-12).sqrt()  # the floor keeps the gradient finite
+    else:
+        first = a[:, :prefix].mean(1)
+        rest = a[:, prefix:].mean(1) if a.shape[1] > prefix else first
     return average_groups(torch.stack([first, rest], 1), size).flatten(1)
 
 

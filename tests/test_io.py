@@ -82,7 +82,7 @@ def test_format_2_files_load_with_their_threshold_name(fitted, digits_model, dig
     p = tmp_path / "v3.safetensors"
     fitted.save(str(p))
     header, tensors = io.read_guard_file(str(p))
-    assert header["format_version"] == 3 and "calibrated_threshold" in tensors
+    assert header["format_version"] == io.FORMAT_VERSION and "calibrated_threshold" in tensors
     old = tmp_path / "v2.safetensors"
     write_old_file(old, header, tensors, 2)
     g2 = hfguard.load(str(old), digits_model)
@@ -203,3 +203,15 @@ def test_format_2_file_of_large_images_keeps_its_full_size_spectrum_and_grid_poo
     sd = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in g.state_dict().items()}
     g3.load_state_dict(sd)
     assert g3.threshold == g.threshold
+
+
+def test_format_3_token_layers_keep_their_class_token_summary():
+    """Files before format 4 stored (kind, size, channels) per layer and summarised every token layer by its first
+    token and the mean of the others: they load with a prefix of one token; format 4 stores the prefix."""
+    from hfguard.state import layout_poolings
+    from hfguard.taps import Pooling
+
+    old = {"poolings": [["map", 4, 0], ["tokens", 256, 0]]}
+    new = {"poolings": [["map", 4, 0, 1], ["tokens", 256, 0, 0]]}
+    assert layout_poolings(old) == [Pooling("map", 4), Pooling("tokens", 256, 0, 1)]
+    assert layout_poolings(new)[1] == Pooling("tokens", 256, 0, 0)

@@ -61,6 +61,8 @@ def test_transformers_watch_encoder_blocks():
     assert len(blocks) >= 3
     kinds = dict(zip(lv["layers"], (p[0] for p in lv["poolings"])))
     assert all(kinds[b] == "tokens" for b in blocks) and kinds["conv_proj"] == "map"
+    prefixes = dict(zip(lv["layers"], (p[3] for p in lv["poolings"])))
+    assert all(prefixes[b] == 1 for b in blocks)  # torchvision's class token: 2x2 patches + 1
     assert all(d <= 512 for d in lv["dims"])
     ls = choose_layout(hfguard.protect(swin, progress=False), torch.rand(2, 3, 64, 96))  # non-square
     stages = [n for n in ls["layers"] if n.startswith(("features.1.", "features.3.", "features.5.", "features.7."))]
@@ -68,6 +70,57 @@ def test_transformers_watch_encoder_blocks():
     kinds = dict(zip(ls["layers"], (p[0] for p in ls["poolings"])))
     assert all(kinds[n] == "map-last" for n in stages)
     assert "permute" not in ls["layers"]  # only rearranges the last stage's output
+
+
+@pytest.mark.parametrize("name, options, prefix", [
+    ("vit_tiny_patch16_224", {}, 1),
+    ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+    ("deit_tiny_distilled_patch16_224", {}, 2),
+])
+def test_timm_vits_are_pooled_by_their_own_prefix_tokens(name, options, prefix, tmp_path):
+    """timm (optional): the token summary follows each model's class, distillation or absent class token; the patch
+    embedding's output (patches only) is summarised by the mean and spread of its tokens. Fit, check, save/load."""
+    timm = pytest.importorskip("timm")
+    k = 4
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=k, img_size=32, depth=4, **options).eval()
+    x, y = normalised_images(48, 32, k, seed=2)
+    usable_random_model(model, x, y, k, batch_size=48)
+    g = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, progress=False, calibration="clean", batch_size=12).fit((x, y))
+    tokens = {n: p for n, p in zip(g.layers, g.layout["poolings"]) if p[0] == "tokens"}
+    blocks = [n for n in tokens if n.startswith("blocks.")]
+    assert len(blocks) >= 2 and all(tokens[n][3] == prefix == model.num_prefix_tokens for n in blocks)
+    assert "patch_embed" not in tokens or tokens["patch_embed"][3] == 0
+    p = tmp_path / "g.safetensors"
+    g.save(str(p))
+    g2 = hfguard.load(str(p), model)
+    assert torch.allclose(g2.score(x[:8]), g.score(x[:8])) and g.check(x[:8]).score.isfinite().all()
+    if prefix == 0:  # the mean-and-spread summary exports too
+        g.export_onnx(str(tmp_path / "g.onnx"), x[:2])
+        ov, v = hfguard.OnnxGuard(str(tmp_path / "g.onnx")).check(x[:8]), g.check(x[:8])
+        assert float((ov.score - v.score).abs().max()) <= 1e-3 * max(float(g.score(x).std()), 1.0)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("resnet18", {}), ("efficientnet_b0", {}), ("mobilenetv3_small_100", {}), ("convnext_atto", {}),
+    ("swin_tiny_patch4_window7_224", {"img_size": 64, "window_size": 2, "depths": (1, 1, 1, 1)}),
+])
+def test_timm_cnns_and_swin_fit_check_and_reload(name, options, tmp_path):
+    """timm (optional): other families through the same path with the default layer choice."""
+    timm = pytest.importorskip("timm")
+    k = 4
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=k, **options).eval()
+    x, y = normalised_images(48, 64, k, seed=3)
+    usable_random_model(model, x, y, k, batch_size=48)
+    g = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, progress=False, calibration="clean", batch_size=16).fit((x, y))
+    assert len(g.layers) >= 3
+    if name.startswith("swin"):
+        assert [p[0] for p in g.layout["poolings"]].count("map-last") >= 3  # timm's Swin stages are channels-last
+    p = tmp_path / "g.safetensors"
+    g.save(str(p))
+    g2 = hfguard.load(str(p), model)
+    assert torch.allclose(g2.score(x[:8]), g.score(x[:8])) and g.check(x[:8]).score.isfinite().all()
 
 
 def test_a_thousand_classes_fit_on_six_images_per_class():

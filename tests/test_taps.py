@@ -116,11 +116,39 @@ def test_token_pooling_is_the_class_token_and_the_mean_patch_token():
     from hfguard.taps import Pooling, choose_pooling
 
     a = torch.randn(3, 5, 8)
-    pooling, dim = choose_pooling((5, 8), "tokens", 16)
-    assert pooling == Pooling("tokens", 8) and dim == 16
+    pooling, dim = choose_pooling((5, 8), "tokens", 16)  # no image size: one class token, as before format 4
+    assert pooling == Pooling("tokens", 8) and dim == 16 and pooling.prefix == 1
+    assert choose_pooling((5, 8), "tokens", 16, (32, 32))[0].prefix == 1  # 4 patches of 16 px and a class token
     assert torch.equal(pooling(a), torch.cat([a[:, 0], a[:, 1:].mean(1)], 1))
     small, dim = choose_pooling((5, 8), "tokens", 8)  # budget 8: each summary averaged to 4 channel groups
     assert dim == 8 and torch.allclose(small(a), torch.cat([a[:, 0].reshape(3, 4, 2).mean(2), a[:, 1:].mean(1).reshape(3, 4, 2).mean(2)], 1))
+
+
+def test_token_prefix_tells_extra_tokens_from_patches():
+    from hfguard.taps import token_prefix
+
+    assert token_prefix(197, (224, 224)) == 1  # 14x14 patches of 16 px + class token
+    assert token_prefix(196, (224, 224)) == 0  # patches only (a patch embedding, or no class token)
+    assert token_prefix(198, (224, 224)) == 2  # class + distillation token (DeiT)
+    assert token_prefix(9, (32, 32)) == 5  # 2x2 patches + class + 4 registers (not a 3x3 grid: 3 does not divide 32)
+    assert token_prefix(25, (64, 96)) == 1  # non-square: 4x6 patches + class token
+    assert token_prefix(3136, (224, 224)) == 0  # Swin-like 56x56 tokens
+    assert token_prefix(77, (224, 224)) == 0  # unrelated to the image's geometry: no token singled out
+
+
+def test_token_pooling_without_a_class_token_is_the_mean_and_spread_of_the_tokens():
+    from hfguard.taps import Pooling, pool_tokens
+
+    a = torch.randn(3, 6, 8, requires_grad=True)
+    out = Pooling("tokens", 8, prefix=0)(a)
+    assert torch.allclose(out, torch.cat([a.mean(1), a.std(1, unbiased=False)], 1), atol=1e-5)
+    out.sum().backward()
+    assert a.grad.isfinite().all()
+    const = torch.ones(2, 4, 8, requires_grad=True)  # zero spread: the gradient stays finite
+    pool_tokens(const, 8, 0).sum().backward()
+    assert const.grad.isfinite().all()
+    two = pool_tokens(a.detach(), 8, 2)  # class + distillation: their mean, and the patches' mean
+    assert torch.allclose(two, torch.cat([a[:, :2].mean(1), a[:, 2:].mean(1)], 1).detach())
 
 
 def test_average_groups_matches_adaptive_pooling_and_wide_maps_fit_the_budget():
