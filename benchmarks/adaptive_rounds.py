@@ -7,7 +7,9 @@ only), and one more combiner head learns clean vs every misclassified image thos
 side: the first half of the calibration split; the threshold is set again at 5 % on its second half). Each round's
 guard is then attacked afresh on test images 5000-5199 (the bench reports on 0-999) by the same four detector-aware
 attacks at eps 0.03 and 0.1 (100 steps, best iterate), and its standard AUROCs are measured on the validation attacks
-of ``combiner_validation.py``. Evasion: misclassified and not flagged by the real score at its threshold.
+of ``combiner_validation.py``. Evasion: misclassified and not flagged by the real score at its threshold. Round 0 is
+the bench's guard as fitted, its threshold set on the whole calibration split; later rounds set theirs on its second
+half (both at 5 %).
 
 Run:  python benchmarks/adaptive_rounds.py [--rounds 2] [--archs cnn resnet]
 Writes benchmarks/results/adaptive-rounds.{json,md}.

@@ -49,8 +49,8 @@ def channel_statistic(kind: str | None) -> Iterator[None]:
             out = torch.cat([out, extra.to(out.dtype)], 1)
         return out
 
-    def chosen(shape, layer_kind, max_dim):  # noqa: ANN001, ANN202
-        p, d = choose(shape, layer_kind, max_dim)
+    def chosen(shape, layer_kind, max_dim, input_hw=None):  # noqa: ANN001, ANN202
+        p, d = choose(shape, layer_kind, max_dim, input_hw)
         return p, d + (shape[0] if p.kind == taps.MAP and p.channels == 0 else 0)
 
     taps.Pooling.__call__, fitting.choose_pooling = pooled, chosen

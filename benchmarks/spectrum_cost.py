@@ -103,7 +103,7 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
            f"{torch.get_num_threads()} threads", "butterfly_max_feature_difference": gap, "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
     print(json.dumps(out, indent=2))
-    Path("benchmarks/results/spectrum-cost.json").write_text(json.dumps(out, indent=2))
+    (Path(__file__).resolve().parent / "results" / "spectrum-cost.json").write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def orthogonal_pgd(
     score: Callable[[Tensor], Tensor],
     x: Tensor,
     y: Tensor,
-    eps: float,
+    eps: Budget,
     *,
     threshold: float,
     steps: int = 200,
@@ -287,6 +287,7 @@ def orthogonal_pgd(
     lo: float = 0.0,
     hi: float = 1.0,
 ) -> Tensor:
-    """Orthogonal detector-aware PGD on the cross-entropy: :func:`detector_pgd` with ``mode="orthogonal"``."""
+    """Orthogonal detector-aware PGD on the cross-entropy: :func:`detector_pgd` with ``mode="orthogonal"`` (``eps`` a
+    number or one budget per image)."""
     return detector_pgd(model, score, x, y, eps, threshold=threshold, mode="orthogonal", loss="ce", steps=steps,
                         step_size=step_size, norm=norm, seed=seed, lo=lo, hi=hi)

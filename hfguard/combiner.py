@@ -16,7 +16,7 @@ with one row of ``W`` per *head*.  Two ways of fitting the heads:
   up (:func:`standardised_head`) and the maximum gives each family a like share of the false
   alarms. One head cannot serve both regimes (trained on strong attacks it unlearns the
   margin that exposes CW), and one head per family beat one per regime on the ResNet's
-  validation attacks (``benchmarks/combiner_validation.py``).
+  validation attacks but CW (``benchmarks/combiner_validation.py``).
 
 Everything is one matmul and a logsumexp: differentiable, stored in two buffers, exportable.
 """

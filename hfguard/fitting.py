@@ -21,6 +21,7 @@ A failed ``fit`` restores the guard to its state before the call.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from typing import Any
@@ -466,16 +467,22 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
             )
     ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
-    weights, biases, pooled = [], [], []
+    weights, biases, pooled, shared = [], [], [], {}
     for family in _head_families(guard.attack_families):
         mask = attacks.family == names.index(family)
         if int(mask.sum()) < MIN_FAMILY_ROWS:  # too few for a head of its own: the family's regime's adversarials
-            mask = attacks.regime_mask(FAMILIES[family])
-            pooled.append(family)
+            regime = attacks.regime_mask(FAMILIES[family])
+            shared.setdefault(FAMILIES[family], []).append(len(weights))
+            if int(regime.sum()) > int(mask.sum()):
+                pooled.append(family)
+            mask = regime
         w, b = combiner.fit_logistic_head(z_clean, z_adv[mask.to(z_adv.device)])
         w, b = combiner.standardised_head(w, b, z_clean)
         weights.append(w)
         biases.append(b)
+    for rows in shared.values():  # k copies of one regime head: the smooth maximum would count it k times
+        for i in rows:
+            biases[i] -= guard.temperature * math.log(len(rows))
     info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families},
             "heads_on_their_regime": pooled}
     return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), info

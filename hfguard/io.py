@@ -23,7 +23,7 @@ __all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "READABLE_VERSIONS
 
 FORMAT_VERSION = 4
 #: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score;
-#: formats 1-2 name the threshold tensor ``threshold_``; formats 1-3 assume one class token in every token layer)
+#: formats 1-2 name the threshold tensor ``threshold_``; format 3 assumes one class token in every token layer)
 READABLE_VERSIONS = (1, 2, 3, 4)
 #: settings a loaded guard may change; the others are baked into the learned state
 LOAD_OVERRIDES = ("policy", "filter_sigma", "input_range", "strict", "nonfinite", "progress", "batch_size")

@@ -4,8 +4,10 @@ A watched layer's output becomes a flat feature vector by its :class:`Pooling`:
 
 * ``"map"``: a (N, C, H, W) feature map, average-pooled to a small spatial grid;
 * ``"map-last"``: a channels-last (N, H, W, C) map (Swin, some ConvNeXt blocks), pooled the same way;
-* ``"tokens"``: a transformer block's (N, L, D) tokens, summarised by the first (class) token and
-  the mean of the other tokens, each averaged over channel groups to fit the feature budget;
+* ``"tokens"``: a transformer block's (N, L, D) tokens, summarised by the mean of the tokens ahead of
+  the patches (class, distillation, register tokens; see :func:`token_prefix`) and the mean of the
+  patch tokens, or, with no such token, by the mean and spread of the tokens; each summary averaged
+  over channel groups to fit the feature budget;
 * ``"flat"``: anything else, flattened ((N, D) vectors unchanged).
 
 Hooks are registered for the duration of one call and removed in ``finally``,
@@ -237,13 +239,15 @@ MAX_PREFIX = 8
 
 def token_prefix(tokens: int, input_hw: tuple[int, int]) -> int:
     """How many of a token layer's ``tokens`` come before its patches: ``tokens`` minus the patch count of the
-    closest patch grid that tiles the ``input_hw`` image exactly (a stride dividing both sides) with at most
-    :data:`MAX_PREFIX` tokens to spare. 197 tokens from a 224-px image: 196 patches of 16 px and a class token
-    (1); 196: patches only (0); 198: class and distillation tokens (2). 0 when no grid fits (tokens unrelated
-    to the image's geometry: no token is singled out)."""
+    closest patch grid of the ``input_hw`` image (for each stride ``s``, ``floor`` or ``ceil`` of each side over
+    ``s``: patch embeddings that drop or pad a partial patch) with at most :data:`MAX_PREFIX` tokens to spare,
+    fewer than the patches themselves. 197 tokens from a 224-px image: 196 patches of 16 px and a class token
+    (1); 196: patches only (0); 198: class and distillation tokens (2); 261: 256 patches of 14 px, a class
+    token and 4 registers (5). 0 when no grid fits (tokens unrelated to the image's geometry, e.g. a few
+    learned queries: no token is singled out)."""
     h, w = input_hw
-    spare = [tokens - (h // s) * (w // s) for s in range(1, min(h, w) + 1) if h % s == 0 and w % s == 0]
-    fits = [p for p in spare if 0 <= p <= MAX_PREFIX]
+    grids = {(h // s) * (w // s) for s in range(1, min(h, w) + 1)} | {(-(-h // s)) * (-(-w // s)) for s in range(1, min(h, w) + 1)}
+    fits = [tokens - g for g in grids if 0 <= tokens - g <= MAX_PREFIX and tokens - g < g]
     return min(fits) if fits else 0
 
 
@@ -301,8 +305,10 @@ def average_groups(v: Tensor, size: int) -> Tensor:
 def pool_tokens(a: Tensor, size: int, prefix: int = 1) -> Tensor:
     """(N, L, D) tokens -> (N, 2 * size), each half averaged over ``size`` channel groups.
 
-    With ``prefix >= 1`` leading tokens (a class token; with distillation or register tokens, their mean)
-    the summary is that and the mean of the patch tokens. With ``prefix = 0`` (patch tokens only: a patch
+    With ``prefix >= 1`` leading tokens the summary is their mean and the mean of the patch tokens: the class
+    token alone in most ViTs; with a distillation token (DeiT) or registers, the mean of all of them, which
+    keeps one summary of the image-level tokens whatever their number (a design choice: registers are global
+    scratch tokens rather than class summaries). With ``prefix = 0`` (patch tokens only: a patch
     embedding, or a ViT pooled by averaging) no token stands for the image, so it is the mean of the tokens
     and their spread (per channel, the root mean square deviation from that mean).
     """

@@ -1,6 +1,8 @@
 """fit(): self-attack calibration, calibration_data, memorisation warnings, atomic failure."""
 
 
+import math
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def test_self_attack_fit_learns_one_head_per_family_over_every_source(fitted):
     from hfguard.fitting import MIN_FAMILY_ROWS
 
     thin = [f for f, n in rep["self_attacks"]["succeeded"].items() if n < MIN_FAMILY_ROWS]
-    assert rep["self_attacks"]["heads_on_their_regime"] == thin and len(thin) < len(FAMILIES)
+    assert rep["self_attacks"]["heads_on_their_regime"] == thin and len(thin) < len(FAMILIES)  # every regime has several families
     # a boundary head leans on the margin more than a strong head does (CW-like attacks live there)
     assert rep["heads"]["boundary-l2"]["margin"] > rep["heads"]["pgd-linf"]["margin"]
 
@@ -43,6 +45,15 @@ def test_a_family_with_few_successes_learns_from_its_regime(digits_model, digits
     pooled = hfguard.protect(digits_model, progress=False, attack_families=["fgsm-linf", "pgd-linf"]).fit((digits.x_train, digits.y_train))
     assert pooled.fit_report["self_attacks"]["heads_on_their_regime"] == ["fgsm-linf", "pgd-linf"]
     assert torch.allclose(pooled.head_weight[0], pooled.head_weight[1])  # one regime, the same rows: the same head
+    # ... counted once by the smooth maximum: each copy's bias is lowered by log 2, so the score is that head's
+    x = digits.x_test[:32]
+    from hfguard import calibrate, combiner
+    from hfguard.fitting import _evidence_of_pixels
+
+    ev, pred = _evidence_of_pixels(pooled, x)
+    z = calibrate.standardize(ev, pred, pooled.evidence_mean, pooled.evidence_std)
+    one = combiner.head_score(z, pooled.head_weight[:1], pooled.head_bias[:1] + math.log(2))
+    assert torch.allclose(pooled.score(x), one, atol=1e-4)
     assert not torch.allclose(full.head_weight[0], full.head_weight[1])
 
 

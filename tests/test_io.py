@@ -43,13 +43,14 @@ def test_load_honours_runtime_overrides_and_refuses_the_rest(saved, digits_model
 
 
 def write_old_file(path, header, tensors, version):
-    """Writes ``header`` and ``tensors`` as a guard file of format ``version`` (the threshold named ``threshold_``)."""
+    """Writes ``header`` and ``tensors`` as a guard file of format ``version`` (before format 3 the threshold was named ``threshold_``)."""
     from safetensors.torch import save_file
 
     from hfguard import io
 
     header = {**header, "format_version": version}
-    tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
+    if version < 3:
+        tensors = {("threshold_" if k == "calibrated_threshold" else k): v for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"hfguard": json.dumps(header, sort_keys=True), "digest": io._digest(header, tensors)})
     return tensors
 
@@ -215,3 +216,49 @@ def test_format_3_token_layers_keep_their_class_token_summary():
     new = {"poolings": [["map", 4, 0, 1], ["tokens", 256, 0, 0]]}
     assert layout_poolings(old) == [Pooling("map", 4), Pooling("tokens", 256, 0, 1)]
     assert layout_poolings(new)[1] == Pooling("tokens", 256, 0, 0)
+
+
+def test_format_3_files_load_end_to_end(fitted, digits_model, digits, tmp_path):
+    """A 0.3 file: one head per regime (2) and a token layer stored as (kind, size, channels). Both load and score as
+    the file says: the two heads' smooth maximum, and the class-token summary."""
+    from hfguard import combiner, io
+    from hfguard.bench.synthetic import random_model, usable_random_model
+
+    p = tmp_path / "g.safetensors"
+    fitted.save(str(p))
+    header, tensors = io.read_guard_file(str(p))
+    header = {**header, "spec": {**header["spec"], "heads": 2}}
+    tensors = {**tensors, "head_weight": tensors["head_weight"][:2].clone(), "head_bias": tensors["head_bias"][:2].clone()}
+    write_old_file(tmp_path / "v3.safetensors", header, tensors, 3)
+    g3 = hfguard.load(str(tmp_path / "v3.safetensors"), digits_model)
+    x = digits.x_test[:40]
+    assert g3.head_weight.shape[0] == 2
+    assert torch.allclose(g3.score(x), g3._score_evidence(*_evidence(g3, x)), atol=1e-6)
+    five = combiner.head_score(_standardised(fitted, x), fitted.head_weight, fitted.head_bias)
+    two = combiner.head_score(_standardised(fitted, x), fitted.head_weight[:2], fitted.head_bias[:2])
+    assert torch.allclose(g3.score(x), two, atol=1e-5) and not torch.allclose(two, five)
+
+    vit = random_model("vit_b_16", 4, 32)
+    xv = torch.rand(48, 3, 32, 32)
+    usable_random_model(vit, xv, torch.arange(48) % 4, 4, batch_size=48)
+    g = hfguard.protect(vit, progress=False, calibration="clean", batch_size=16).fit((xv, torch.arange(48) % 4))
+    g.save(str(tmp_path / "vit.safetensors"))
+    header, tensors = io.read_guard_file(str(tmp_path / "vit.safetensors"))
+    assert any(q[0] == "tokens" and q[3] == 1 for q in header["spec"]["poolings"])  # torchvision's class token
+    header = {**header, "spec": {**header["spec"], "poolings": [q[:3] for q in header["spec"]["poolings"]]}}
+    write_old_file(tmp_path / "vit3.safetensors", header, tensors, 3)
+    gv = hfguard.load(str(tmp_path / "vit3.safetensors"), vit)
+    assert torch.allclose(gv.score(xv[:8]), g.score(xv[:8]), atol=1e-6)
+
+
+def _evidence(g, x):
+    from hfguard.fitting import _evidence_of_pixels
+
+    return _evidence_of_pixels(g, x)
+
+
+def _standardised(g, x):
+    from hfguard import calibrate
+
+    ev, pred = _evidence(g, x)
+    return calibrate.standardize(ev, pred, g.evidence_mean, g.evidence_std)

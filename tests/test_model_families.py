@@ -90,7 +90,7 @@ def test_timm_vits_are_pooled_by_their_own_prefix_tokens(name, options, prefix, 
     tokens = {n: p for n, p in zip(g.layers, g.layout["poolings"]) if p[0] == "tokens"}
     blocks = [n for n in tokens if n.startswith("blocks.")]
     assert len(blocks) >= 2 and all(tokens[n][3] == prefix == model.num_prefix_tokens for n in blocks)
-    assert "patch_embed" not in tokens or tokens["patch_embed"][3] == 0
+    assert tokens["patch_embed"][3] == 0  # the patch embedding: patches only
     p = tmp_path / "g.safetensors"
     g.save(str(p))
     g2 = hfguard.load(str(p), model)

@@ -130,8 +130,10 @@ def test_token_prefix_tells_extra_tokens_from_patches():
     assert token_prefix(197, (224, 224)) == 1  # 14x14 patches of 16 px + class token
     assert token_prefix(196, (224, 224)) == 0  # patches only (a patch embedding, or no class token)
     assert token_prefix(198, (224, 224)) == 2  # class + distillation token (DeiT)
-    assert token_prefix(9, (32, 32)) == 5  # 2x2 patches + class + 4 registers (not a 3x3 grid: 3 does not divide 32)
+    assert token_prefix(261, (224, 224)) == 5  # 16x16 patches of 14 px + class token + 4 registers
     assert token_prefix(25, (64, 96)) == 1  # non-square: 4x6 patches + class token
+    assert token_prefix(197, (230, 230)) == 1 and token_prefix(197, (224, 225)) == 1  # a partial patch dropped
+    assert token_prefix(8, (224, 224)) == 0  # a few learned queries are not 2x2 patches and 4 extra tokens
     assert token_prefix(3136, (224, 224)) == 0  # Swin-like 56x56 tokens
     assert token_prefix(77, (224, 224)) == 0  # unrelated to the image's geometry: no token singled out
 
