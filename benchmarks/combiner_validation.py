@@ -129,7 +129,7 @@ def main(n_val: int = 1000, attack_images: int = 2000) -> None:
         def max_of_heads(groups: list[torch.Tensor]):  # noqa: ANN202
             return max_of([head(z_sa[m]) for m in groups])
 
-        fam_heads = [head(z_sa[sa.family == i]) for i in range(len(names))]
+        fam_heads = [head(z_sa[sa.family_mask(f)]) for f in names]
         per_family = max_of(fam_heads)
         # the clean-only rule's features, each a head of its own (a row of the identity), tails aligned like the learned heads
         eye = [combiner.standardised_head(torch.eye(z_sa.shape[1], dtype=z_sa.dtype)[j], 0.0, zc_fit) for j in auto]

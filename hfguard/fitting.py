@@ -457,7 +457,6 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
     with guard._eval_model(), torch.enable_grad():
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
-    names = list(FAMILIES)
     regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:
@@ -469,7 +468,7 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
     weights, biases, pooled, shared = [], [], [], {}
     for family in _head_families(guard.attack_families):
-        mask = attacks.family == names.index(family)
+        mask = attacks.family_mask(family)
         if int(mask.sum()) < MIN_FAMILY_ROWS:  # too few for a head of its own: the family's regime's adversarials
             regime = attacks.regime_mask(FAMILIES[family])
             shared.setdefault(FAMILIES[family], []).append(len(weights))

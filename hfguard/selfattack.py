@@ -57,6 +57,10 @@ class SelfAttacks:
     attempted: dict[str, int]
     succeeded: dict[str, int]
 
+    def family_mask(self, family: str) -> Tensor:
+        """(M,) bool: rows of ``family``."""
+        return self.family == list(FAMILIES).index(family)
+
     def regime_mask(self, regime: str) -> Tensor:
         """(M,) bool: rows whose family belongs to ``regime``."""
         ids = [i for i, r in enumerate(FAMILIES.values()) if r == regime]

@@ -15,6 +15,9 @@ def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits)
     assert torch.equal(out.family, out.source % len(FAMILIES))  # image i gets family i % 5
     masks = [out.regime_mask(r) for r in REGIMES]
     assert torch.equal(masks[0] | masks[1], torch.ones(len(out.family), dtype=torch.bool)) and not (masks[0] & masks[1]).any()
+    for f in FAMILIES:  # each family's rows, counted as succeeded, inside its regime's
+        m = out.family_mask(f)
+        assert int(m.sum()) == out.succeeded[f] and not (m & ~out.regime_mask(FAMILIES[f])).any()
 
 
 def test_budgets_and_box_hold_per_image(digits_model, digits):
