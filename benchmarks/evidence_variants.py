@@ -4,7 +4,9 @@ Each variant is a full ``fit`` (Fashion-MNIST training split, ``calibration_data
 images, default self-attack combiner); each is scored on attacks of test images 5000-5999 (the bench reports on
 0-999), so nothing here tunes on the reported numbers. Variants:
 
-* ``default``: the layers ``layers="auto"`` picks;
+* ``default``: the layers ``layers="auto"`` picks, every source's evidence including the linear probes
+  from each watched layer to the logits (``hfguard.probe``, since 0.5);
+* ``without the linear probes``: ``score_features`` = every other feature (0.4's evidence);
 * ``+ global pool``: the ResNet's global-average-pooled output (the penultimate features that the
   "Mahalanobis" peer uses) watched as a fourth layer;
 * ``+ channel RMS`` / ``+ channel max``: every watched map also gives each channel's root-mean-square (or
@@ -32,6 +34,7 @@ import hfguard.fitting as fitting
 import hfguard.taps as taps
 from hfguard.data import cached_model
 from hfguard.evaluate import auroc
+from hfguard.evidence import LOGITS, SPECTRUM, feature_names
 
 
 @contextlib.contextmanager
@@ -72,7 +75,9 @@ def main(n_val: int = 1000) -> None:
     for arch in ("cnn", "resnet"):
         model = cached_model("fashion-mnist", arch)
         adv = validation_attacks(model, xv, yv)
+        layers = {"cnn": ["1", "4", "8"], "resnet": ["layer1", "layer2", "layer3"]}[arch]  # what layers="auto" picks (asserted below)
         variants: dict[str, tuple[dict, str | None]] = {"default": ({}, None)}
+        variants["without the linear probes (0.4's evidence)"] = ({"score_features": feature_names([*layers, LOGITS, SPECTRUM])}, None)
         if arch == "resnet":
             variants["+ global pool (penultimate) as a fourth layer"] = ({"layers": ["layer1", "layer2", "layer3", "pool"]}, None)
         variants["+ channel RMS of every watched map"] = ({}, "rms")
@@ -84,6 +89,8 @@ def main(n_val: int = 1000) -> None:
                 t = time.time()
                 g = hfguard.protect(model, progress=False, **options).fit(train, calibration_data=validation)
                 fit_s = time.time() - t
+                if name == "default" and g.layers != layers:
+                    raise RuntimeError(f"layers='auto' now picks {g.layers} for the {arch}, not {layers}: update this script")
 
                 def scores(x: torch.Tensor) -> torch.Tensor:
                     with torch.no_grad():

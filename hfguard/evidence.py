@@ -1,7 +1,8 @@
 """From class distances to evidence features.
 
-Every watched source (each chosen layer, the logits and the input's HF
-spectrum) gives an (N, K) matrix of normalised squared Mahalanobis distances
+Every watched source (each chosen layer, the logits, the input's HF
+spectrum, and each layer's linear-probe residual ``"<layer>->logits"``, see
+:mod:`hfguard.probe`) gives an (N, K) matrix of normalised squared Mahalanobis distances
 to the K class expectations.  For a clean input the predicted class is, at
 every source, one of the nearest; an adversarial input keeps pointing to its
 origin class in early layers and in its HF spectrum while its late layers
@@ -25,12 +26,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns"]
+__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "probe_name"]
 
 #: names of the two sources that are not layers
 LOGITS, SPECTRUM = "logits", "spectrum"
 _EPS = 1e-4
 _KINDS = ("distance", "gap", "nearest")
+
+
+def probe_name(layer: str) -> str:
+    """Name of the evidence source of ``layer``'s linear probe to the logits."""
+    return f"{layer}->{LOGITS}"
 
 
 def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,9 +35,10 @@ from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
+from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
-from hfguard.stats import ClassGaussianAccumulator
+from hfguard.sums import SourceSums
 from hfguard.taps import choose_layers, choose_pooling, discover_layers, layer_kind, watchable_units
 
 __all__ = ["fit_guard", "choose_layout", "CALIBRATIONS"]
@@ -70,18 +71,19 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     # fit re-creates every learned buffer and module (never writes into the old ones), so references suffice
     return {
         "buffers": dict(guard._buffers),
-        "gaussians": guard._modules.get("gaussians"),
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "poolings", "fit_report")},
+        "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report")},
     }
 
 
 def _restore(guard: Any, saved: dict[str, Any]) -> None:
     guard._buffers.clear()
     guard._buffers.update(saved["buffers"])
-    if saved["gaussians"] is None:
-        guard._modules.pop("gaussians", None)
-    else:
-        guard._modules["gaussians"] = saved["gaussians"]
+    for name, module in saved["modules"].items():
+        if module is None:
+            guard._modules.pop(name, None)
+        else:
+            guard._modules[name] = module
     for k, v in saved["attrs"].items():
         setattr(guard, k, v)
 
@@ -129,7 +131,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
     tile = [spectrum.spectral_tile(h), spectrum.spectral_tile(w)]
     grid = spectrum.spectral_grid(*tile)
-    sources = [*layers, LOGITS, SPECTRUM]
+    probes = list(range(len(layers)))  # every watched layer's linear probe to the logits (hfguard.probe)
+    sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(layers[i]) for i in probes)]
     names = evidence.feature_names(sources)
     setting = guard.score_features_setting
     if setting == "all" or (setting == "auto" and guard.calibration == "self-attack"):
@@ -147,6 +150,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         "layers": layers,
         "poolings": poolings,
         "dims": dims,
+        "probes": probes,
+        "probe_dim": min(k, PROBE_DIM),
         "num_classes": k,
         "input_shape": [c, h, w],
         "layer_shapes": {n: list(by_name[n].shape) for n in layers},
@@ -168,7 +173,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
     held = Reservoir(guard.calibration_size)
     images: Reservoir | None = None
     device = next((t.device for t in guard.model.parameters()), torch.device("cpu"))
-    accs: list[ClassGaussianAccumulator] = []
+    sums: SourceSums | None = None
     layout: dict[str, Any] | None = None
     seen_labels = False
     with guard._eval_model(), torch.no_grad():
@@ -179,7 +184,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             x = _clean_batch(guard, x, index, device)
             if layout is None:
                 layout = choose_layout(guard, x)
-                accs, images = _start(guard, layout, held, x.device)
+                sums, images = _start(guard, layout, held, x.device)
             elif tuple(x.shape[1:]) != tuple(layout["input_shape"]):
                 raise DataError(f"batch {index} has images of shape {tuple(x.shape[1:])}; earlier batches had {tuple(layout['input_shape'])}")
             logits, feats = guard._features(x)
@@ -192,23 +197,22 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             rows["y"] = y.cpu()
             pixels = guard.to_pixels(x)
             priority = content_priority(pixels, guard.seed)
-            _add_rows(accs, held.offer(rows, priority))
+            sums.add(held.offer(rows, priority))
             images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
         bar.close()
-    layout, accs, images = _agree(guard, layout, accs, images, held, device)
+    layout, sums, images = _agree(guard, layout, sums, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
     if lost:
-        _add_rows(accs, lost)
-    for acc in accs:
-        acc.all_reduce()
-    hold = _hand_back_excess(guard, hold, seen, accs)
-    hold = _stratify(hold, accs)
+        sums.add(lost)
+    sums.all_reduce()
+    hold = _hand_back_excess(guard, hold, seen, sums)
+    hold = _stratify(hold, sums)
     if len(hold["y"]) < MIN_HELD_OUT:
         raise DataError(
             f"too few clean samples to calibrate the threshold: {len(hold['y'])} held out (at most a third of each class is held "
             f"out, and {MIN_HELD_OUT} are needed); pass more clean images per class"
         )
-    counts = accs[0].count.long()
+    counts = sums.count.long()
     few = [(c, int(n)) for c, n in enumerate(counts.tolist()) if n < 2]
     if few:
         what = "labels" if seen_labels else "the model's predictions"
@@ -216,15 +220,18 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             f"each class needs at least 2 clean samples outside the calibration hold-out (which takes at most a third of a class); by {what}, "
             + ", ".join(f"class {c} has {n}" for c, n in few)
         )
-    shrinkage = _set_gaussians(guard, accs)
+    probes = sums.probe_models(int(layout["probe_dim"])) if layout["probes"] else []
+    layout, probe_report = _drop_linear_probes(guard, layout, probes)
+    shrinkage = _set_gaussians(guard, sums.gaussian_models(), [m for i, m in zip(sums.probed, probes) if i in layout["probes"]])
     t_stats = time.perf_counter() - t0
     calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, layout, device)
     sample = images.merged()[0]
     report = _calibrate(guard, layout, hold, calib, sample, labelled=seen_labels)
     report.update(
-        samples_in_statistics=int(accs[0].count.sum()),
+        samples_in_statistics=int(sums.count.sum()),
         class_counts=counts.tolist(),
-        shrinkage=dict(zip(guard.sources, shrinkage)),
+        shrinkage=dict(zip(guard.evidence_sources, shrinkage)),
+        probes=probe_report,
         seconds={"statistics": t_stats, **report.pop("seconds"), "total": time.perf_counter() - t0},
     )
     guard.fit_report = report
@@ -242,21 +249,21 @@ def _row_template(layout: dict[str, Any]) -> dict[str, Tensor]:
     return rows
 
 
-def _start(guard: Any, layout: dict[str, Any], held: Reservoir, device: torch.device) -> tuple[list[ClassGaussianAccumulator], Reservoir]:
+def _start(guard: Any, layout: dict[str, Any], held: Reservoir, device: torch.device) -> tuple[SourceSums, Reservoir]:
     """Allocates the state for ``layout``: accumulators, and the image sample sized to at most ``IMAGE_BYTES``."""
     guard._allocate(layout)
     guard.to(device)
     logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(layout["layers"], layout["dims"])))
-    accs = [ClassGaussianAccumulator(layout["num_classes"], d) for d in _source_dims(layout)]
+    sums = SourceSums(layout["num_classes"], _source_dims(layout), len(layout["layers"]), layout["probes"])
     c, h, w = layout["input_shape"]
     images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // (c * h * w * 4))))
     held.ensure_keys(_row_template(layout))
     images.ensure_keys({"x": torch.zeros(0, c, h, w), "y": torch.zeros(0, dtype=torch.long)})
-    return accs, images
+    return sums, images
 
 
-def _agree(guard: Any, layout: dict[str, Any] | None, accs: list[ClassGaussianAccumulator], images: Reservoir | None, held: Reservoir,
-           device: torch.device) -> tuple[dict[str, Any], list[ClassGaussianAccumulator], Reservoir]:
+def _agree(guard: Any, layout: dict[str, Any] | None, sums: SourceSums | None, images: Reservoir | None, held: Reservoir,
+           device: torch.device) -> tuple[dict[str, Any], SourceSums, Reservoir]:
     """Under torch.distributed every rank must reach the collectives with the same layout: a rank with an empty shard
     takes the others' layout (zero sums, no samples); ranks that saw different models or image sizes are refused."""
     layouts = agree_on(layout)
@@ -267,8 +274,8 @@ def _agree(guard: Any, layout: dict[str, Any] | None, accs: list[ClassGaussianAc
         raise DataError("the ranks of a distributed fit chose different layers or saw different image sizes; every rank must wrap the same model and data format")
     if layout is None:
         layout = seen[0]
-        accs, images = _start(guard, layout, held, device)
-    return layout, accs, images
+        sums, images = _start(guard, layout, held, device)
+    return layout, sums, images
 
 
 def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Tensor:
@@ -284,7 +291,7 @@ def _checked_labels(y: Tensor, k: int, index: int) -> Tensor:
     return y
 
 
-def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, sums: SourceSums) -> dict[str, Tensor]:
     """Small data: at most 30 % (at least 40) of the rows stay held out; the rest go back to the statistics."""
     n_held = len(hold["y"])
     keep = min(n_held, max(40, int(0.3 * seen)))
@@ -293,10 +300,10 @@ def _hand_back_excess(guard: Any, hold: dict[str, Tensor], seen: int, accs: list
     order = torch.randperm(n_held, generator=torch.Generator().manual_seed(guard.seed + 3))
     back = torch.zeros(n_held, dtype=torch.bool)
     back[order[keep:]] = True
-    return _give_back(hold, back, accs)
+    return _give_back(hold, back, sums)
 
 
-def _stratify(hold: dict[str, Tensor], accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+def _stratify(hold: dict[str, Tensor], sums: SourceSums) -> dict[str, Tensor]:
     """A class keeps at most a third of its samples in the hold-out; the rest go back to the statistics.
 
     The hold-out is a uniform sample, so with a few images per class (1000 classes, 6 images each) it would
@@ -306,44 +313,74 @@ def _stratify(hold: dict[str, Tensor], accs: list[ClassGaussianAccumulator]) -> 
     y = hold["y"]
     if len(y) == 0:
         return hold
-    k = accs[0].count.shape[0]
+    k = sums.count.shape[0]
     held = torch.bincount(y, minlength=k)
-    total = held + accs[0].count.long()
+    total = held + sums.count.long()
     allowed = total // 3
     order = torch.argsort(y, stable=True)
     ys = y[order]
     rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)  # position of each row within its class
     back = torch.zeros(len(y), dtype=torch.bool)
     back[order[rank >= allowed[ys]]] = True
-    return _give_back(hold, back, accs)
+    return _give_back(hold, back, sums)
 
 
-def _add_rows(accs: list[ClassGaussianAccumulator], rows: dict[str, Tensor]) -> None:
-    """Adds stored rows (features of every source and the class) to the per-source statistics."""
-    for i, acc in enumerate(accs):
-        acc.update(rows[f"source{i}"], rows["y"])
-
-
-def _give_back(hold: dict[str, Tensor], back: Tensor, accs: list[ClassGaussianAccumulator]) -> dict[str, Tensor]:
+def _give_back(hold: dict[str, Tensor], back: Tensor, sums: SourceSums) -> dict[str, Tensor]:
     """Moves the held-out rows marked in ``back`` (bool mask) into the statistics; returns the rows still held out."""
     if not bool(back.any()):
         return hold
-    _add_rows(accs, {k: v[back] for k, v in hold.items()})
+    sums.add({k: v[back] for k, v in hold.items()})
     return {k: v[~back] for k, v in hold.items()}
 
 
-def _set_gaussians(guard: Any, accs: list[ClassGaussianAccumulator]) -> list[float]:
-    """Turns the streamed sums into the sources' buffers; returns the shrinkage coefficients."""
+def _set_gaussian(g: Any, model: Any, dtype: torch.dtype) -> float:
+    """Copies fitted class Gaussians into a :class:`~hfguard.state.ClassGaussian`'s buffers; returns the shrinkage."""
+    center = model.means.mean(0)
+    g.center.copy_(center.to(dtype))
+    g.whitener.copy_(model.whitener.to(dtype))
+    g.white_means.copy_(((model.means - center) @ model.whitener).to(dtype))
+    return float(model.shrinkage)
+
+
+def _set_gaussians(guard: Any, gaussians: list[Any], probes: list[Any]) -> list[float]:
+    """Copies the fitted sources' and probes' models into the buffers; returns the shrinkage coefficients (evidence-source order)."""
     dtype = guard.dct_h.dtype
-    shrink = []
-    for g, acc in zip(guard.gaussians, accs):
-        model = acc.finalize()
-        center = model.means.mean(0)
-        g.center.copy_(center.to(dtype))
-        g.whitener.copy_(model.whitener.to(dtype))
-        g.white_means.copy_(((model.means - center) @ model.whitener).to(dtype))
-        shrink.append(float(model.shrinkage))
+    shrink = [_set_gaussian(g, model, dtype) for g, model in zip(guard.gaussians, gaussians)]
+    for p, model in zip(guard.probes, probes):
+        p.proj.copy_(model.proj.to(dtype))
+        p.weight.copy_(model.weight.to(dtype))
+        p.logit_center.copy_(model.logit_center.to(dtype))
+        p.layer_center.copy_(model.layer_center.to(dtype))
+        shrink.append(_set_gaussian(p.residual, model.residual, dtype))
     return shrink
+
+
+def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Leaves out the probes of layers that determine the logits (nearly) linearly (residual share below
+    :data:`~hfguard.probe.MIN_RESIDUAL_SHARE`): their residual is rounding noise, which the score would amplify
+    (e.g. under half precision).  A probe the user named in ``score_features`` is kept.  Re-allocates the
+    state for the new layout; returns it and the report's per-layer probe summary."""
+    layers, named = layout["layers"], guard.score_features_setting not in ("auto", "all")
+    chosen = set(layout["score_features"])
+    report, keep = {}, []
+    for i, model in zip(layout["probes"], probes):
+        name = evidence.probe_name(layers[i])
+        wanted = named and any(f"{name}:{k}" in chosen for k in ("distance", "gap", "nearest"))
+        kept = wanted or model.residual_share >= MIN_RESIDUAL_SHARE
+        report[layers[i]] = {"residual_share": round(model.residual_share, 4), "kept": kept}
+        if kept:
+            keep.append(i)
+    if keep == list(layout["probes"]):
+        return layout, report
+    dropped = {evidence.probe_name(layers[i]) for i in layout["probes"] if i not in keep}
+    features = [f for f in layout["score_features"] if f.rpartition(":")[0] not in dropped]
+    layout = {**layout, "probes": keep, "score_features": features}
+    if layout["calibration"] == "clean":
+        layout["heads"] = len(features)
+    device = guard.dct_h.device
+    guard._allocate(layout)
+    guard.to(device)
+    return layout, report
 
 
 def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
@@ -431,7 +468,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
     report.update(
         samples_held_out=n,
         threshold_samples=len(scores_thr),
-        feature_names=evidence.feature_names(guard.sources),
+        feature_names=evidence.feature_names(guard.evidence_sources),
         score_features=layout["score_features"],
         calibration_evidence_mean=dict(zip(layout["score_features"], ev_thr.mean(0).tolist())),
         seconds=seconds,

@@ -218,7 +218,7 @@ class Guard(FittedState):
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
-        logits, feats = self._features(x, self._sources_used())
+        logits, feats = self._features(x, self._features_needed())
         with no_autocast(x.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
             dists = self._source_distances(feats)
             return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)

@@ -37,6 +37,23 @@ class ClassGaussian(nn.Module):
         return class_sq_distances(z.to(self.whitener.dtype) - self.center, self.whitener, self.white_means)
 
 
+class LinearProbe(nn.Module):
+    """Buffers of one layer's linear probe to the logits (:mod:`hfguard.probe`); ``forward(z, logits)`` gives the
+    (N, K) class distances of the residual ``(logits - logit_center) @ proj - (z - layer_center) @ weight.T``."""
+
+    def __init__(self, num_classes: int, dim: int, probe_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("proj", torch.zeros(num_classes, probe_dim))
+        self.register_buffer("weight", torch.zeros(probe_dim, dim))
+        self.register_buffer("logit_center", torch.zeros(num_classes))
+        self.register_buffer("layer_center", torch.zeros(dim))
+        self.residual = ClassGaussian(num_classes, probe_dim)
+
+    def forward(self, z: Tensor, logits: Tensor) -> Tensor:
+        dtype = self.weight.dtype
+        return self.residual((logits.to(dtype) - self.logit_center) @ self.proj - (z.to(dtype) - self.layer_center) @ self.weight.T)
+
+
 class FittedState(nn.Module):
     """Learned buffers of a guard (created from a layout by :meth:`_allocate`) and the scoring maths on features.
 
@@ -49,6 +66,7 @@ class FittedState(nn.Module):
         self.temperature = 1.0
         self.score_columns: list[tuple[str, int]] = []
         self.layers: list[str] = []
+        self.probed: list[int] = []
         self.poolings: dict[str, Pooling] = {}
         self.layout: dict[str, Any] | None = None
         self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
@@ -68,8 +86,13 @@ class FittedState(nn.Module):
 
     @property
     def sources(self) -> list[str]:
-        """Evidence sources in order: watched layers, ``"logits"``, ``"spectrum"``."""
+        """Sources of pooled features, in order: watched layers, ``"logits"``, ``"spectrum"``."""
         return [*self.layers, LOGITS, SPECTRUM]
+
+    @property
+    def evidence_sources(self) -> list[str]:
+        """Every source of evidence: :attr:`sources`, then the probed layers' ``"<layer>->logits"`` residuals."""
+        return [*self.sources, *(evidence.probe_name(self.layers[i]) for i in self.probed)]
 
     def _require_fitted(self) -> None:
         if self.layout is None:
@@ -84,6 +107,8 @@ class FittedState(nn.Module):
         self.poolings = dict(zip(self.layers, layout_poolings(layout)))
         dims = [*layout["dims"], k, len(layout["hf_index"])]
         self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
+        self.probed = [int(i) for i in layout.get("probes", [])]  # files before format 5 have no probes
+        self.probes = nn.ModuleList(LinearProbe(k, dims[i], int(layout["probe_dim"])) for i in self.probed)
         th, tw = layout.get("spectral_tile", (h, w))  # files of formats 1-2: one tile, the whole image
         self.register_buffer("dct_h", spectrum.dct_matrix(th))
         self.register_buffer("dct_w", spectrum.dct_matrix(tw))
@@ -93,7 +118,7 @@ class FittedState(nn.Module):
         # always so for hf_block_mask's blocks (see _spectral); checked, not assumed, for whatever a file holds
         self._hf_without_dc = not set(spectrum.dc_blocks(self.pool_h, self.pool_w)) & set(layout["hf_index"])
         names = layout["score_features"]
-        self.score_columns = [evidence.parse_feature(n, self.sources) for n in names]
+        self.score_columns = [evidence.parse_feature(n, self.evidence_sources) for n in names]
         nf = len(names)
         self.register_buffer("evidence_mean", torch.zeros(k, nf))
         self.register_buffer("evidence_std", torch.ones(k, nf))
@@ -143,12 +168,19 @@ class FittedState(nn.Module):
         return [g(f) for g, f in zip(self.gaussians, feats)]
 
     def _sources_used(self) -> set[int]:
-        """Sources the score and the origin need (0 = first watched layer, for the origin)."""
+        """Evidence sources the score and the origin need (0 = first watched layer, for the origin)."""
         return {src for kind, src in self.score_columns if kind != "margin"} | {0}
 
+    def _features_needed(self) -> set[int]:
+        """Feature sources (indices into :attr:`sources`) behind :meth:`_sources_used`: a probe needs its layer and the logits."""
+        n = len(self.sources)
+        used = self._sources_used()
+        return {i for i in used if i < n} | {self.probed[i - n] for i in used if i >= n} | {len(self.layers)}
+
     def _source_distances(self, feats: Sequence[Tensor | None]) -> dict[int, Tensor]:
-        """(N, K) class distances of the sources the score and the origin need (see :meth:`_sources_used`)."""
-        return {i: self.gaussians[i](feats[i]) for i in self._sources_used()}
+        """(N, K) class distances of the evidence sources the score and the origin need (see :meth:`_sources_used`)."""
+        n, logits = len(self.sources), feats[len(self.layers)]
+        return {i: self.gaussians[i](feats[i]) if i < n else self.probes[i - n](feats[self.probed[i - n]], logits) for i in self._sources_used()}
 
     def _evidence(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
         """The planned evidence columns (N, F) from the logits and the sources' distances."""

@@ -111,13 +111,15 @@ def oas_shrinkage(cov: Tensor, n: float) -> float:
     return float(min(1.0, max(0.0, float(num / den))))
 
 
-def fit_tied_gaussian(count: Tensor, sums: Tensor, scatter: Tensor) -> GaussianModel:
+def fit_tied_gaussian(count: Tensor, sums: Tensor, scatter: Tensor, *, min_variance: float = 0.0) -> GaussianModel:
     """Class means and a shrunk tied covariance from streamed sums.
 
     Args:
         count: (K,) samples per class.
         sums: (K, D) per-class sums.
         scatter: (D, D) sum of outer products over all samples.
+        min_variance: floor of the covariance's eigenvalues (besides the relative floor of 1e-6 of their mean):
+            directions with less variance are treated as noise of that size, not as exact constraints.
 
     Returns:
         The fitted :class:`GaussianModel` (float64).
@@ -146,7 +148,7 @@ def fit_tied_gaussian(count: Tensor, sums: Tensor, scatter: Tensor) -> GaussianM
         scale = 1.0
     shrunk = (1.0 - rho) * cov + rho * scale * torch.eye(p, dtype=cov.dtype)
     evals, evecs = torch.linalg.eigh(shrunk)
-    evals = evals.clamp_min(scale * 1e-6)
+    evals = evals.clamp_min(max(scale * 1e-6, min_variance))
     whitener = evecs * evals.rsqrt()
     return GaussianModel(means=means, whitener=whitener, shrinkage=rho)
 

@@ -262,3 +262,28 @@ def _standardised(g, x):
 
     ev, pred = _evidence(g, x)
     return calibrate.standardize(ev, pred, g.evidence_mean, g.evidence_std)
+
+
+def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_model, digits, tmp_path):
+    """A 0.4 file has no linear probes (no ``probes`` in its layout, no probe tensors): it loads and scores with the
+    evidence it was fitted on."""
+    from hfguard import combiner, io
+
+    p = tmp_path / "g.safetensors"
+    fitted.save(str(p))
+    header, tensors = io.read_guard_file(str(p))
+    spec = dict(header["spec"])
+    keep = [i for i, f in enumerate(spec["score_features"]) if "->" not in f]
+    assert len(keep) < len(spec["score_features"])
+    spec["score_features"] = [spec["score_features"][i] for i in keep]
+    spec.pop("probes")
+    spec.pop("probe_dim")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("probes.")}
+    for k in ("evidence_mean", "evidence_std", "head_weight"):
+        tensors[k] = tensors[k][:, keep].clone()
+    write_old_file(tmp_path / "v4.safetensors", {**header, "spec": spec}, tensors, 4)
+    g4 = hfguard.load(str(tmp_path / "v4.safetensors"), digits_model)
+    x = digits.x_test[:40]
+    assert g4.evidence_sources == g4.sources and len(g4.probes) == 0
+    expected = combiner.head_score(_standardised(fitted, x)[:, keep], fitted.head_weight[:, keep], fitted.head_bias)
+    assert torch.allclose(g4.score(x), expected, atol=1e-5)

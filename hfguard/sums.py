@@ -1,0 +1,60 @@
+"""The sums ``fit`` streams: one class-Gaussian accumulator per feature source, one cross moment per probe.
+
+Rows are dicts ``{"source0": (N, D0), ..., "y": (N,)}`` (the layout of the held-out reservoir); every
+sum is exact and mergeable, so a distributed fit adds them across ranks (:meth:`SourceSums.all_reduce`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from hfguard.probe import CrossMoments, ProbeModel, fit_probe
+from hfguard.stats import ClassGaussianAccumulator, GaussianModel
+
+__all__ = ["SourceSums"]
+
+
+class SourceSums:
+    """Streamed statistics of every source and of the probes from the ``probed`` layers to the logits.
+
+    Args:
+        num_classes: K.
+        dims: feature dimension of each source (layers, logits, spectrum).
+        logits: index of the logits among the sources.
+        probed: indices of the layers whose probes to the logits are fitted.
+    """
+
+    def __init__(self, num_classes: int, dims: Sequence[int], logits: int, probed: Sequence[int] = ()) -> None:
+        self.gaussians = [ClassGaussianAccumulator(num_classes, d) for d in dims]
+        self.logits = logits
+        self.probed = [int(i) for i in probed]
+        self.crosses = [CrossMoments(int(dims[i]), num_classes) for i in self.probed]
+
+    @property
+    def count(self) -> Tensor:
+        """(K,) samples per class in the statistics."""
+        return self.gaussians[0].count
+
+    def add(self, rows: dict[str, Tensor]) -> None:
+        """Adds stored rows (features of every source and the class) to every sum."""
+        for i, acc in enumerate(self.gaussians):
+            acc.update(rows[f"source{i}"], rows["y"])
+        for i, cross in zip(self.probed, self.crosses):
+            cross.update(rows[f"source{i}"], rows[f"source{self.logits}"])
+
+    def all_reduce(self) -> None:
+        """Sums every statistic over the ranks of a distributed fit (no-op otherwise)."""
+        for acc in self.gaussians:
+            acc.all_reduce()
+        for cross in self.crosses:
+            cross.all_reduce()
+
+    def gaussian_models(self) -> list[GaussianModel]:
+        """Each source's fitted class Gaussians."""
+        return [acc.finalize() for acc in self.gaussians]
+
+    def probe_models(self, dim: int) -> list[ProbeModel]:
+        """Each probed layer's fitted probe (at most ``dim`` logit directions)."""
+        return [fit_probe(self.gaussians[i], self.gaussians[self.logits], c, dim=dim) for i, c in zip(self.probed, self.crosses)]
