@@ -29,13 +29,14 @@ from hfguard.evaluate import auroc, jsonable
 def single_features(guard, x_clean, advs) -> dict[str, dict[str, float]]:
     """AUROC of every evidence feature on its own (the guard must be fitted with score_features='all')."""
     names = guard.fit_report["feature_names"]
-    plan = [evidence.parse_feature(n, guard.sources) for n in names]
+    plan = [evidence.parse_feature(n, guard.evidence_sources) for n in names]
+    if plan != guard.score_columns:
+        raise ValueError("fit the guard with score_features='all'")
 
     def columns(x):
         with torch.no_grad():
             logits, feats = guard._features(x)
-            dists = {i: guard.gaussians[i](f) for i, f in enumerate(feats) if f is not None}
-            return evidence.evidence_columns(plan, dists, logits)
+            return evidence.evidence_columns(plan, guard._source_distances(feats), logits)
 
     clean = columns(x_clean)
     cols = {k: columns(v) for k, v in advs.items()}

@@ -131,8 +131,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
     tile = [spectrum.spectral_tile(h), spectrum.spectral_tile(w)]
     grid = spectrum.spectral_grid(*tile)
-    probes = list(range(len(layers)))  # every watched layer's linear probe to the logits (hfguard.probe)
-    sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(layers[i]) for i in probes)]
+    sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(n) for n in layers)]  # a linear probe per layer (hfguard.probe)
     names = evidence.feature_names(sources)
     setting = guard.score_features_setting
     if setting == "all" or (setting == "auto" and guard.calibration == "self-attack"):
@@ -143,6 +142,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         chosen = list(setting)
         for feature in chosen:
             evidence.parse_feature(feature, sources)
+    # only the probes the score uses are fitted (the others would cost fit time and file size for nothing)
+    probes = [i for i, n in enumerate(layers) if any(f.rpartition(":")[0] == evidence.probe_name(n) for f in chosen)]
     return {
         "score_features": chosen,
         "calibration": guard.calibration,

@@ -65,6 +65,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "nonfinite": guard.nonfinite,
         "calibration": guard.calibration,
         "attack_families": guard.attack_families,
+        # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
+        "score_features_setting": guard.score_features_setting,
     }
     meta = {_KEY: json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
     save_file(tensors, os.fspath(path), metadata=meta)

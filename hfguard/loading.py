@@ -49,7 +49,7 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "input_range": header["input_range"],
         "strict": header["strict"],
         "nonfinite": header["nonfinite"],
-        "score_features": layout["score_features"],
+        "score_features": header.get("score_features_setting", layout["score_features"]),  # before format 5: the list
         "calibration": header.get("calibration", "clean"),
         "attack_families": header.get("attack_families", "all"),
     }

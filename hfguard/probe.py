@@ -13,7 +13,7 @@ Everything is derived from sums that stream in one pass and merge exactly across
 residual's class sums and scatter are linear and quadratic maps of those sums.
 
 With many classes the probe targets the ``dim`` leading principal directions ``V`` of the clean
-logits instead of all ``K`` of them (cost and state per probe: ``dim * (D + K + dim)``).
+logits instead of all ``K`` of them (``P = min(K, dim)``; cost and state per probe: ``P * (D + 2K + P)``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,19 @@ from torch import Tensor
 
 from hfguard.stats import ClassGaussianAccumulator, GaussianModel, fit_tied_gaussian
 
-__all__ = ["CrossMoments", "ProbeModel", "fit_probe", "RIDGE", "PROBE_DIM", "NOISE", "MIN_RESIDUAL_SHARE"]
+__all__ = ["CrossMoments", "ProbeModel", "logit_directions", "fit_probe", "RIDGE", "PROBE_DIM", "NOISE", "MIN_RESIDUAL_SHARE"]
 
 #: ridge penalty, relative to the mean variance of the layer's features
 RIDGE = 1e-2
 #: the probe targets at most this many principal directions of the logits
 PROBE_DIM = 64
-#: the residual's variance floor, relative to the logits' within-class variance (see :func:`fit_probe`)
+#: the residual's variance floor per direction, relative to the logits' mean within-class variance per direction
+#: (see :func:`fit_probe`); above MIN_RESIDUAL_SHARE on purpose: a kept probe whose residual is barely above the
+#: cut is whitened nearly isotropically rather than along its noisiest small directions
 NOISE = 3e-2
 #: a probe whose residual keeps less of the logits' within-class variance than this is left out of the
-#: score: the layer determines the logits (nearly) linearly, so the residual is mostly rounding noise
+#: score: the ridge fit reads the logits off the layer almost exactly (e.g. the pooled map just before a
+#: linear classifier), so the residual is mostly rounding noise
 MIN_RESIDUAL_SHARE = 0.02
 
 
@@ -91,8 +94,24 @@ class ProbeModel:
     residual_share: float
 
 
+def logit_directions(logits: ClassGaussianAccumulator, dim: int = PROBE_DIM) -> Tensor:
+    """(K, P) the probes' target: the identity when ``P = K <= dim``, else the ``dim`` leading principal directions of
+    the streamed logits, leading first, each signed so that its largest-magnitude entry is positive (``eigh`` leaves
+    the sign open; this way shards and refits agree)."""
+    k = logits.sums.shape[1]
+    if dim >= k:
+        return torch.eye(k, dtype=torch.float64)
+    n = float(logits.count.sum())
+    ml = logits.sums.sum(0) / n
+    cov_l = logits.scatter / n - torch.outer(ml, ml)
+    _, evecs = torch.linalg.eigh(0.5 * (cov_l + cov_l.T))
+    proj = evecs[:, -dim:].flip(1)
+    sign = torch.sign(proj.gather(0, proj.abs().argmax(0, keepdim=True)))
+    return proj * torch.where(sign == 0, 1.0, sign)
+
+
 def fit_probe(layer: ClassGaussianAccumulator, logits: ClassGaussianAccumulator, cross: CrossMoments, *,
-              dim: int = PROBE_DIM, ridge: float = RIDGE, noise: float = NOISE) -> ProbeModel:
+              dim: int = PROBE_DIM, ridge: float = RIDGE, noise: float = NOISE, proj: Tensor | None = None) -> ProbeModel:
     """Fits the probe from a layer's and the logits' streamed sums and their cross moments (float64).
 
     Args:
@@ -104,18 +123,15 @@ def fit_probe(layer: ClassGaussianAccumulator, logits: ClassGaussianAccumulator,
         noise: the residual's variance is floored at this fraction of the targeted logits' mean within-class
             variance: a layer that determines the logits linearly (the penultimate features before a linear
             classifier) leaves a residual of rounding noise, which must not be whitened into evidence.
+        proj: the targeted directions, if already computed (:func:`logit_directions`; shared by every layer).
     """
     n = float(layer.count.sum())
     if n < 2 or float(logits.count.sum()) != n:
         raise ValueError(f"the layer and the logits must be fitted on the same samples (at least 2); got {n:g} and {float(logits.count.sum()):g}")
     mz, ml = layer.sums.sum(0) / n, logits.sums.sum(0) / n
-    k = ml.shape[0]
     cov_l = logits.scatter / n - torch.outer(ml, ml)
-    if dim >= k:
-        proj = torch.eye(k, dtype=torch.float64)
-    else:
-        _, evecs = torch.linalg.eigh(0.5 * (cov_l + cov_l.T))
-        proj = evecs[:, -dim:].flip(1)  # leading directions first
+    if proj is None:
+        proj = logit_directions(logits, dim)
     cov_z = layer.scatter / n - torch.outer(mz, mz)
     cov_zt = (cross.cross / n - torch.outer(mz, ml)) @ proj  # (D, P)
     d = cov_z.shape[0]
@@ -129,6 +145,6 @@ def fit_probe(layer: ClassGaussianAccumulator, logits: ClassGaussianAccumulator,
     count = layer.count.clamp_min(1)[:, None]
     within_l = float(torch.trace(proj.T @ (logits.scatter - (logits.sums / count).T @ logits.sums) @ proj)) / n
     within_r = float(torch.trace(scatter_r - (sums_r / count).T @ sums_r)) / n
-    floor = noise * max(within_l / proj.shape[1], 1e-12)
+    floor = noise * max(within_l / proj.shape[1], 1e-12)  # per direction
     residual = fit_tied_gaussian(layer.count, sums_r, scatter_r, min_variance=floor)
     return ProbeModel(proj=proj, weight=weight, logit_center=ml, layer_center=mz, residual=residual, residual_share=within_r / max(within_l, 1e-12))

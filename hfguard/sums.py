@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from hfguard.probe import CrossMoments, ProbeModel, fit_probe
+from hfguard.probe import CrossMoments, ProbeModel, fit_probe, logit_directions
 from hfguard.stats import ClassGaussianAccumulator, GaussianModel
 
 __all__ = ["SourceSums"]
@@ -57,4 +57,7 @@ class SourceSums:
 
     def probe_models(self, dim: int) -> list[ProbeModel]:
         """Each probed layer's fitted probe (at most ``dim`` logit directions)."""
-        return [fit_probe(self.gaussians[i], self.gaussians[self.logits], c, dim=dim) for i, c in zip(self.probed, self.crosses)]
+        if not self.probed:
+            return []
+        proj = logit_directions(self.gaussians[self.logits], dim)  # one eigendecomposition for every layer
+        return [fit_probe(self.gaussians[i], self.gaussians[self.logits], c, dim=dim, proj=proj) for i, c in zip(self.probed, self.crosses)]

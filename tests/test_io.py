@@ -265,8 +265,8 @@ def _standardised(g, x):
 
 
 def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_model, digits, tmp_path):
-    """A 0.4 file has no linear probes (no ``probes`` in its layout, no probe tensors): it loads and scores with the
-    evidence it was fitted on."""
+    """A 0.4 file has no linear probes (no ``probes`` in its layout, no probe tensors; here a 0.5 file rewritten as
+    format 4): it loads and scores with the evidence it was fitted on."""
     from hfguard import combiner, io
 
     p = tmp_path / "g.safetensors"
@@ -281,9 +281,11 @@ def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_m
     tensors = {k: v for k, v in tensors.items() if not k.startswith("probes.")}
     for k in ("evidence_mean", "evidence_std", "head_weight"):
         tensors[k] = tensors[k][:, keep].clone()
+    header = {k: v for k, v in header.items() if k != "score_features_setting"}  # new in format 5
     write_old_file(tmp_path / "v4.safetensors", {**header, "spec": spec}, tensors, 4)
     g4 = hfguard.load(str(tmp_path / "v4.safetensors"), digits_model)
     x = digits.x_test[:40]
     assert g4.evidence_sources == g4.sources and len(g4.probes) == 0
+    assert g4.score_features_setting == spec["score_features"]  # before format 5 only the list was saved
     expected = combiner.head_score(_standardised(fitted, x)[:, keep], fitted.head_weight[:, keep], fitted.head_bias)
     assert torch.allclose(g4.score(x), expected, atol=1e-5)

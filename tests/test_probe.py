@@ -67,14 +67,15 @@ def test_shards_merge_exactly():
     for a, b in zip(parts[0], parts[1]):
         a.merge(b)
     merged = fit_probe(*parts[0], noise=0.0)
-    assert torch.allclose(whole.weight, merged.weight, atol=1e-10) and torch.allclose(whole.residual.whitener, merged.residual.whitener, atol=1e-8)
+    precision = [m.residual.whitener @ m.residual.whitener.T for m in (whole, merged)]  # the whitener itself is defined up to a rotation
+    assert torch.allclose(whole.weight, merged.weight, atol=1e-10) and torch.allclose(*precision, rtol=1e-8, atol=1e-10)
 
 
 def test_a_linear_layer_leaves_no_residual_and_the_floor_bounds_its_whitening():
     z, logits, y = _data(linear=True)
     m = fit_probe(*_sums(z, logits, y, 5), ridge=1e-6, noise=0.03)
     assert m.residual_share < 1e-4
-    within_l = sum(((logits[y == c] - logits[y == c].mean(0)) ** 2).sum() for c in range(5)) / len(z) / 5
+    within_l = sum(((logits[y == c] - logits[y == c].mean(0)) ** 2).sum() for c in range(5)) / len(z) / 5  # per direction
     precision = m.residual.whitener @ m.residual.whitener.T
     assert float(torch.linalg.eigvalsh(precision).max()) <= 1.0 / (0.03 * float(within_l)) * (1 + 1e-6)
     z2, l2, y2 = _data()
@@ -99,7 +100,7 @@ def test_the_guard_probes_its_layers_and_leaves_out_linear_ones(fitted, digits):
     rep = fitted.fit_report["probes"]
     assert set(rep) == set(fitted.layers)
     kept = [n for n, r in rep.items() if r["kept"]]
-    assert kept and len(kept) < len(fitted.layers)
+    assert kept and not rep[fitted.layers[-1]]["kept"] and rep[fitted.layers[-1]]["residual_share"] < 1e-3  # ReLU -> Linear
     for n, r in rep.items():
         assert r["kept"] == (r["residual_share"] >= MIN_RESIDUAL_SHARE)
         assert any(f.startswith(f"{n}->logits:") for f in fitted.fit_report["score_features"]) == r["kept"]
@@ -121,3 +122,62 @@ def test_a_probe_named_in_score_features_is_kept(fitted, digits_model, digits):
 def test_unknown_probe_feature_is_refused(digits_model):
     with pytest.raises(ValueError, match="unknown evidence feature"):
         hfguard.protect(digits_model, progress=False, score_features=["nolayer->logits:distance"]).fit(torch.rand(4, 1, 8, 8))
+
+
+def test_probe_sources_map_to_their_own_layers_and_only_needed_sources_run(digits_model, digits):
+    """Named probes of the second and third layers (not a prefix of the layers): evidence source ``n + j`` is the probe of
+    layer ``probed[j]``, and only those layers, the logits and the origin's first layer are computed."""
+    names = ["4->logits:distance", "8->logits:gap", "margin"]
+    g = hfguard.protect(digits_model, progress=False, calibration="clean", score_features=names).fit((digits.x_train, digits.y_train))
+    assert g.layers == ["1", "4", "8"] and g.probed == [1, 2]
+    n = len(g.sources)
+    assert g._features_needed() == {0, 1, 2, 3}  # no spectrum (4)
+    with torch.no_grad():
+        logits, feats = g._features(digits.x_test[:20])
+        d = g._source_distances(feats)
+        assert torch.equal(d[n], g.probes[0](feats[1], logits)) and torch.equal(d[n + 1], g.probes[1](feats[2], logits))
+        assert g.probes[0].weight.shape[1] == feats[1].shape[1] and g.probes[1].weight.shape[1] == feats[2].shape[1]
+        assert not torch.allclose(d[n], d[n + 1])
+
+
+def test_a_failed_refit_keeps_the_probes(digits_model, digits):
+    """A fit that fails after the statistics (calibration images of the wrong shape) leaves the probes and the score as they were."""
+    g = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:30]
+    before, probed, probes = g.score(x), list(g.probed), g.probes
+    with pytest.raises(hfguard.DataError):
+        g.fit((digits.x_train, digits.y_train), calibration_data=torch.rand(20, 1, 9, 9))
+    assert g.probed == probed and g.probes is probes and torch.equal(g.score(x), before)
+
+
+def test_many_classes_probe_the_leading_logit_directions_end_to_end(tmp_path):
+    """80 classes > PROBE_DIM: the probes target 64 orthonormal directions of the logits; scored, saved, loaded and exported."""
+    from hfguard.probe import PROBE_DIM
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 32), torch.nn.ReLU(), torch.nn.Linear(32, 80)).eval()
+    x, y = torch.rand(80 * 8, 1, 8, 8), torch.arange(80 * 8) % 80
+    names = ["1->logits:distance", "1->logits:gap", "4->logits:nearest", "margin"]
+    g = hfguard.protect(model, layers=["1", "4"], progress=False, calibration="clean", score_features=names).fit((x, y))
+    proj = g.probes[0].proj
+    assert proj.shape == (80, PROBE_DIM) and torch.allclose(proj.T @ proj, torch.eye(PROBE_DIM), atol=1e-5)
+    assert torch.equal(proj, g.probes[1].proj)  # one set of directions for every layer
+    lead = proj.gather(0, proj.abs().argmax(0, keepdim=True))
+    assert (lead > 0).all()  # canonical sign
+    s = g.score(x[:16])
+    assert torch.isfinite(s).all() and s.std() > 0
+    g.save(str(tmp_path / "g.safetensors"))
+    g2 = hfguard.load(str(tmp_path / "g.safetensors"), model)
+    assert torch.equal(g2.score(x[:16]), s) and g2.score_features_setting == names
+    g.export_onnx(str(tmp_path / "g.onnx"), x[:4])
+    o = hfguard.OnnxGuard(str(tmp_path / "g.onnx")).check(x[:16])
+    assert float((o.score - s).abs().max()) <= 1e-3 * max(float(s.std()), 1.0)
+
+
+def test_a_loaded_guard_fitted_again_chooses_its_features_like_the_original(fitted, digits_model, digits, tmp_path):
+    """The file keeps what protect() was given ("auto"), not the resulting list: a refit may keep or drop probes afresh."""
+    fitted.save(str(tmp_path / "g.safetensors"))
+    g = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
+    assert g.score_features_setting == "auto"
+    g.fit((digits.x_train, digits.y_train))
+    assert g.fit_report["score_features"] == fitted.fit_report["score_features"]
