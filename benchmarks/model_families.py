@@ -72,7 +72,7 @@ def main() -> None:
         out["families"][name] = {
             "check_over_forward": lat["ratio"], "forward_s": lat["base_s"], "check_s": lat["other_s"],
             "fit_peak_rss_above_start_mb": peak, "fit_s_40_images": fit_s, "state_mb": size_mb,
-            "layers": guard.layers, "feature_dims": guard.layout["dims"], "command": command,
+            "layers": guard.layers, "feature_dims": guard.layout["dims"], "probes": guard.fit_report["probes"], "command": command,
         }
         print(name, json.dumps(out["families"][name]), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
