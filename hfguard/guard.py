@@ -70,11 +70,13 @@ class Guard(FittedState):
         max_filter_flip: with ``filter_sigma="auto"``, the largest fraction of
             clean predictions the filter may change.
         score_features: evidence combined into the score: ``"auto"`` (under
-            ``calibration="self-attack"`` every source's three features and the
+            ``calibration="self-attack"`` every source's three features, the kept
+            linear probes' (``"<layer>->logits"``, :mod:`hfguard.probe`) and the
             margin; under ``"clean"`` the first watched layer's three features and
             the margin, the best clean-only set measured on Fashion-MNIST),
             ``"all"``, or a list of names from ``guard.fit_report["feature_names"]``
-            such as ``"spectrum:gap"``.
+            such as ``"spectrum:gap"`` or ``"layer1->logits:distance"`` (a probe named
+            here is kept even when near-linear).
         calibration: how the evidence is combined. ``"self-attack"`` (default):
             ``fit`` attacks a sample of the clean data with the model's gradients
             (FGSM, PGD L-inf/L2 and minimal boundary attacks at random budgets)
