@@ -35,7 +35,7 @@ from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
-from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM
+from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
 from hfguard.sums import SourceSums
@@ -222,7 +222,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             + ", ".join(f"class {c} has {n}" for c, n in few)
         )
     probes = sums.probe_models(int(layout["probe_dim"])) if layout["probes"] else []
-    layout, probe_report = _drop_linear_probes(guard, layout, probes)
+    layout, probe_report = _drop_linear_probes(guard, layout, probes, hold)
     shrinkage = _set_gaussians(guard, sums.gaussian_models(), [m for i, m in zip(sums.probed, probes) if i in layout["probes"]])
     t_stats = time.perf_counter() - t0
     calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, layout, device)
@@ -356,19 +356,22 @@ def _set_gaussians(guard: Any, gaussians: list[Any], probes: list[Any]) -> list[
     return shrink
 
 
-def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Leaves out the probes of layers that determine the logits (nearly) linearly (residual share below
-    :data:`~hfguard.probe.MIN_RESIDUAL_SHARE`): their residual is rounding noise, which the score would amplify
-    (e.g. under half precision).  A probe the user named in ``score_features`` is kept.  Re-allocates the
-    state for the new layout; returns it and the report's per-layer probe summary."""
+def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any], hold: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Leaves out the probes of layers that determine the logits (nearly) linearly (residual share on the held-out
+    rows ``hold`` below :data:`~hfguard.probe.MIN_RESIDUAL_SHARE`): their residual is rounding noise, which the
+    score would amplify (e.g. under half precision).  The held-out share, not the fit samples' (which a probe
+    fitted on few samples for its dimension reads almost exactly), decides.  A probe the user named in
+    ``score_features`` is kept.  Re-allocates the state for the new layout; returns it and the report's
+    per-layer probe summary."""
     layers, named = layout["layers"], guard.score_features_setting not in ("auto", "all")
     chosen = set(layout["score_features"])
     report, keep = {}, []
     for i, model in zip(layout["probes"], probes):
         name = evidence.probe_name(layers[i])
         wanted = named and any(f"{name}:{k}" in chosen for k in ("distance", "gap", "nearest"))
-        kept = wanted or model.residual_share >= MIN_RESIDUAL_SHARE
-        report[layers[i]] = {"residual_share": round(model.residual_share, 4), "kept": kept}
+        held_out = held_out_share(model, hold[f"source{i}"], hold[f"source{len(layers)}"], hold["y"])
+        kept = wanted or held_out >= MIN_RESIDUAL_SHARE
+        report[layers[i]] = {"residual_share": round(held_out, 4), "residual_share_on_fit_samples": round(model.residual_share, 4), "kept": kept}
         if kept:
             keep.append(i)
     if keep == list(layout["probes"]):

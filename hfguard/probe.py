@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hfguard.stats import ClassGaussianAccumulator, GaussianModel, fit_tied_gaussian
 
-__all__ = ["CrossMoments", "ProbeModel", "logit_directions", "fit_probe", "RIDGE", "PROBE_DIM", "NOISE", "MIN_RESIDUAL_SHARE"]
+__all__ = ["CrossMoments", "ProbeModel", "logit_directions", "fit_probe", "held_out_share", "RIDGE", "PROBE_DIM", "NOISE", "MIN_RESIDUAL_SHARE"]
 
 #: ridge penalty, relative to the mean variance of the layer's features
 RIDGE = 1e-2
@@ -35,9 +35,9 @@ PROBE_DIM = 64
 #: (see :func:`fit_probe`); above MIN_RESIDUAL_SHARE on purpose: a kept probe whose residual is barely above the
 #: cut is whitened nearly isotropically rather than along its noisiest small directions
 NOISE = 3e-2
-#: a probe whose residual keeps less of the logits' within-class variance than this is left out of the
-#: score: the ridge fit reads the logits off the layer almost exactly (e.g. the pooled map just before a
-#: linear classifier), so the residual is mostly rounding noise
+#: a probe whose residual keeps less of the logits' within-class variance than this, on held-out samples, is
+#: left out of the score: the ridge fit reads the logits off the layer almost exactly (e.g. the pooled map
+#: just before a linear classifier), so the residual is mostly rounding noise
 MIN_RESIDUAL_SHARE = 0.02
 
 
@@ -82,8 +82,10 @@ class ProbeModel:
         weight: (P, D) ridge regression weights.
         logit_center, layer_center: (K,) and (D,) means of the clean logits and layer features.
         residual: tied class Gaussians of the residual (P dims).
-        residual_share: the residual's within-class variance over the targeted logits' (0 when the layer
-            determines the logits linearly: such a probe holds nothing but rounding noise).
+        residual_share: the residual's within-class variance over the targeted logits', on the fit samples
+            (0 when the layer determines the logits linearly: such a probe holds nothing but rounding noise;
+            optimistic when the samples are few for the layer's dimension, see :func:`held_out_share`).
+        logit_means: (K, K) class means of the logits on the fit samples.
     """
 
     proj: Tensor
@@ -92,6 +94,7 @@ class ProbeModel:
     layer_center: Tensor
     residual: GaussianModel
     residual_share: float
+    logit_means: Tensor
 
 
 def logit_directions(logits: ClassGaussianAccumulator, dim: int = PROBE_DIM) -> Tensor:
@@ -147,4 +150,22 @@ def fit_probe(layer: ClassGaussianAccumulator, logits: ClassGaussianAccumulator,
     within_r = float(torch.trace(scatter_r - (sums_r / count).T @ sums_r)) / n
     floor = noise * max(within_l / proj.shape[1], 1e-12)  # per direction
     residual = fit_tied_gaussian(layer.count, sums_r, scatter_r, min_variance=floor)
-    return ProbeModel(proj=proj, weight=weight, logit_center=ml, layer_center=mz, residual=residual, residual_share=within_r / max(within_l, 1e-12))
+    return ProbeModel(proj=proj, weight=weight, logit_center=ml, layer_center=mz, residual=residual,
+                      residual_share=within_r / max(within_l, 1e-12), logit_means=logits.sums / count)
+
+
+def held_out_share(model: ProbeModel, z: Tensor, logits: Tensor, y: Tensor) -> float:
+    """The probe's residual share on samples it was not fitted on: ``z`` (N, D), ``logits`` (N, K), classes ``y`` (N,).
+
+    A ridge probe fitted on few samples for its dimension reads the fit samples' logits almost exactly and its
+    in-sample share is near 0 even for a very non-linear layer (measured on Fashion-MNIST's ResNet: 0.007 on 300
+    fit images against 0.38 on held-out ones; the two agree from a few thousand).  Deviations are taken from the
+    fitted class means, so one sample per class is enough.
+    """
+    z64, l64 = z.detach().to("cpu", torch.float64), logits.detach().to("cpu", torch.float64)
+    t = (l64 - model.logit_center) @ model.proj
+    r = t - (z64 - model.layer_center) @ model.weight.T
+    y = y.to("cpu", torch.long)
+    within_t = float(((t - ((model.logit_means - model.logit_center) @ model.proj)[y]) ** 2).sum())
+    within_r = float(((r - model.residual.means[y]) ** 2).sum())
+    return within_r / max(within_t, 1e-12)

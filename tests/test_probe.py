@@ -102,7 +102,7 @@ def test_the_guard_probes_its_layers_and_leaves_out_linear_ones(fitted, digits):
     kept = [n for n, r in rep.items() if r["kept"]]
     assert kept and not rep[fitted.layers[-1]]["kept"] and rep[fitted.layers[-1]]["residual_share"] < 1e-3  # ReLU -> Linear
     for n, r in rep.items():
-        assert r["kept"] == (r["residual_share"] >= MIN_RESIDUAL_SHARE)
+        assert r["kept"] == (r["residual_share"] >= MIN_RESIDUAL_SHARE) and "residual_share_on_fit_samples" in r
         assert any(f.startswith(f"{n}->logits:") for f in fitted.fit_report["score_features"]) == r["kept"]
     assert fitted.evidence_sources[-len(kept):] == [f"{n}->logits" for n in kept]
     x = digits.x_test[:16].clone().requires_grad_(True)
@@ -181,3 +181,16 @@ def test_a_loaded_guard_fitted_again_chooses_its_features_like_the_original(fitt
     assert g.score_features_setting == "auto"
     g.fit((digits.x_train, digits.y_train))
     assert g.fit_report["score_features"] == fitted.fit_report["score_features"]
+
+
+def test_the_held_out_share_sees_through_a_probe_that_fits_its_few_samples_exactly():
+    """With fewer fit samples than features the ridge probe reads their logits almost exactly (in-sample share ~0);
+    on new samples of the same non-linear layer the share is large, and that is what decides whether it is kept."""
+    from hfguard.probe import held_out_share
+
+    z, logits, y = _data(n=1200, d=60, k=5)
+    small = fit_probe(*_sums(z[:40], logits[:40], y[:40], 5), ridge=1e-6)
+    assert small.residual_share < 0.01
+    assert held_out_share(small, z[600:], logits[600:], y[600:]) > 10 * small.residual_share
+    big = fit_probe(*_sums(z[:600], logits[:600], y[:600], 5))
+    assert held_out_share(big, z[600:], logits[600:], y[600:]) == pytest.approx(big.residual_share, rel=0.3)
