@@ -221,7 +221,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             f"each class needs at least 2 clean samples outside the calibration hold-out (which takes at most a third of a class); by {what}, "
             + ", ".join(f"class {c} has {n}" for c, n in few)
         )
-    probes = sums.probe_models(int(layout["probe_dim"])) if layout["probes"] else []
+    probes = sums.probe_models(int(layout["probe_dim"]))  # [] when nothing is probed
     layout, probe_report = _drop_linear_probes(guard, layout, probes, hold)
     shrinkage = _set_gaussians(guard, sums.gaussian_models(), [m for i, m in zip(sums.probed, probes) if i in layout["probes"]])
     t_stats = time.perf_counter() - t0
