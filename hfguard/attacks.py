@@ -8,13 +8,14 @@ the adversarial images detached.  Random starts use a private generator.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "detector_pgd", "orthogonal_pgd"]
+__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "detector_pgd", "orthogonal_pgd", "random_search", "square_linf"]
 
 Model = Callable[[Tensor], Tensor]
 
@@ -189,8 +190,7 @@ def cw_l2(
         f = (real - other + kappa).clamp_min(0)
         l2 = (x_adv - x).flatten(1).pow(2).sum(1)
         loss = (l2 + c * f).sum()
-        opt.zero_grad()
-        loss.backward()
+        w.grad = _grad(loss, w)  # not loss.backward(): that would fill the model parameters' .grad
         opt.step()
         with torch.no_grad():
             ok = (logits.argmax(1) != y) & (l2 < best_l2)
@@ -291,3 +291,73 @@ def orthogonal_pgd(
     number or one budget per image)."""
     return detector_pgd(model, score, x, y, eps, threshold=threshold, mode="orthogonal", loss="ce", steps=steps,
                         step_size=step_size, norm=norm, seed=seed, lo=lo, hi=hi)
+
+
+def _square_fraction(i: int, queries: int, p_init: float = 0.05) -> float:
+    """Square attack's schedule of the square's area (fraction of the image), rescaled from 10,000 queries."""
+    it = int(i / max(queries, 1) * 10000)
+    for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
+        if it <= bound:
+            return p_init / 2**k
+    return p_init / 2**9
+
+
+def random_search(
+    objective: Callable[[Tensor, Tensor], Tensor], x: Tensor, eps: Budget, queries: int, *, lo: float = 0.0, hi: float = 1.0, seed: int = 0
+) -> Tensor:
+    """Gradient-free L-inf random search with Square attack's proposals (Andriushchenko et al., 2020).
+
+    Starts from vertical stripes of ``x +- eps``; each query proposes, for every image whose objective is still
+    positive, one square of side ``sqrt(p * H * W)`` (``p`` shrinking on Square's schedule) set to ``x +- eps``
+    per channel, and keeps it when the objective drops. No gradient is used.
+
+    Args:
+        objective: ``(candidates, rows) -> (len(rows),)`` non-negative loss of ``candidates``, the images of
+            rows ``rows`` of ``x``; an image is done once its loss is 0.
+        x: (N, C, H, W) clean images in ``[lo, hi]``.
+        eps: L-inf budget, a number or one per image (N,).
+        queries: proposals per image (plus one for the start).
+        lo, hi: the pixel box.
+        seed: seed of the private generator.
+
+    Returns:
+        The images with the lowest objective found (detached).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = x.detach()
+    n, c, h, w = x.shape
+    e = _per_image(eps, x).expand(n, 1, 1, 1)
+
+    def rand_sign(*shape: int) -> Tensor:
+        return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(x.device, x.dtype)
+
+    everyone = torch.arange(n, device=x.device)
+    with torch.no_grad():
+        xa = (x + e * rand_sign(n, c, 1, w)).clamp(lo, hi)  # vertical stripes
+        best = objective(xa, everyone)
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        for i in range(queries):
+            idx = (best > 0).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            side = max(1, min(h, w, int(round(math.sqrt(_square_fraction(i, queries) * h * w)))))
+            top = torch.randint(0, h - side + 1, (len(idx),), generator=g).to(x.device)
+            left = torch.randint(0, w - side + 1, (len(idx),), generator=g).to(x.device)
+            inside = ((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, None, :, None] & (
+                (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, None, :]
+            cand = torch.where(inside, (x[idx] + e[idx] * rand_sign(len(idx), c, 1, 1)).clamp(lo, hi), xa[idx])
+            loss = objective(cand, idx)
+            better = loss < best[idx]
+            xa[idx[better]] = cand[better]
+            best[idx[better]] = loss[better]
+    return xa.detach()
+
+
+def square_linf(model: Model, x: Tensor, y: Tensor, eps: Budget, *, queries: int = 100, lo: float = 0.0, hi: float = 1.0, seed: int = 0) -> Tensor:
+    """Square attack (L-inf, untargeted) on the model's margin: :func:`random_search` until each image is misclassified."""
+    y = y.to(x.device)
+
+    def objective(cand: Tensor, rows: Tensor) -> Tensor:
+        return F.relu(-margin_loss(model(cand), y[rows]) + 1e-4)
+
+    return random_search(objective, x, eps, queries, lo=lo, hi=hi, seed=seed)

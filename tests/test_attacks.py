@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd
+from hfguard.attacks import cw_l2, fgsm, orthogonal_pgd, pgd, random_search, square_linf
 
 
 def _acc(m, x, y):
@@ -43,6 +43,7 @@ def test_fgsm_budget(digits_model, digits):
 def test_cw_finds_small_successful_perturbations(digits_model, digits):
     x, y = digits.x_test[:40], digits.y_test[:40]
     xa = cw_l2(digits_model, x, y, c=5.0, steps=60, lr=0.05)
+    assert all(p.grad is None for p in digits_model.parameters())  # autograd.grad only, like every attack here
     with torch.no_grad():
         fooled = digits_model(xa).argmax(1) != y
     assert fooled.float().mean() > 0.5
@@ -145,3 +146,38 @@ def test_detector_pgd_takes_one_budget_per_image(fitted, digits):
     assert (moved <= eps + 1e-6).all() and (moved[eps > 0] > 0).all() and (moved[eps == 0] == 0).all()
     with pytest.raises(ValueError, match="one budget per image"):
         detector_pgd(fitted.model, fitted.score, x, y, eps[:3], threshold=fitted.threshold, steps=1)
+
+
+def test_square_linf_finds_misclassifications_without_gradients_within_per_image_budgets(digits_model, digits):
+    x, y = digits.x_test[:80], digits.y_test[:80]
+    with torch.no_grad():
+        correct = digits_model(x).argmax(1) == y
+    x, y = x[correct], y[correct]
+    eps = torch.linspace(0.05, 0.3, len(x))
+    xa = square_linf(digits_model, x, y, eps, queries=150, seed=3)
+    assert ((xa - x).abs().flatten(1).max(1).values <= eps + 1e-6).all()
+    assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+    assert all(p.grad is None for p in digits_model.parameters())
+    with torch.no_grad():
+        fooled = digits_model(xa).argmax(1) != y
+    assert fooled.float().mean() > 0.5
+    assert fooled[eps > 0.2].float().mean() >= fooled[eps < 0.1].float().mean()  # a larger ball fools at least as often
+    assert torch.equal(xa, square_linf(digits_model, x, y, eps, queries=150, seed=3))
+
+
+def test_random_search_keeps_the_best_candidate_and_stops_when_done(digits):
+    """A quadratic objective toward a target: the search only ever accepts improvements, rows already at 0 are
+    not queried again, and the result never leaves the ball."""
+    x = digits.x_test[:16]
+    target = (x + 0.2).clamp(0, 1)
+    calls = []
+
+    def objective(cand, rows):
+        calls.append(len(rows))
+        return ((cand - target[rows]).flatten(1).abs().mean(1) - 0.05).clamp_min(0)
+
+    xa = random_search(objective, x, 0.2, queries=200, seed=0)
+    assert float((xa - x).abs().max()) <= 0.2 + 1e-6
+    final, clean = objective(xa, torch.arange(len(x))), objective(x, torch.arange(len(x)))
+    assert final.mean() < 0.8 * clean.mean()
+    assert max(calls[1:-1]) <= len(x)

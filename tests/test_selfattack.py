@@ -12,7 +12,7 @@ def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits)
     with torch.no_grad():
         pred = digits_model(out.pixels).argmax(1)
     assert (pred != y[out.source]).all()
-    assert torch.equal(out.family, out.source % len(FAMILIES))  # image i gets family i % 5
+    assert torch.equal(out.family, out.source % len(FAMILIES))  # image i gets family i % len(FAMILIES)
     masks = [out.regime_mask(r) for r in REGIMES]
     assert torch.equal(masks[0] | masks[1], torch.ones(len(out.family), dtype=torch.bool)) and not (masks[0] & masks[1]).any()
     for f in FAMILIES:  # each family's rows, counted as succeeded, inside its regime's

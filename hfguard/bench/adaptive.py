@@ -31,14 +31,13 @@ evaded on it: the number to quote as the detector's adaptive robustness.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hfguard.attacks import detector_pgd, orthogonal_pgd, pgd
+from hfguard.attacks import detector_pgd, orthogonal_pgd, pgd, random_search
 from hfguard.bench.peers import Detector, HFGuardDetector
 from hfguard.filters import lowpass
 
@@ -119,47 +118,13 @@ def _pipeline_loss(detector: Detector, xa: Tensor, y: Tensor, scale: float) -> T
     return F.relu(true - other + 1e-3) + F.relu((scores - detector.threshold) / scale + 1e-3)
 
 
-def _square_fraction(i: int, queries: int, p_init: float = 0.05) -> float:
-    """Square attack's schedule of the square's area (fraction of the image), rescaled from 10,000 queries."""
-    it = int(i / max(queries, 1) * 10000)
-    for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
-        if it <= bound:
-            return p_init / 2**k
-    return p_init / 2**9
-
-
 def query_attack(detector: Detector, x: Tensor, y: Tensor, eps: float, queries: int, scale: float, seed: int = 0) -> Tensor:
-    """Gradient-free L-inf random search (Square attack's proposals, Andriushchenko et al. 2020) on the pipeline
-    objective "misclassified and real score below the threshold": the check for gradient masking.
+    """Gradient-free L-inf random search (:func:`hfguard.attacks.random_search`, Square attack's proposals) on the
+    pipeline objective "misclassified and real score below the threshold": the check for gradient masking.
 
-    Each step proposes, for every image not yet evading, one square of side ``sqrt(p * H * W)`` set to
-    ``x +- eps`` per channel, and keeps it when the objective drops; it never uses a gradient, so a detector
-    whose gradients mislead the white-box attacks is caught out here.
+    It never uses a gradient, so a detector whose gradients mislead the white-box attacks is caught out here.
     """
-    g = torch.Generator().manual_seed(seed)
-    n, c, h, w = x.shape
-
-    def rand_sign(*shape: int) -> Tensor:
-        return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(x.device, x.dtype)
-
-    xa = (x + eps * rand_sign(n, c, 1, w)).clamp(0, 1)  # vertical stripes
-    best = _pipeline_loss(detector, xa, y, scale)
-    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    for i in range(queries):
-        idx = (best > 0).nonzero().squeeze(1)
-        if len(idx) == 0:
-            break
-        side = max(1, min(h, w, int(round(math.sqrt(_square_fraction(i, queries) * h * w)))))
-        top = torch.randint(0, h - side + 1, (len(idx),), generator=g).to(x.device)
-        left = torch.randint(0, w - side + 1, (len(idx),), generator=g).to(x.device)
-        inside = ((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, None, :, None] & (
-            (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, None, :]
-        cand = torch.where(inside, (x[idx] + eps * rand_sign(len(idx), c, 1, 1)).clamp(0, 1), xa[idx])
-        loss = _pipeline_loss(detector, cand, y[idx], scale)
-        better = loss < best[idx]
-        xa[idx[better]] = cand[better]
-        best[idx[better]] = loss[better]
-    return xa
+    return random_search(lambda cand, rows: _pipeline_loss(detector, cand, y[rows], scale), x, eps, queries, seed=seed)
 
 
 #: the stronger detector-aware PGD variants (issue 12): selective steps, and a high-confidence margin loss

@@ -31,6 +31,7 @@ from hfguard.bench.plots import histograms, roc_grid
 from hfguard.bench.tables import markdown
 from hfguard.data import Split, cached_model, load_dataset
 from hfguard.evaluate import jsonable, relative_latency
+from hfguard.selfattack import FAMILIES
 
 __all__ = ["run_bench", "bench_model", "replot", "save_scores"]
 
@@ -49,10 +50,11 @@ def _inference_pass(model: nn.Module, x: Tensor, batch_size: int = 512) -> float
 
 
 #: hfguard ablations scored beside the default (never attacked adaptively, never "the strongest peer"):
-#: the clean-only combiner, and a leave-one-family-out fit that never generates L2 attacks
+#: the clean-only combiner, and leave-one-family-out fits that never generate L2 attacks / the random search
 ABLATIONS = {
     "hfguard clean-only": {"calibration": "clean"},
-    "hfguard w/o L2 self-attacks": {"attack_families": ["fgsm-linf", "pgd-linf", "boundary-linf", "boundary-l2"]},
+    "hfguard w/o L2 self-attacks": {"attack_families": [f for f in FAMILIES if f != "pgd-l2"]},
+    "hfguard w/o random-search self-attacks": {"attack_families": [f for f in FAMILIES if f != "square-linf"]},
 }
 
 
