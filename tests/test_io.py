@@ -281,11 +281,20 @@ def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_m
     tensors = {k: v for k, v in tensors.items() if not k.startswith("probes.")}
     for k in ("evidence_mean", "evidence_std", "head_weight"):
         tensors[k] = tensors[k][:, keep].clone()
-    header = {k: v for k, v in header.items() if k != "score_features_setting"}  # new in format 5
+    header = {k: v for k, v in header.items() if k not in ("score_features_setting", "attack_families_setting")}  # new in format 5 / 0.6
     write_old_file(tmp_path / "v4.safetensors", {**header, "spec": spec}, tensors, 4)
     g4 = hfguard.load(str(tmp_path / "v4.safetensors"), digits_model)
     x = digits.x_test[:40]
     assert g4.evidence_sources == g4.sources and len(g4.probes) == 0
     assert g4.score_features_setting == spec["score_features"]  # before format 5 only the list was saved
+    assert g4.attack_families_setting == header["attack_families"]  # likewise the families before 0.6
     expected = combiner.head_score(_standardised(fitted, x)[:, keep], fitted.head_weight[:, keep], fitted.head_bias)
     assert torch.allclose(g4.score(x), expected, atol=1e-5)
+
+
+def test_the_attack_families_setting_round_trips(digits_model, digits, tmp_path):
+    """An explicit family list is kept as given; "all" stays "all" (tested with the probes' refit test)."""
+    g = hfguard.protect(digits_model, progress=False, calibration="clean", attack_families=["cw-l2", "pgd-linf"]).fit((digits.x_train, digits.y_train))
+    g.save(str(tmp_path / "g.safetensors"))
+    g2 = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
+    assert g2.attack_families_setting == ["cw-l2", "pgd-linf"] and g2.attack_families == ["pgd-linf", "cw-l2"]  # FAMILIES order

@@ -50,10 +50,11 @@ def _inference_pass(model: nn.Module, x: Tensor, batch_size: int = 512) -> float
 
 
 #: hfguard ablations scored beside the default (never attacked adaptively, never "the strongest peer"):
-#: the clean-only combiner, and leave-one-family-out fits that never generate L2 attacks / the random search
+#: the clean-only combiner, and leave-one-family-out fits that never generate PGD L2, CW or the random search
 ABLATIONS = {
     "hfguard clean-only": {"calibration": "clean"},
     "hfguard w/o L2 self-attacks": {"attack_families": [f for f in FAMILIES if f != "pgd-l2"]},
+    "hfguard w/o CW self-attacks": {"attack_families": [f for f in FAMILIES if f != "cw-l2"]},
     "hfguard w/o random-search self-attacks": {"attack_families": [f for f in FAMILIES if f != "square-linf"]},
 }
 

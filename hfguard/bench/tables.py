@@ -141,7 +141,7 @@ def learned_table(run: dict[str, Any]) -> str:
 def _generated_kind(attack: str, families: list[str]) -> str:
     a = attack.lower()
     kind = ("fgsm-linf" if "fgsm" in a else "pgd-l2" if "l2" in a and "pgd" in a else "pgd-linf" if "pgd" in a and "apgd" not in a
-            else "square-linf" if "square" in a else None)
+            else "square-linf" if "square" in a else "cw-l2" if "cw" in a else None)
     if kind is None:
         return "never generated"
     return f"same kind as `{kind}`" if kind in families else f"never generated (`{kind}` left out)"
@@ -242,9 +242,10 @@ def markdown(result: dict[str, Any]) -> str:
             "### Generalisation: attacks hfguard generated during fit vs the attacks it is tested on",
             "",
             "Budgets of the self-attacks are random (L-inf 0.01-0.15, L2 proportional), on training images; no test image is used. "
-            "CW and APGD are never generated; torchattacks' Square (1000 queries) is of the kind of the `square-linf` family "
-            "(hfguard's own random search with Square's proposals, 200 queries); the `w/o random-search self-attacks` row of the "
-            "main table is a fit that never generates it.",
+            "APGD is never generated. CW (100 steps) is of the kind of the `cw-l2` family (hfguard's own CW-L2, 30 steps) and "
+            "torchattacks' Square (1000 queries) of the `square-linf` family (hfguard's own random search with Square's proposals, "
+            "200 queries); the `w/o CW self-attacks` and `w/o random-search self-attacks` columns of the main table are fits "
+            "that never generate them.",
             "",
             generalisation_table(run),
             "",
