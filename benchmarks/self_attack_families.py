@@ -1,10 +1,11 @@
 """Which self-attack families should ``fit`` generate? Full fits compared on a VALIDATION split (never the bench's images).
 
 For each Fashion-MNIST model the guard is fitted as the README shows (training split, ``calibration_data`` = the 5000
-held-out training images), once with every family (the default since 0.6) and once leaving out each family added in 0.6:
-``cw-l2`` (Carlini-Wagner L2, 30 steps) and ``square-linf`` (a gradient-free random search with Square's proposals,
-200 queries), and both (0.5's five families). Each guard is scored on attacks of test images 5000-5999 (the bench
-reports on 0-999; torchattacks' Square on 5000-5499), thresholded at its own calibrated threshold.
+held-out training images) with the default families (``"auto"``, 0.6), with all seven (``"all"``: the default plus the
+minimal PGD L2 attacks, ``boundary-l2``), with the default leaving out each family added in 0.6 (``cw-l2``:
+Carlini-Wagner L2, 30 steps; ``square-linf``: a gradient-free random search with Square's proposals, 200 queries), and
+with 0.5's five families. Each guard is scored on attacks of test images 5000-5999 (the bench reports on 0-999;
+torchattacks' Square on 5000-5499), thresholded at its own calibrated threshold.
 
 Run:  python benchmarks/self_attack_families.py
 Writes benchmarks/results/self-attack-families.{json,md}.
@@ -25,13 +26,14 @@ from combiner_validation import validation_attacks, validation_split  # benchmar
 import hfguard
 from hfguard.data import cached_model
 from hfguard.evaluate import auroc, jsonable
-from hfguard.selfattack import FAMILIES
+from hfguard.selfattack import DEFAULT_FAMILIES, FAMILIES
 
 VARIANTS = {
-    "all families (0.6 default)": list(FAMILIES),
-    "without cw-l2": [f for f in FAMILIES if f != "cw-l2"],
-    "without square-linf": [f for f in FAMILIES if f != "square-linf"],
-    "without both (0.5's families)": [f for f in FAMILIES if f not in ("cw-l2", "square-linf")],
+    "auto (0.6 default)": "auto",
+    "all seven": "all",
+    "auto without cw-l2": [f for f in DEFAULT_FAMILIES if f != "cw-l2"],
+    "auto without square-linf": [f for f in DEFAULT_FAMILIES if f != "square-linf"],
+    "0.5's five families": [f for f in FAMILIES if f not in ("cw-l2", "square-linf")],
 }
 
 

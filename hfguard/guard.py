@@ -38,7 +38,7 @@ from hfguard.fitting import fit_guard
 from hfguard.inputs import check_images
 from hfguard.modelmode import eval_mode
 from hfguard.results import Inspection, Verdict
-from hfguard.selfattack import FAMILIES
+from hfguard.selfattack import resolve_families
 from hfguard.settings import POLICIES, validate_settings
 from hfguard.state import FittedState
 from hfguard.taps import capture, no_autocast
@@ -85,9 +85,11 @@ class Guard(FittedState):
             is generated; the score is the smooth maximum of the standardised
             evidence. Clean data only from the user either way.
         attack_size: clean images kept for the self-attacks (at most 256 MB of them).
-        attack_families: ``"all"`` or a list of names from
-            :data:`hfguard.selfattack.FAMILIES` to generate during ``fit`` (to
-            measure how the guard does on families it never generated).
+        attack_families: ``"auto"`` (:data:`hfguard.selfattack.DEFAULT_FAMILIES`:
+            FGSM, PGD L-inf and L2, minimal PGD L-inf, CW-L2 and a gradient-free
+            random search), ``"all"`` (those and minimal PGD L2) or a list of
+            names from :data:`hfguard.selfattack.FAMILIES` to generate during
+            ``fit`` (e.g. to measure how the guard does on families it never generated).
         batch_size: batch size used when ``fit`` gets tensors.
         seed: seed of the held-out sampling.
         progress: show a progress bar during ``fit``.
@@ -113,7 +115,7 @@ class Guard(FittedState):
         score_features: str | Sequence[str] = "auto",
         calibration: str = "self-attack",
         attack_size: int = 2000,
-        attack_families: str | Sequence[str] = "all",
+        attack_families: str | Sequence[str] = "auto",
         batch_size: int = 256,
         seed: int = 0,
         progress: bool = True,
@@ -147,7 +149,7 @@ class Guard(FittedState):
         self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
         self.calibration = calibration
         self.attack_size = int(attack_size)
-        self.attack_families = [f for f in FAMILIES if attack_families == "all" or f in attack_families]  # FAMILIES order: the heads' order
+        self.attack_families = resolve_families(attack_families)  # FAMILIES order: the heads' order
         self.attack_families_setting = attack_families if isinstance(attack_families, str) else list(attack_families)
         self.layers_setting = layers if layers == "auto" else list(layers)
         self.policy = policy

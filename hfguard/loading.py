@@ -51,7 +51,7 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "nonfinite": header["nonfinite"],
         "score_features": header.get("score_features_setting", layout["score_features"]),  # before format 5: the list
         "calibration": header.get("calibration", "clean"),
-        "attack_families": header.get("attack_families_setting", header.get("attack_families", "all")),  # before 0.6: the list
+        "attack_families": header.get("attack_families_setting", header.get("attack_families", "auto")),  # before 0.6: the list
     }
     settings.update(overrides)
     guard = Guard(model, **settings)

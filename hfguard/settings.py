@@ -47,8 +47,8 @@ def validate_settings(
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if int(attack_size) < 50:
         raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
-    if not (attack_families == "all" or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
-        raise ValueError(f"attack_families must be 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
+    if not (attack_families in ("auto", "all") or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
+        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
     if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):

@@ -20,7 +20,7 @@ def memorised(digits):
 
 
 def test_self_attack_fit_learns_one_head_per_family_over_every_source(fitted):
-    from hfguard.selfattack import FAMILIES
+    from hfguard.selfattack import DEFAULT_FAMILIES as FAMILIES
 
     rep = fitted.fit_report
     assert rep["calibration"] == "self-attack"
@@ -34,7 +34,8 @@ def test_self_attack_fit_learns_one_head_per_family_over_every_source(fitted):
     thin = [f for f, n in rep["self_attacks"]["succeeded"].items() if n < MIN_FAMILY_ROWS]
     assert rep["self_attacks"]["heads_on_their_regime"] == thin and len(thin) < len(FAMILIES)  # every regime has several families
     # a boundary head leans on the margin more than a strong head does (CW-like attacks live there)
-    assert rep["heads"]["boundary-l2"]["margin"] > rep["heads"]["pgd-linf"]["margin"]
+    assert rep["heads"]["boundary-linf"]["margin"] > rep["heads"]["pgd-linf"]["margin"]
+    assert rep["heads"]["cw-l2"]["margin"] > rep["heads"]["pgd-linf"]["margin"]
 
 
 def test_a_family_with_few_successes_learns_from_its_regime(digits_model, digits, monkeypatch):

@@ -293,7 +293,7 @@ def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_m
 
 
 def test_the_attack_families_setting_round_trips(digits_model, digits, tmp_path):
-    """An explicit family list is kept as given; "all" stays "all" (tested with the probes' refit test)."""
+    """An explicit family list is kept as given; "auto" stays "auto" (tested with the probes' refit test)."""
     g = hfguard.protect(digits_model, progress=False, calibration="clean", attack_families=["cw-l2", "pgd-linf"]).fit((digits.x_train, digits.y_train))
     g.save(str(tmp_path / "g.safetensors"))
     g2 = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)

@@ -1,12 +1,12 @@
 import torch
 
-from hfguard.selfattack import FAMILIES, REGIMES, self_attacks
+from hfguard.selfattack import DEFAULT_FAMILIES, FAMILIES, REGIMES, resolve_families, self_attacks
 
 
 def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits):
-    x, y = digits.x_train[:200], digits.y_train[:200]
-    out = self_attacks(digits_model, x, y, seed=0)
-    assert set(out.attempted) == set(FAMILIES) and sum(out.attempted.values()) == 200
+    x, y = digits.x_train[:210], digits.y_train[:210]
+    out = self_attacks(digits_model, x, y, seed=0, families=list(FAMILIES))
+    assert set(out.attempted) == set(FAMILIES) and sum(out.attempted.values()) == 210
     assert all(out.succeeded[f] > 0 for f in FAMILIES)
     assert len(out.pixels) == sum(out.succeeded.values()) == len(out.family) == len(out.source)
     with torch.no_grad():
@@ -48,3 +48,15 @@ def test_a_family_can_be_left_out(digits_model, digits):
     assert set(out.family.tolist()) <= {list(FAMILIES).index("pgd-linf"), list(FAMILIES).index("boundary-l2")}
     with pytest.raises(ValueError, match="families"):
         self_attacks(digits_model, x, y, families=["nope"])
+
+
+def test_the_default_families_and_the_settings_that_name_them():
+    assert resolve_families("auto") == list(DEFAULT_FAMILIES) and "boundary-l2" not in DEFAULT_FAMILIES
+    assert resolve_families("all") == list(FAMILIES)
+    assert resolve_families(["square-linf", "fgsm-linf"]) == ["fgsm-linf", "square-linf"]  # FAMILIES order: the heads' order
+    assert set(DEFAULT_FAMILIES) <= set(FAMILIES) and {FAMILIES[f] for f in DEFAULT_FAMILIES} == set(REGIMES)
+
+
+def test_without_a_family_list_the_default_families_are_generated(digits_model, digits):
+    out = self_attacks(digits_model, digits.x_train[:60], digits.y_train[:60])
+    assert list(out.attempted) == list(DEFAULT_FAMILIES)

@@ -31,7 +31,7 @@ from hfguard.bench.plots import histograms, roc_grid
 from hfguard.bench.tables import markdown
 from hfguard.data import Split, cached_model, load_dataset
 from hfguard.evaluate import jsonable, relative_latency
-from hfguard.selfattack import FAMILIES
+from hfguard.selfattack import DEFAULT_FAMILIES
 
 __all__ = ["run_bench", "bench_model", "replot", "save_scores"]
 
@@ -53,9 +53,9 @@ def _inference_pass(model: nn.Module, x: Tensor, batch_size: int = 512) -> float
 #: the clean-only combiner, and leave-one-family-out fits that never generate PGD L2, CW or the random search
 ABLATIONS = {
     "hfguard clean-only": {"calibration": "clean"},
-    "hfguard w/o L2 self-attacks": {"attack_families": [f for f in FAMILIES if f != "pgd-l2"]},
-    "hfguard w/o CW self-attacks": {"attack_families": [f for f in FAMILIES if f != "cw-l2"]},
-    "hfguard w/o random-search self-attacks": {"attack_families": [f for f in FAMILIES if f != "square-linf"]},
+    "hfguard w/o L2 self-attacks": {"attack_families": [f for f in DEFAULT_FAMILIES if f != "pgd-l2"]},
+    "hfguard w/o CW self-attacks": {"attack_families": [f for f in DEFAULT_FAMILIES if f != "cw-l2"]},
+    "hfguard w/o random-search self-attacks": {"attack_families": [f for f in DEFAULT_FAMILIES if f != "square-linf"]},
 }
 
 

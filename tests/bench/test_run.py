@@ -87,7 +87,7 @@ def test_markdown_has_every_table(bench_out):
                     "What hfguard learned", "Generalisation"):
         assert heading in md
     # the learned heads are summarised per source; never-generated families are marked
-    assert "| pgd-linf |" in md and "| boundary-l2 |" in md and "never generated" in md
+    assert "| pgd-linf |" in md and "| cw-l2 |" in md and "| square-linf |" in md and "never generated" in md
 
 
 def test_hfguard_ablations_and_shared_calibration_split(bench_out):
