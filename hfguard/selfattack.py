@@ -2,15 +2,15 @@
 
 The user gives clean data only.  To learn which evidence exposes attacks on *this* model, ``fit``
 attacks a bounded sample of those clean images with the model's own gradients (and one gradient-free
-family) and keeps the successful adversarials.  Each image gets one family (so the cost is about ten
-gradient steps per image for the gradient families, and up to ``SQUARE_QUERIES`` forward passes for the
-random search) with a budget drawn at random:
+family) and keeps the successful adversarials.  Each image gets one family (so the cost per image is one
+to ``2 * steps + 5`` gradient steps for FGSM and PGD, ``CW_STEPS`` for CW, and up to ``SQUARE_QUERIES``
+forward passes for the random search) with a budget drawn at random:
 
 * ``strong``: FGSM and 8-step PGD under L-inf (budget uniform in ``[0.01, 0.15]`` of the pixel
   range) and 8-step PGD under L2 (radius uniform in ``[0.01, 0.15] * sqrt(C*H*W) / 2`` of the range);
 * ``boundary``: minimal adversarials (:func:`hfguard.attacks.boundary_pgd`, frozen at the first
   misclassified iterate) under both norms, and ``cw-l2``: Carlini-Wagner L2 (:func:`hfguard.attacks.cw_l2`,
-  ``c = 1``, ``CW_STEPS`` Adam steps, the smallest successful iterate), which has no budget and lands just
+  ``c = 1`` for pixels in ``[0, 1]``, ``CW_STEPS`` Adam steps, the smallest successful iterate), which has no budget and lands just
   across the boundary, closer than frozen PGD does; by default it takes the place of minimal PGD L2
   (:data:`DEFAULT_FAMILIES`; measured in ``benchmarks/self_attack_families.py``);
 * ``square-linf`` (in the ``strong`` regime): a gradient-free random search (:func:`hfguard.attacks.square_linf`,
@@ -88,7 +88,12 @@ class SelfAttacks:
 
 def resolve_families(setting: str | tuple[str, ...] | list[str]) -> list[str]:
     """``"auto"`` (:data:`DEFAULT_FAMILIES`), ``"all"`` or a list of names, as a list in :data:`FAMILIES` order (the heads' order)."""
-    chosen = DEFAULT_FAMILIES if setting == "auto" else FAMILIES if setting == "all" else setting
+    if isinstance(setting, str) and setting not in ("auto", "all"):
+        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
+    chosen = DEFAULT_FAMILIES if setting == "auto" else FAMILIES if setting == "all" else list(setting)
+    unknown = [f for f in chosen if f not in FAMILIES]
+    if unknown or not chosen:
+        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
     return [f for f in FAMILIES if f in chosen]
 
 
@@ -147,7 +152,8 @@ def self_attacks(
             elif name == "pgd-l2":
                 adv = pgd(model, x, y, e_2, steps=steps, norm="2", seed=seed + start, lo=lo, hi=hi)
             elif name == "cw-l2":
-                adv = cw_l2(model, x, y, c=1.0, steps=CW_STEPS, lr=0.03, lo=lo, hi=hi)
+                # c in units of the pixel range squared: CW's distance term is in pixels, its margin term is not
+                adv = cw_l2(model, x, y, c=scale**2, steps=CW_STEPS, lr=0.03, lo=lo, hi=hi)
             elif name == "square-linf":
                 adv = square_linf(model, x, y, e_inf, queries=SQUARE_QUERIES, lo=lo, hi=hi, seed=seed + start)
             elif name == "boundary-linf":

@@ -298,3 +298,25 @@ def test_the_attack_families_setting_round_trips(digits_model, digits, tmp_path)
     g.save(str(tmp_path / "g.safetensors"))
     g2 = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
     assert g2.attack_families_setting == ["cw-l2", "pgd-linf"] and g2.attack_families == ["pgd-linf", "cw-l2"]  # FAMILIES order
+
+
+def test_a_0_5_file_keeps_its_five_self_attack_families(fitted, digits_model, digits, tmp_path):
+    """0.5 saved the resolved family list (five names, boundary-l2 among them) and no setting: the file loads with
+    its five heads, says which families they were fitted on, and a refit generates those five again."""
+    from hfguard import combiner, io
+
+    five = ["fgsm-linf", "pgd-linf", "pgd-l2", "boundary-linf", "boundary-l2"]
+    p = tmp_path / "g.safetensors"
+    fitted.save(str(p))
+    header, tensors = io.read_guard_file(str(p))
+    spec = {**header["spec"], "heads": 5}
+    tensors = {**tensors, "head_weight": tensors["head_weight"][:5].clone(), "head_bias": tensors["head_bias"][:5].clone()}
+    header = {k: v for k, v in header.items() if k != "attack_families_setting"}
+    write_old_file(tmp_path / "v05.safetensors", {**header, "spec": spec, "attack_families": five}, tensors, 5)
+    g = hfguard.load(str(tmp_path / "v05.safetensors"), digits_model)
+    assert g.attack_families == five and g.attack_families_setting == five
+    x = digits.x_test[:40]
+    expected = combiner.head_score(_standardised(fitted, x), fitted.head_weight[:5], fitted.head_bias[:5])
+    assert torch.allclose(g.score(x), expected, atol=1e-5)
+    g.fit((digits.x_train, digits.y_train))
+    assert list(g.fit_report["heads"]) == five and g.head_weight.shape[0] == 5

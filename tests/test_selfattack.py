@@ -21,14 +21,16 @@ def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits)
 
 
 def test_budgets_and_box_hold_per_image(digits_model, digits):
-    x, y = digits.x_train[:100], digits.y_train[:100]
-    out = self_attacks(digits_model, x, y, seed=1)
+    x, y = digits.x_train[:140], digits.y_train[:140]
+    out = self_attacks(digits_model, x, y, seed=1, families=list(FAMILIES))
     delta = (out.pixels - x[out.source]).flatten(1)
     l2_rows = torch.tensor([list(FAMILIES)[f].endswith("l2") for f in out.family.tolist()])
     size = torch.where(l2_rows, delta.norm(dim=1), delta.abs().amax(1))
     assert (size <= out.budget + 1e-5).all()
     assert (out.budget[~l2_rows] <= 0.15 + 1e-6).all() and (out.budget[~l2_rows] >= 0.01 - 1e-6).all()
     assert out.pixels.min() >= 0 and out.pixels.max() <= 1
+    cw = out.family_mask("cw-l2")
+    assert cw.any() and (out.budget[cw] > 0).all()  # CW has no budget: the L2 size it reached, never 0 for a success
 
 
 def test_attacks_are_deterministic_and_leave_the_model_alone(digits_model, digits):
@@ -50,11 +52,20 @@ def test_a_family_can_be_left_out(digits_model, digits):
         self_attacks(digits_model, x, y, families=["nope"])
 
 
-def test_the_default_families_and_the_settings_that_name_them():
+def test_the_default_families_and_the_settings_that_name_them(digits_model):
+    import pytest
+
+    import hfguard
+
     assert resolve_families("auto") == list(DEFAULT_FAMILIES) and "boundary-l2" not in DEFAULT_FAMILIES
     assert resolve_families("all") == list(FAMILIES)
     assert resolve_families(["square-linf", "fgsm-linf"]) == ["fgsm-linf", "square-linf"]  # FAMILIES order: the heads' order
     assert set(DEFAULT_FAMILIES) <= set(FAMILIES) and {FAMILIES[f] for f in DEFAULT_FAMILIES} == set(REGIMES)
+    for bad in ("boundary", "nope", [], ["nope"], ["pgd-linf", "nope"]):
+        with pytest.raises(ValueError, match="attack_families"):
+            resolve_families(bad)
+        with pytest.raises(ValueError, match="attack_families"):
+            hfguard.protect(digits_model, attack_families=bad)
 
 
 def test_without_a_family_list_the_default_families_are_generated(digits_model, digits):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hfguard.selfattack import CW_STEPS, SQUARE_QUERIES
+
 __all__ = ["markdown", "learned_table", "generalisation_table", "summary_table", "adaptive_summary", "auroc_table", "tpr_table", "caught_table", "cost_table", "crosscheck_table", "adaptive_table"]
 
 
@@ -242,10 +244,10 @@ def markdown(result: dict[str, Any]) -> str:
             "### Generalisation: attacks hfguard generated during fit vs the attacks it is tested on",
             "",
             "Budgets of the self-attacks are random (L-inf 0.01-0.15, L2 proportional), on training images; no test image is used. "
-            "APGD is never generated. CW (100 steps) is of the kind of the `cw-l2` family (hfguard's own CW-L2, 30 steps) and "
-            "torchattacks' Square (1000 queries) of the `square-linf` family (hfguard's own random search with Square's proposals, "
-            "200 queries); the `w/o CW self-attacks` and `w/o random-search self-attacks` columns of the main table are fits "
-            "that never generate them.",
+            f"APGD is never generated. The bench's CW ({cfg['cw_steps']} steps) is of the kind of the `cw-l2` family (hfguard's own "
+            f"CW-L2, {CW_STEPS} steps) and torchattacks' Square ({cfg['square_queries']} queries) of the `square-linf` family "
+            f"(hfguard's own random search with Square's proposals, {SQUARE_QUERIES} queries), when the fit generated them (second "
+            "column); the leave-one-family-out columns of the main table (`w/o ...`) are fits that never generate that kind.",
             "",
             generalisation_table(run),
             "",
