@@ -30,6 +30,8 @@ def roc_grid(run: dict[str, Any], path: str, title: str) -> None:
     rows = math.ceil(len(attacks) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(dets) > len(colors):  # zip would silently drop the detectors past the colour cycle's length
+        colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(dets))]
     for ax, name in zip(axes.flat, attacks):
         for (dname, d), color in zip(dets.items(), colors):
             m = d["attacks"][name]
