@@ -68,6 +68,17 @@ def validation_attacks(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tenso
     return out
 
 
+def square_validation_attack(model: torch.nn.Module, xv: torch.Tensor, yv: torch.Tensor, n: int = 500) -> torch.Tensor:
+    """torchattacks' Square (L-inf 0.1, 1000 queries) on the first ``n`` validation images: its successful adversarials."""
+    import torchattacks
+
+    with torch.no_grad():
+        ok = model(xv[:n]).argmax(1) == yv[:n]
+    sq = torchattacks.Square(model, eps=0.1, n_queries=1000, seed=0)(xv[:n][ok], yv[:n][ok])
+    with torch.no_grad():
+        return sq[model(sq).argmax(1) != yv[:n][ok]]
+
+
 def write_results(stem: str, result: dict, md: list[str], t0: float) -> None:
     """Writes ``benchmarks/results/<stem>.json`` (with the run's seconds) and ``<stem>.md``."""
     result["seconds"] = time.time() - t0

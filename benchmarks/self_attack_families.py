@@ -20,8 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torchattacks
-from combiner_validation import validation_attacks, validation_split  # benchmarks/combiner_validation.py
+from combiner_validation import square_validation_attack, validation_attacks, validation_split  # benchmarks/combiner_validation.py
 
 import hfguard
 from hfguard.data import cached_model
@@ -48,11 +47,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = cached_model("fashion-mnist", arch)
         adv = validation_attacks(model, xv, yv)
-        with torch.no_grad():
-            ok = model(xv[:500]).argmax(1) == yv[:500]
-        sq = torchattacks.Square(model, eps=0.1, n_queries=1000, seed=0)(xv[:500][ok], yv[:500][ok])
-        with torch.no_grad():
-            adv["Square 0.1"] = sq[model(sq).argmax(1) != yv[:500][ok]]
+        adv["Square 0.1"] = square_validation_attack(model, xv, yv)
         rows = {}
         for name, families in VARIANTS.items():
             with warnings.catch_warnings():

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchattacks
-from combiner_validation import validation_attacks, validation_split  # benchmarks/combiner_validation.py
+from combiner_validation import square_validation_attack, validation_attacks, validation_split  # benchmarks/combiner_validation.py
 from scipy.optimize import minimize
 
 import hfguard
@@ -67,11 +66,7 @@ def main(arch: str) -> None:
         return calibrate.standardize(ev, pred, g.evidence_mean, g.evidence_std).double()
 
     adv = validation_attacks(model, xv, yv)
-    with torch.no_grad():
-        ok = model(xv[:500]).argmax(1) == yv[:500]
-    sq = torchattacks.Square(model, eps=0.1, n_queries=1000, seed=0)(xv[:500][ok], yv[:500][ok])
-    with torch.no_grad():
-        adv["Square 0.1"] = sq[model(sq).argmax(1) != yv[:500][ok]]
+    adv["Square 0.1"] = square_validation_attack(model, xv, yv)
     zv, zc = {k: z_of(v) for k, v in adv.items()}, z_of(xv)
     names = g.fit_report["score_features"]
     single = {n: {k: auroc(zc[:, j], zv[k][:, j], bootstrap=0)[0] for k in ("PGD 0.1", "Square 0.1")} for j, n in enumerate(names)}
