@@ -20,19 +20,20 @@ import warnings
 from pathlib import Path
 
 import torch
-from combiner_validation import square_validation_attack, validation_attacks, validation_split  # benchmarks/combiner_validation.py
+from combiner_validation import FAMILIES as FAMILIES_0_5  # benchmarks/combiner_validation.py
+from combiner_validation import square_validation_attack, validation_attacks, validation_split
 
 import hfguard
 from hfguard.data import cached_model
 from hfguard.evaluate import auroc, jsonable
-from hfguard.selfattack import DEFAULT_FAMILIES, FAMILIES
+from hfguard.selfattack import DEFAULT_FAMILIES
 
 VARIANTS = {
     "auto (0.6 default)": "auto",
     "all seven": "all",
     "auto without cw-l2": [f for f in DEFAULT_FAMILIES if f != "cw-l2"],
     "auto without square-linf": [f for f in DEFAULT_FAMILIES if f != "square-linf"],
-    "0.5's five families": [f for f in FAMILIES if f not in ("cw-l2", "square-linf")],
+    "0.5's five families": FAMILIES_0_5,
 }
 
 
