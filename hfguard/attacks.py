@@ -2,7 +2,8 @@
 
 All attacks work on images in ``[lo, hi]`` (default ``[0, 1]``), take any
 callable ``model`` returning logits, are batched (no per-sample loops), use
-``torch.autograd.grad`` (parameters' ``.grad`` is never touched) and return
+``torch.autograd.grad`` (parameters' ``.grad`` is never touched) or, for
+:func:`random_search` and :func:`square_linf`, no gradient at all, and return
 the adversarial images detached.  Random starts use a private generator.
 """
 

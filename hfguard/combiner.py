@@ -10,7 +10,8 @@ with one row of ``W`` per *head*.  Two ways of fitting the heads:
   chosen features and ``b = 0``, i.e. the smooth maximum of the standardised evidence
   (a differentiable min-p-value rule, :func:`identity_heads`);
 * ``calibration="self-attack"``: one L2-regularised logistic regression per self-attack family
-  (FGSM, PGD L-inf, PGD L2: strong attacks; minimal "boundary" attacks under both norms)
+  (:mod:`hfguard.selfattack`: FGSM, PGD L-inf and L2, a random search: strong attacks; minimal PGD and CW-L2:
+  "boundary" attacks)
   separates clean evidence from the evidence of attacks the guard generated on its own clean
   data (:func:`fit_logistic_head`); each head is rescaled so that its clean upper tails line
   up (:func:`standardised_head`) and the maximum gives each family a like share of the false

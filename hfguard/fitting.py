@@ -481,7 +481,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
 
 
 def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Attacks the kept clean images with the model's gradients and fits one logistic head per generated family
+    """Attacks the kept clean images (the model's gradients; one family is gradient-free) and fits one logistic head per generated family
     (a family with fewer than :data:`MIN_FAMILY_ROWS` successful adversarials gets a head fitted on all of its regime's)."""
     dev = guard.dct_h.device
     pixels, labels = sample["x"].to(dev), sample["y"].to(dev)

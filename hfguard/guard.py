@@ -78,9 +78,10 @@ class Guard(FittedState):
             such as ``"spectrum:gap"`` or ``"layer1->logits:distance"`` (a probe named
             here is kept even when near-linear).
         calibration: how the evidence is combined. ``"self-attack"`` (default):
-            ``fit`` attacks a sample of the clean data with the model's gradients
-            (FGSM, PGD L-inf/L2 and minimal boundary attacks at random budgets)
-            and learns one logistic head per attack family over the evidence;
+            ``fit`` attacks a sample of the clean data (``attack_families``: FGSM,
+            PGD L-inf/L2 and minimal PGD at random budgets, CW-L2, and a
+            gradient-free random search) and learns one logistic head per attack
+            family over the evidence;
             the score is their smooth maximum. ``"clean"``: no attack
             is generated; the score is the smooth maximum of the standardised
             evidence. Clean data only from the user either way.

@@ -66,7 +66,7 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "nonfinite": guard.nonfinite,
         "calibration": guard.calibration,
         "attack_families": guard.attack_families,
-        # likewise what protect() was given: "auto" stays "auto", so a refit by a later version generates its new default
+        # and what protect() was given ("auto", "all" or a list); a loaded guard refits the saved list above
         "attack_families_setting": guard.attack_families_setting,
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
