@@ -151,7 +151,6 @@ class Guard(FittedState):
         self.calibration = calibration
         self.attack_size = int(attack_size)
         self.attack_families = resolve_families(attack_families)  # FAMILIES order: the heads' order
-        self.attack_families_setting = attack_families if isinstance(attack_families, str) else list(attack_families)
         self.layers_setting = layers if layers == "auto" else list(layers)
         self.policy = policy
         self.fpr = float(fpr)

@@ -65,9 +65,7 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "strict": guard.strict,
         "nonfinite": guard.nonfinite,
         "calibration": guard.calibration,
-        "attack_families": guard.attack_families,
-        # and what protect() was given ("auto", "all" or a list); a loaded guard refits the saved list above
-        "attack_families_setting": guard.attack_families_setting,
+        "attack_families": guard.attack_families,  # the list the heads were fitted on; a loaded guard refits it
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
     }

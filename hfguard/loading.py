@@ -51,7 +51,7 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         "nonfinite": header["nonfinite"],
         "score_features": header.get("score_features_setting", layout["score_features"]),  # before format 5: the list
         "calibration": header.get("calibration", "clean"),
-        "attack_families": header.get("attack_families_setting", header.get("attack_families", "auto")),  # before 0.6: the list
+        "attack_families": header.get("attack_families", "auto"),
     }
     settings.update(overrides)
     guard = Guard(model, **settings)
@@ -74,8 +74,6 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
     for info in infos:
         if info.name in saved and list(info.shape) != saved[info.name]:
             raise ModelMismatchError(f"layer {info.name!r} outputs shape {list(info.shape)}; the guard was fitted on {saved[info.name]}")
-    if "attack_families" in header:  # the families the saved heads were fitted on (the setting may resolve otherwise in a later version)
-        guard.attack_families = list(header["attack_families"])
     guard._allocate(layout)
     own = guard.guard_state()
     if header["format_version"] < 3 and "threshold_" in tensors:  # renamed in format 3

@@ -88,11 +88,8 @@ class SelfAttacks:
 
 def resolve_families(setting: str | tuple[str, ...] | list[str]) -> list[str]:
     """``"auto"`` (:data:`DEFAULT_FAMILIES`), ``"all"`` or a list of names, as a list in :data:`FAMILIES` order (the heads' order)."""
-    if isinstance(setting, str) and setting not in ("auto", "all"):
-        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
-    chosen = DEFAULT_FAMILIES if setting == "auto" else FAMILIES if setting == "all" else list(setting)
-    unknown = [f for f in chosen if f not in FAMILIES]
-    if unknown or not chosen:
+    chosen = DEFAULT_FAMILIES if setting == "auto" else tuple(FAMILIES) if setting == "all" else setting
+    if isinstance(chosen, str) or not isinstance(chosen, (tuple, list)) or not chosen or any(f not in FAMILIES for f in chosen):
         raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
     return [f for f in FAMILIES if f in chosen]
 
@@ -167,8 +164,9 @@ def self_attacks(
             out_x.append(adv[ok].detach())
             out_f.append(torch.full((int(ok.sum()),), list(FAMILIES).index(name), dtype=torch.long))
             out_i.append(j[ok.cpu()])
-            reached = (adv - x).flatten(1).norm(dim=1).cpu()  # cw-l2 has no budget: the L2 size it reached
-            out_b.append((reached if name == "cw-l2" else l2[j] if name.endswith("l2") else linf[j])[ok.cpu()])
+            # cw-l2 has no budget: the L2 size it reached
+            budget = (adv - x).flatten(1).norm(dim=1).cpu() if name == "cw-l2" else (l2 if name.endswith("l2") else linf)[j]
+            out_b.append(budget[ok.cpu()])
     if not out_x:  # no image to attack
         return SelfAttacks(pixels[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), attempted, succeeded)
     return SelfAttacks(torch.cat(out_x), torch.cat(out_f), torch.cat(out_i), torch.cat(out_b), attempted, succeeded)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hfguard.fitting import CALIBRATIONS
-from hfguard.selfattack import FAMILIES
+from hfguard.selfattack import resolve_families
 
 __all__ = ["POLICIES", "validate_settings"]
 
@@ -47,8 +47,7 @@ def validate_settings(
         raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if int(attack_size) < 50:
         raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
-    if not (attack_families in ("auto", "all") or (isinstance(attack_families, (list, tuple)) and attack_families and set(attack_families) <= set(FAMILIES))):
-        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {attack_families!r}")
+    resolve_families(attack_families)  # raises ValueError on anything but "auto", "all" or a non-empty list of known families
     if nonfinite not in ("raise", "flag"):
         raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
     if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):

@@ -281,23 +281,23 @@ def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_m
     tensors = {k: v for k, v in tensors.items() if not k.startswith("probes.")}
     for k in ("evidence_mean", "evidence_std", "head_weight"):
         tensors[k] = tensors[k][:, keep].clone()
-    header = {k: v for k, v in header.items() if k not in ("score_features_setting", "attack_families_setting")}  # new in format 5 / 0.6
+    header = {k: v for k, v in header.items() if k != "score_features_setting"}  # new in format 5
     write_old_file(tmp_path / "v4.safetensors", {**header, "spec": spec}, tensors, 4)
     g4 = hfguard.load(str(tmp_path / "v4.safetensors"), digits_model)
     x = digits.x_test[:40]
     assert g4.evidence_sources == g4.sources and len(g4.probes) == 0
     assert g4.score_features_setting == spec["score_features"]  # before format 5 only the list was saved
-    assert g4.attack_families_setting == header["attack_families"]  # likewise the families before 0.6
+    assert g4.attack_families == header["attack_families"]
     expected = combiner.head_score(_standardised(fitted, x)[:, keep], fitted.head_weight[:, keep], fitted.head_bias)
     assert torch.allclose(g4.score(x), expected, atol=1e-5)
 
 
-def test_the_attack_families_setting_round_trips(digits_model, digits, tmp_path):
-    """An explicit family list is kept as given; "auto" stays "auto" (tested with the probes' refit test)."""
+def test_the_attack_families_round_trip(digits_model, digits, tmp_path):
+    """A family list given in any order is saved, and loaded, in FAMILIES order (the heads' order)."""
     g = hfguard.protect(digits_model, progress=False, calibration="clean", attack_families=["cw-l2", "pgd-linf"]).fit((digits.x_train, digits.y_train))
     g.save(str(tmp_path / "g.safetensors"))
     g2 = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
-    assert g2.attack_families_setting == ["cw-l2", "pgd-linf"] and g2.attack_families == ["pgd-linf", "cw-l2"]  # FAMILIES order
+    assert g2.attack_families == g.attack_families == ["pgd-linf", "cw-l2"]  # FAMILIES order
 
 
 def test_a_0_5_file_keeps_its_five_self_attack_families(fitted, digits_model, digits, tmp_path):
@@ -311,10 +311,9 @@ def test_a_0_5_file_keeps_its_five_self_attack_families(fitted, digits_model, di
     header, tensors = io.read_guard_file(str(p))
     spec = {**header["spec"], "heads": 5}
     tensors = {**tensors, "head_weight": tensors["head_weight"][:5].clone(), "head_bias": tensors["head_bias"][:5].clone()}
-    header = {k: v for k, v in header.items() if k != "attack_families_setting"}
     write_old_file(tmp_path / "v05.safetensors", {**header, "spec": spec, "attack_families": five}, tensors, 5)
     g = hfguard.load(str(tmp_path / "v05.safetensors"), digits_model)
-    assert g.attack_families == five and g.attack_families_setting == five
+    assert g.attack_families == five
     x = digits.x_test[:40]
     expected = combiner.head_score(_standardised(fitted, x), fitted.head_weight[:5], fitted.head_bias[:5])
     assert torch.allclose(g.score(x), expected, atol=1e-5)

@@ -178,7 +178,7 @@ def test_a_loaded_guard_fitted_again_chooses_its_features_like_the_original(fitt
     """The file keeps what protect() was given ("auto"), not the resulting list: a refit may keep or drop probes afresh."""
     fitted.save(str(tmp_path / "g.safetensors"))
     g = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
-    assert g.score_features_setting == "auto" and g.attack_families_setting == "auto"
+    assert g.score_features_setting == "auto" and g.attack_families == fitted.attack_families
     g.fit((digits.x_train, digits.y_train))
     assert g.fit_report["score_features"] == fitted.fit_report["score_features"]
 
