@@ -4,7 +4,8 @@ Measures, on random-weight models made usable by :mod:`hfguard.bench.synthetic` 
 never detection quality):
 
 * ``check()`` over the bare forward, batch 64, float32, float16 and under ``torch.autocast`` (median of
-  interleaved pairs, each timed with ``torch.cuda.synchronize``);
+  interleaved pairs, each timed with ``torch.cuda.synchronize``), and float32 at batch 256; float32 and float16
+  again with the guard's maths one source at a time (``guard._grouped = False``, the CPU's way) instead of grouped;
 * ``fit`` of a 1000-class guard on 6 clean images per class (6000 images, self-attack calibration
   included): seconds, images per second, peak GPU memory;
 * the saved guard's size, and how far float16 / autocast scores are from float32 scores;
@@ -71,6 +72,7 @@ def profile_table(f, cuda: bool) -> dict:
     return {
         "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
         "top_by_" + key: [[e.key, e.count, round(getattr(e, key, 0.0) / 1e3, 3)] for e in top],
+        "top_by_self_cpu_time_total": [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 3)] for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]],
     }
 
 
@@ -92,7 +94,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     dev = "cpu" if args.smoke else "cuda"
     torch.backends.cudnn.benchmark = True
-    out: dict = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__, "command": "python benchmarks/gpu_check.py"}
+    out: dict = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__, "hfguard": hfguard.__version__, "command": "python benchmarks/gpu_check.py"}
 
     # resnet50, 1000 classes, 6 clean images per class
     k, size = (50, 32) if args.smoke else (1000, 224)
@@ -121,9 +123,17 @@ def main() -> None:
         out["resnet50_1000_classes_state_mb"] = os.path.getsize(path) / 2**20
     xb, _ = images(64, size, k, dev, 1)
     out["resnet50_check_over_forward_float32_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
+    xl, _ = images(8 if args.smoke else 256, size, k, dev, 3)
+    out["resnet50_check_over_forward_float32_batch256"] = timed_ratio(lambda: model(xl), lambda: guard.check(xl), max(2, args.repeats // 3))
+    xl = None
     out["resnet50_check_profile"] = profile_table(lambda: guard.check(xb), cuda)
     out["resnet50_forward_profile"] = profile_table(lambda: model(xb), cuda)
     s32 = guard.score(xb).detach()
+    # the guard's maths as one group of kernels per kind of source (the default off a CPU) against one source at a time
+    guard._grouped = False
+    out["resnet50_check_over_forward_float32_batch64_per_source_maths"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
+    out["grouped_maths_max_abs_score_difference"] = float((guard.score(xb).detach() - s32).abs().max())
+    guard._grouped = None
     with torch.autocast(dev, dtype=torch.float16 if cuda else torch.bfloat16):
         out["resnet50_check_over_forward_autocast_float16_batch64"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
         s_ac = guard.score(xb).detach().float()
@@ -137,6 +147,10 @@ def main() -> None:
     xh = xb.to(torch.float16 if cuda else torch.bfloat16)
     out["resnet50_check_over_forward_float16_model_batch64"] = timed_ratio(lambda: half(xh), lambda: g16.check(xh), args.repeats)
     s16 = g16.score(xh).detach().float()
+    g16._grouped = False
+    out["resnet50_check_over_forward_float16_model_batch64_per_source_maths"] = timed_ratio(lambda: half(xh), lambda: g16.check(xh), args.repeats)
+    g16._grouped = None
+    out["resnet50_float16_model_check_profile"] = profile_table(lambda: g16.check(xh), cuda)
     spread = float(s32.std())
     out["score_difference_vs_float32"] = {
         "float16_model_max_abs": float((s16 - s32).abs().max()), "autocast_max_abs": float((s_ac - s32).abs().max()),

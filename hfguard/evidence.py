@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "probe_name"]
+__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "column_index", "probe_name"]
 
 #: names of the two sources that are not layers
 LOGITS, SPECTRUM = "logits", "spectrum"
@@ -78,16 +78,36 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
     return kind, list(sources).index(src)
 
 
-def evidence_columns(columns: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor) -> Tensor:
-    """The evidence features named by ``columns`` (see :func:`parse_feature`) as (N, len(columns))."""
-    pred = logits.argmax(1)
-    cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-    cols = []
-    for kind, src in columns:
-        if kind == "margin":
-            cols.append(margin_evidence(logits))
-            continue
-        if src not in cache:
-            cache[src] = source_evidence(dists[src], pred)
-        cols.append(cache[src][_KINDS.index(kind)])
-    return torch.stack(cols, 1)
+def _column_sources(columns: Sequence[tuple[str, int]]) -> list[int]:
+    return sorted({src for kind, src in columns if kind != "margin"})
+
+
+def column_index(columns: Sequence[tuple[str, int]]) -> Tensor:
+    """(F,) positions of the planned ``columns`` in the table :func:`evidence_columns` builds: three columns per
+    source (distance, gap, nearest) in source order, then the margin."""
+    srcs = _column_sources(columns)
+    return torch.tensor([3 * len(srcs) if kind == "margin" else 3 * srcs.index(src) + _KINDS.index(kind) for kind, src in columns], dtype=torch.long)
+
+
+def evidence_columns(columns: Sequence[tuple[str, int]], dists: dict[int, Tensor], logits: Tensor, *, index: Tensor | None = None) -> Tensor:
+    """The evidence features named by ``columns`` (see :func:`parse_feature`) as (N, len(columns)).
+
+    Every source's three features are computed at once on the stacked (N, S, K) distances (a fixed number of
+    kernels whatever the number of sources; see :func:`source_evidence` for the features), then the columns are
+    picked by ``index`` (:func:`column_index` of ``columns``, built here when not given: pass it to keep a GPU
+    call free of host-to-device copies).
+    """
+    srcs = _column_sources(columns)
+    parts = []
+    if srcs:
+        d = torch.stack([dists[s] for s in srcs], 1)  # (N, S, K)
+        pred = logits.argmax(1)
+        d_pred = d.gather(2, pred[:, None, None].expand(-1, len(srcs), 1)).squeeze(2)
+        d_min = d.min(2).values
+        parts.append(torch.stack([torch.log(d_pred + _EPS), torch.log1p(d_pred - d_min), torch.log(d_min + _EPS)], 2).flatten(1))
+    if any(kind == "margin" for kind, _ in columns):
+        parts.append(margin_evidence(logits)[:, None])
+    table = torch.cat(parts, 1)
+    if index is None:
+        index = column_index(columns)
+    return table.index_select(1, index.to(table.device))

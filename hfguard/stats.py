@@ -16,6 +16,7 @@ few samples or when the feature dimension exceeds the sample count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,9 @@ __all__ = [
     "oas_shrinkage",
     "fit_tied_gaussian",
     "class_sq_distances",
+    "grouped_sq_distances",
+    "batched_sq_distances",
+    "group_indicator",
 ]
 
 
@@ -167,3 +171,60 @@ def class_sq_distances(z: Tensor, whitener: Tensor, white_means: Tensor) -> Tens
     u = z @ whitener
     d = (u * u).sum(1, keepdim=True) - 2.0 * u @ white_means.T + (white_means * white_means).sum(1)
     return d.clamp_min(0.0) / z.shape[1]
+
+
+def group_indicator(dims: Sequence[int], *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(sum D, S) 0/1 matrix whose column ``s`` marks the ``dims[s]`` features of source ``s`` (sources side by side)."""
+    ind = torch.zeros(sum(dims), len(dims), dtype=dtype)
+    start = 0
+    for s, d in enumerate(dims):
+        ind[start : start + d, s] = 1.0
+        start += d
+    return ind
+
+
+def grouped_sq_distances(z: Tensor, whiteners: Sequence[Tensor], white_means: Sequence[Tensor], indicator: Tensor) -> Tensor:
+    """:func:`class_sq_distances` of S sources at once, in ``2 * S + 8`` kernels rather than ``9 * S``.
+
+    On a GPU the guard's maths is a few hundred tiny kernels whose launches, not their arithmetic, set the
+    cost; the products stay one per source (no block-diagonal matrix: no extra memory, no extra
+    arithmetic on a CPU), everything else runs once for the group.
+
+    Args:
+        z: (N, sum D) the sources' (centred) features side by side, source ``s`` in the rows of
+            ``indicator[:, s]``.
+        whiteners: S matrices (D_s, D_s).
+        white_means: S matrices (K, D_s).
+        indicator: (sum D, S) from :func:`group_indicator`.
+
+    Returns:
+        (N, S, K) distances, each divided by its source's D; differentiable w.r.t. ``z``.
+    """
+    us, start = [], 0
+    for w in whiteners:
+        d = int(w.shape[0])
+        us.append(z[:, start : start + d] @ w)
+        start += d
+    u = torch.cat(us, 1)
+    # (S, sum D) @ (sum D, N): a CPU's GEMM is 3x slower the other way round, with S columns
+    sq = (indicator.T @ (u * u).T).T  # (N, S)
+    cross = torch.stack([2.0 * u_s @ m.T for u_s, m in zip(us, white_means)], 1)  # (N, S, K)
+    msq = indicator.T @ torch.cat(list(white_means), 1).square().T  # (S, K)
+    dims = indicator.sum(0)  # (S,)
+    return (sq[:, :, None] - cross + msq).clamp_min(0.0) / dims[:, None]
+
+
+def batched_sq_distances(z: Tensor, whitener: Tensor, white_means: Tensor) -> Tensor:
+    """:func:`class_sq_distances` of S sources of one dimension D at once.
+
+    Args:
+        z: (S, N, D) features.
+        whitener: (S, D, D).
+        white_means: (S, K, D).
+
+    Returns:
+        (N, S, K) distances divided by D; differentiable w.r.t. ``z``.
+    """
+    u = z @ whitener
+    d = (u * u).sum(2, keepdim=True) - 2.0 * u @ white_means.transpose(1, 2) + (white_means * white_means).sum(2)[:, None, :]
+    return (d.clamp_min(0.0) / z.shape[2]).transpose(0, 1)

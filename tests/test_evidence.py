@@ -35,3 +35,20 @@ def test_parse_feature_rejects_unknown():
 
     with pytest.raises(ValueError, match="unknown evidence feature"):
         evidence.parse_feature("nope:distance", ["a"])
+
+
+def test_any_column_plan_picks_the_right_columns_with_or_without_a_given_index():
+    g = torch.Generator().manual_seed(0)
+    dists = {i: torch.rand(5, 4, generator=g) + 0.01 for i in (0, 2, 3)}
+    logits = torch.randn(5, 4, generator=g)
+    pred = logits.argmax(1)
+    plan = [("gap", 3), ("margin", -1), ("distance", 0), ("nearest", 3), ("distance", 3)]  # source 2 unused, any order
+    ref = torch.stack([
+        evidence.source_evidence(dists[3], pred)[1], evidence.margin_evidence(logits), evidence.source_evidence(dists[0], pred)[0],
+        evidence.source_evidence(dists[3], pred)[2], evidence.source_evidence(dists[3], pred)[0],
+    ], 1)
+    assert torch.allclose(evidence.evidence_columns(plan, dists, logits), ref)
+    assert torch.allclose(evidence.evidence_columns(plan, dists, logits, index=evidence.column_index(plan)), ref)
+    no_margin = [c for c in plan if c[0] != "margin"]
+    assert torch.allclose(evidence.evidence_columns(no_margin, dists, logits), ref[:, [0, 2, 3, 4]])
+    assert torch.allclose(evidence.evidence_columns([("margin", -1)], dists, logits), ref[:, [1]])

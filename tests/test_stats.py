@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from hfguard.errors import DataError
-from hfguard.stats import ClassGaussianAccumulator, class_sq_distances, fit_tied_gaussian, oas_shrinkage
+from hfguard.stats import (
+    ClassGaussianAccumulator,
+    batched_sq_distances,
+    class_sq_distances,
+    fit_tied_gaussian,
+    group_indicator,
+    grouped_sq_distances,
+    oas_shrinkage,
+)
 
 
 def _data(n=300, d=6, k=3, seed=0):
@@ -135,3 +143,38 @@ def test_float32_distances_match_a_float64_reference():
     ref = class_sq_distances(z - center, w, (means - center) @ w)
     got = class_sq_distances((z - center).float(), w.float(), ((means - center) @ w).float())
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _random_sources(dims, k=4, n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    zs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for d in dims]
+    ws = [torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for d in dims]
+    ms = [torch.randn(k, d, generator=g, dtype=torch.float64) for d in dims]
+    return zs, ws, ms
+
+
+def test_grouped_distances_equal_each_source_alone_values_and_gradients():
+    dims = [5, 1, 12, 3]
+    zs, ws, ms = _random_sources(dims)
+    got = grouped_sq_distances(torch.cat(zs, 1), ws, ms, group_indicator(dims, dtype=torch.float64))
+    assert got.shape == (7, 4, 4)
+    ref = torch.stack([class_sq_distances(z, w, m) for z, w, m in zip(zs, ws, ms)], 1)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g_got = torch.autograd.grad((got * weights).sum(), zs)
+    g_ref = torch.autograd.grad((ref * weights).sum(), zs)
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_group_indicator_marks_each_sources_columns():
+    ind = group_indicator([2, 3])
+    assert ind.tolist() == [[1, 0], [1, 0], [0, 1], [0, 1], [0, 1]]
+
+
+def test_batched_distances_equal_each_source_alone():
+    zs, ws, ms = _random_sources([6, 6, 6], seed=2)
+    got = batched_sq_distances(torch.stack(zs), torch.stack(ws), torch.stack(ms))
+    ref = torch.stack([class_sq_distances(z, w, m) for z, w, m in zip(zs, ws, ms)], 1)
+    assert got.shape == (7, 3, 4)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
