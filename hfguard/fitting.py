@@ -199,7 +199,14 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             pixels = guard.to_pixels(x)
             priority = content_priority(pixels, guard.seed)
             sums.add(held.offer(rows, priority))
-            images.offer({"x": pixels.detach().cpu(), "y": y.cpu()}, 1.0 - priority)
+            # only the images the sample may keep cross to the host (a GPU batch is mostly rejected once the sample is full)
+            img_priority = 1.0 - priority
+            rejected = images.cannot_keep(img_priority)
+            images.skip(int(rejected.sum()))
+            rows_in = (~rejected).nonzero().flatten()
+            if len(rows_in):
+                on_dev = rows_in.to(pixels.device)
+                images.offer({"x": pixels.detach()[on_dev].cpu(), "y": y[on_dev].cpu()}, img_priority[rows_in])
         bar.close()
     layout, sums, images = _agree(guard, layout, sums, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
@@ -467,7 +474,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
     guard.calibrated_threshold.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
     report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
     t = time.perf_counter()
-    report.update(_choose_filter(guard, sample["x"][:512]))
+    report.update(_choose_filter(guard, sample["x"][:512].to(guard.dct_h.device)))  # the blurs run where the model does
     seconds["filter"] = time.perf_counter() - t
     report.update(
         samples_held_out=n,

@@ -42,3 +42,31 @@ def test_priorities_look_uniform_and_depend_on_the_seed():
     assert hist.min() > 400 and hist.max() < 600
     assert not torch.equal(p, content_priority(x, seed=1))
     assert torch.equal(content_priority(x[:7]), p[:7])
+
+
+def test_skipping_the_rows_cannot_keep_rejects_gives_the_same_sample_and_count():
+    g = torch.Generator().manual_seed(3)
+    pri = torch.rand(500, generator=g, dtype=torch.float64)
+    ids = torch.arange(500)
+    full, lazy = Reservoir(40), Reservoir(40)
+    _stream(full, ids, pri, 32)
+    skipped = 0
+    for i in range(0, 500, 32):
+        p = pri[i : i + 32]
+        no = lazy.cannot_keep(p)
+        assert not no.any() or len(lazy) == lazy.capacity  # nothing is skipped while the sample fills up
+        lazy.skip(int(no.sum()))
+        skipped += int(no.sum())
+        lazy.offer({"id": ids[i : i + 32][~no]}, p[~no])
+    assert skipped > 300  # most of a long stream is decided without its rows
+    assert torch.equal(lazy.contents()["id"], full.contents()["id"]) and lazy.seen == full.seen == 500
+
+
+def test_priorities_in_chunks_are_the_same_function_of_each_row(monkeypatch):
+    import hfguard.reservoir as reservoir
+
+    x = torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    whole = content_priority(x, seed=2)
+    monkeypatch.setattr(reservoir, "_CHUNK", 3 * 64 * 7)  # 7 rows at a time
+    assert torch.allclose(content_priority(x, seed=2), whole, atol=1e-9)
+    assert content_priority(x[:0]).shape == (0,)
