@@ -40,18 +40,22 @@ def probe_name(layer: str) -> str:
 
 
 def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Distance-to-prediction, trajectory gap and distance-to-nearest-class for one source.
+    """Distance-to-prediction, trajectory gap and distance-to-nearest-class of one source, or of several at once.
 
     Args:
-        dist: (N, K) distances.
+        dist: (N, K) distances, or (N, S, K) for S sources.
         pred: (N,) predicted classes.
 
     Returns:
-        ``log(d[pred])``, ``log1p(d[pred] - min d)`` and ``log(min d)``, each (N,).
+        ``log(d[pred])``, ``log1p(d[pred] - min d)`` and ``log(min d)``, each (N,) or (N, S). A source whose
+        distances are all infinite gets an infinite gap (not ``inf - inf``: no NaN, in the values or in the
+        gradient of the other features).
     """
-    d_pred = dist.gather(1, pred[:, None]).squeeze(1)
-    d_min = dist.min(1).values
-    return torch.log(d_pred + _EPS), torch.log1p(d_pred - d_min), torch.log(d_min + _EPS)
+    index = pred.reshape(-1, *([1] * (dist.dim() - 1))).expand(*dist.shape[:-1], 1)
+    d_pred = dist.gather(-1, index).squeeze(-1)
+    d_min = dist.min(-1).values
+    gap = torch.where(torch.isinf(d_pred), d_pred, d_pred - d_min)
+    return torch.log(d_pred + _EPS), torch.log1p(gap), torch.log(d_min + _EPS)
 
 
 def margin_evidence(logits: Tensor) -> Tensor:
@@ -79,6 +83,7 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
 
 
 def _column_sources(columns: Sequence[tuple[str, int]]) -> list[int]:
+    """The sources the planned columns read, in order (the rows of :func:`evidence_columns`'s stacked distances)."""
     return sorted({src for kind, src in columns if kind != "margin"})
 
 
@@ -93,18 +98,13 @@ def evidence_columns(columns: Sequence[tuple[str, int]], dists: dict[int, Tensor
     """The evidence features named by ``columns`` (see :func:`parse_feature`) as (N, len(columns)).
 
     Every source's three features are computed at once on the stacked (N, S, K) distances (a fixed number of
-    kernels whatever the number of sources; see :func:`source_evidence` for the features), then the columns are
-    picked by ``index`` (:func:`column_index` of ``columns``, built here when not given: pass it to keep a GPU
+    kernels whatever the number of sources, :func:`source_evidence`), then the columns are picked by ``index`` (:func:`column_index` of ``columns``, built here when not given: pass it to keep a GPU
     call free of host-to-device copies).
     """
     srcs = _column_sources(columns)
     parts = []
     if srcs:
-        d = torch.stack([dists[s] for s in srcs], 1)  # (N, S, K)
-        pred = logits.argmax(1)
-        d_pred = d.gather(2, pred[:, None, None].expand(-1, len(srcs), 1)).squeeze(2)
-        d_min = d.min(2).values
-        parts.append(torch.stack([torch.log(d_pred + _EPS), torch.log1p(d_pred - d_min), torch.log(d_min + _EPS)], 2).flatten(1))
+        parts.append(torch.stack(source_evidence(torch.stack([dists[s] for s in srcs], 1), logits.argmax(1)), 2).flatten(1))
     if any(kind == "margin" for kind, _ in columns):
         parts.append(margin_evidence(logits)[:, None])
     table = torch.cat(parts, 1)

@@ -21,7 +21,7 @@ from torch import Tensor
 __all__ = ["Reservoir", "content_priority"]
 
 
-#: float64 entries of ``x`` converted at a time by :func:`content_priority` (1 GB; batches below it in one product)
+#: float64 entries of ``x`` converted at a time by :func:`content_priority` off a CPU (1 GB; batches below it in one product)
 _CHUNK = 1 << 27
 
 
@@ -39,18 +39,20 @@ def content_priority(x: Tensor, seed: int = 0) -> Tensor:
     normalise/denormalise round trip) does not change a row's priority.
     Computed in float64 on ``x``'s device (the CPU for MPS, which has no float64) and returned on the CPU: on
     a GPU the batch never crosses to the host (on an H200 the host's way cost 0.2 s per batch of 250 images
-    at 224x224). A batch whose float64 copy would pass 1 GB goes a few rows at a time. The product's summation
-    order depends on the device and, for long rows, on how many rows share a product, so a priority may differ
-    in its last digits with them (about 1e-5 for 224x224 RGB images): where two rows' priorities are that
-    close, one sample may keep the other row. The sample stays uniform either way.
+    at 224x224). Off a CPU a batch whose float64 copy would pass 1 GB goes ``2**27 / D`` rows at a time (on a
+    CPU, as before 0.6.1, always whole: its product's last digits depend on how many rows share it). A
+    priority has about 5 significant digits for 224x224 RGB images (the integer term is large), so in a large
+    dataset some share a value and their stream order breaks the tie; and as the summation order differs
+    between devices, a GPU's sample may keep a different one of two rows whose priorities agree that far.
+    Either sample is uniform.
     """
     dev = torch.device("cpu") if x.device.type == "mps" else x.device
     flat = x.detach().reshape(x.shape[0], math.prod(x.shape[1:]))  # also for no rows
     r = _hash_vector(int(flat.shape[1]), int(seed), dev)
-    step = max(1, _CHUNK // max(1, int(flat.shape[1])))
+    step = len(flat) if dev.type == "cpu" else max(1, _CHUNK // max(1, int(flat.shape[1])))
     out = []
-    for i in range(0, flat.shape[0], step):
-        q = torch.round(flat[i : i + step].to(dev, torch.float64) * 64.0)
+    for i in range(0, flat.shape[0], max(1, step)):
+        q = flat[i : i + step].to(dev, torch.float64, copy=True).mul_(64.0).round_()  # one float64 copy, never the caller's
         out.append(((q @ r) * 7919.0 + q.sum(1) * 104729.0).cpu())
     return torch.frac(torch.abs(torch.cat(out))) if out else torch.zeros(0, dtype=torch.float64)
 
@@ -81,6 +83,8 @@ class Reservoir:
     def cannot_keep(self, priority: Tensor) -> Tensor:
         """(N,) bool: the rows :meth:`offer` would reject whatever else the batch holds (the reservoir is full and
         their priority is not below the largest kept one); a caller may leave them out and :meth:`skip` them."""
+        if self.capacity <= 0:
+            return torch.ones(len(priority), dtype=torch.bool)
         if len(self) < self.capacity:
             return torch.zeros(len(priority), dtype=torch.bool)
         return priority.double() >= self.priority.max()

@@ -54,12 +54,13 @@ class LinearProbe(nn.Module):
         return self.residual((logits.to(dtype) - self.logit_center) @ self.proj - (z.to(dtype) - self.layer_center) @ self.weight.T)
 
 
-def gaussian_distances(gaussians: Sequence[ClassGaussian], feats: Sequence[Tensor], indicator: Tensor) -> Tensor:
+def gaussian_distances(gaussians: Sequence[ClassGaussian], feats: Sequence[Tensor], indicator: Tensor, dims: Tensor) -> Tensor:
     """(N, S, K): what each ``gaussians[s](feats[s])`` gives, for all S sources in a fixed handful of kernels
-    (:func:`hfguard.stats.grouped_sq_distances`); ``indicator`` is :func:`hfguard.stats.group_indicator` of their dimensions."""
+    (:func:`hfguard.stats.grouped_sq_distances`); ``indicator`` is :func:`hfguard.stats.group_indicator` of their
+    dimensions ``dims`` (an integer tensor)."""
     dtype = gaussians[0].whitener.dtype
     z = torch.cat([f.to(dtype) for f in feats], 1) - torch.cat([g.center for g in gaussians])
-    return grouped_sq_distances(z, [g.whitener for g in gaussians], [g.white_means for g in gaussians], indicator)
+    return grouped_sq_distances(z, [g.whitener for g in gaussians], [g.white_means for g in gaussians], indicator, dims)
 
 
 def probe_distances(probes: Sequence[LinearProbe], feats: Sequence[Tensor], logits: Tensor) -> Tensor:
@@ -143,6 +144,7 @@ class FittedState(nn.Module):
         # constants of the grouped maths, fixed by the layout: derived, never saved (non-persistent), moved by .to()
         gauss, _ = self._grouped_sources()
         self.register_buffer("group_indicator", group_indicator([dims[i] for i in gauss]), persistent=False)
+        self.register_buffer("group_dims", torch.tensor([dims[i] for i in gauss], dtype=torch.long), persistent=False)
         self.register_buffer("evidence_index", evidence.column_index(self.score_columns), persistent=False)
         nf = len(names)
         self.register_buffer("evidence_mean", torch.zeros(k, nf))
@@ -221,12 +223,14 @@ class FittedState(nn.Module):
         """
         n, logits = len(self.sources), feats[len(self.layers)]
         gauss, probes = self._grouped_sources()
-        grouped = self._grouped if self._grouped is not None else logits.device.type != "cpu"
-        if not grouped:
+        forced = getattr(self, "_grouped", None)
+        if not (forced if forced is not None else logits.device.type != "cpu"):
             return {i: self.gaussians[i](feats[i]) for i in gauss} | {n + j: self.probes[j](feats[self.probed[j]], logits) for j in probes}
+        if len(self.group_dims) != len(gauss):  # the derived constants follow _allocate's layout; never silently stale
+            raise RuntimeError(f"the guard's grouped maths was built for {len(self.group_dims)} class Gaussians but the score uses {len(gauss)}")
         out: dict[int, Tensor] = {}
         if gauss:
-            d = gaussian_distances([self.gaussians[i] for i in gauss], [feats[i] for i in gauss], self.group_indicator)
+            d = gaussian_distances([self.gaussians[i] for i in gauss], [feats[i] for i in gauss], self.group_indicator, self.group_dims)
             out.update({i: d[:, s] for s, i in enumerate(gauss)})
         if probes:
             d = probe_distances([self.probes[j] for j in probes], [feats[self.probed[j]] for j in probes], logits)

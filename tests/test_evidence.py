@@ -52,3 +52,24 @@ def test_any_column_plan_picks_the_right_columns_with_or_without_a_given_index()
     no_margin = [c for c in plan if c[0] != "margin"]
     assert torch.allclose(evidence.evidence_columns(no_margin, dists, logits), ref[:, [0, 2, 3, 4]])
     assert torch.allclose(evidence.evidence_columns([("margin", -1)], dists, logits), ref[:, [1]])
+
+
+def test_infinite_distances_give_an_infinite_gap_and_no_nan_gradient():
+    d = torch.tensor([[float("inf"), float("inf")], [1.0, 2.0]], requires_grad=True)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    plan = [("margin", -1), ("distance", 0)]
+    ev = evidence.evidence_columns(plan, {0: d}, logits)
+    ev[1].sum().backward()
+    assert torch.isfinite(d.grad).all() and torch.isfinite(logits.grad).all()
+    _, gap, _ = evidence.source_evidence(d.detach(), torch.tensor([0, 1]))
+    assert gap[0] == float("inf") and torch.isfinite(gap[1])
+
+
+def test_source_evidence_of_stacked_sources_equals_each_source():
+    g = torch.Generator().manual_seed(1)
+    d = torch.rand(6, 3, 4, generator=g) + 0.01
+    pred = torch.randint(0, 4, (6,), generator=g)
+    stacked = evidence.source_evidence(d, pred)
+    for s in range(3):
+        for a, b in zip(stacked, evidence.source_evidence(d[:, s], pred)):
+            assert torch.equal(a[:, s], b)

@@ -8,6 +8,7 @@ import torch
 
 import hfguard
 from hfguard.data import small_cnn, train_classifier
+from hfguard.reservoir import Reservoir
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,17 @@ def test_too_few_images_per_class_to_hold_any_out_is_a_clear_error(digits_model,
     idx = torch.cat([(digits.y_train == c).nonzero().flatten()[:2] for c in range(10)])
     with pytest.raises(DataError, match="too few clean samples to calibrate"):
         hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[idx], digits.y_train[idx]))
+
+
+def test_skipping_rows_the_image_sample_cannot_keep_changes_nothing(digits_model, digits, monkeypatch):
+    # attack_size=80 fills the self-attack image sample early, so most batches hold rows it rejects unseen
+    opts = dict(progress=False, attack_size=80, batch_size=64)
+    skipped, real = [], Reservoir.cannot_keep
+    monkeypatch.setattr(Reservoir, "cannot_keep", lambda self, p: skipped.append(int(real(self, p).sum())) or real(self, p))
+    lazy = hfguard.protect(digits_model, **opts).fit((digits.x_train, digits.y_train))
+    assert sum(skipped) > 500  # most rows never left the batch's device
+    monkeypatch.setattr(Reservoir, "cannot_keep", lambda self, p: torch.zeros(len(p), dtype=torch.bool))
+    eager = hfguard.protect(digits_model, **opts).fit((digits.x_train, digits.y_train))
+    assert lazy.fit_report["self_attacks"]["attempted"] == eager.fit_report["self_attacks"]["attempted"]
+    a, b = lazy.guard_state(), eager.guard_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

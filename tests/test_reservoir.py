@@ -62,11 +62,17 @@ def test_skipping_the_rows_cannot_keep_rejects_gives_the_same_sample_and_count()
     assert torch.equal(lazy.contents()["id"], full.contents()["id"]) and lazy.seen == full.seen == 500
 
 
-def test_priorities_in_chunks_are_the_same_function_of_each_row(monkeypatch):
+def test_priorities_on_a_cpu_never_chunk_and_never_write_the_input(monkeypatch):
     import hfguard.reservoir as reservoir
 
-    x = torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    x = torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    before = x.clone()
     whole = content_priority(x, seed=2)
-    monkeypatch.setattr(reservoir, "_CHUNK", 3 * 64 * 7)  # 7 rows at a time
-    assert torch.allclose(content_priority(x, seed=2), whole, atol=1e-9)
+    monkeypatch.setattr(reservoir, "_CHUNK", 3 * 64 * 7)  # 7 rows at a time, off a CPU
+    assert torch.equal(content_priority(x, seed=2), whole)  # a CPU's product is whole: the 0.6.0 digits
+    assert torch.equal(x, before)  # float64 input: the rounding works on a copy
     assert content_priority(x[:0]).shape == (0,)
+
+
+def test_an_empty_reservoir_of_no_capacity_keeps_nothing():
+    assert Reservoir(0).cannot_keep(torch.rand(3, dtype=torch.float64)).all()

@@ -34,10 +34,12 @@ def test_grouped_source_distances_equal_each_source_module(digits_model, digits)
 
 def test_derived_constants_are_not_saved_and_follow_the_layout(fitted, tmp_path):
     state = fitted.state_dict()
-    assert "group_indicator" not in state and "evidence_index" not in state
-    assert fitted.group_indicator.shape[1] == len(fitted._grouped_sources()[0])
+    assert not {"group_indicator", "group_dims", "evidence_index"} & set(state)
+    assert fitted.group_indicator.shape[1] == len(fitted._grouped_sources()[0]) == len(fitted.group_dims)
+    assert fitted.group_dims.dtype == torch.long  # exact divisors even in a reduced-precision guard
     assert torch.equal(fitted.evidence_index, evidence.column_index(fitted.score_columns))
     path = str(tmp_path / "g.safetensors")
     fitted.save(path)
     loaded = hfguard.load(path, fitted.model)
     assert torch.equal(loaded.group_indicator, fitted.group_indicator) and torch.equal(loaded.evidence_index, fitted.evidence_index)
+    assert torch.equal(loaded.group_dims, fitted.group_dims)

@@ -156,7 +156,7 @@ def _random_sources(dims, k=4, n=7, seed=0):
 def test_grouped_distances_equal_each_source_alone_values_and_gradients():
     dims = [5, 1, 12, 3]
     zs, ws, ms = _random_sources(dims)
-    got = grouped_sq_distances(torch.cat(zs, 1), ws, ms, group_indicator(dims, dtype=torch.float64))
+    got = grouped_sq_distances(torch.cat(zs, 1), ws, ms, group_indicator(dims, dtype=torch.float64), torch.tensor(dims))
     assert got.shape == (7, 4, 4)
     ref = torch.stack([class_sq_distances(z, w, m) for z, w, m in zip(zs, ws, ms)], 1)
     assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
