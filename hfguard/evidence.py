@@ -98,8 +98,9 @@ def evidence_columns(columns: Sequence[tuple[str, int]], dists: dict[int, Tensor
     """The evidence features named by ``columns`` (see :func:`parse_feature`) as (N, len(columns)).
 
     Every source's three features are computed at once on the stacked (N, S, K) distances (a fixed number of
-    kernels whatever the number of sources, :func:`source_evidence`), then the columns are picked by ``index`` (:func:`column_index` of ``columns``, built here when not given: pass it to keep a GPU
-    call free of host-to-device copies).
+    kernels whatever the number of sources, :func:`source_evidence`), then the columns are picked by ``index``
+    (:func:`column_index` of ``columns``, built here when not given: pass it to keep a GPU call free of
+    host-to-device copies).
     """
     srcs = _column_sources(columns)
     parts = []
