@@ -43,3 +43,19 @@ def test_derived_constants_are_not_saved_and_follow_the_layout(fitted, tmp_path)
     loaded = hfguard.load(path, fitted.model)
     assert torch.equal(loaded.group_indicator, fitted.group_indicator) and torch.equal(loaded.evidence_index, fitted.evidence_index)
     assert torch.equal(loaded.group_dims, fitted.group_dims)
+
+
+def test_grouped_maths_takes_half_precision_features(fitted, digits):
+    x = digits.x_test[:32]
+    with torch.no_grad():
+        logits, feats = fitted._features(x)
+        half = [None if f is None else f.to(torch.float16) for f in feats]
+        ref = fitted._source_distances(half)  # the CPU's per-source way
+        fitted._grouped = True
+        try:
+            got = fitted._source_distances(half)
+        finally:
+            fitted._grouped = None
+    for i in ref:
+        assert got[i].dtype == ref[i].dtype == torch.float32  # the statistics' dtype, whatever the features'
+        assert torch.allclose(got[i], ref[i], rtol=1e-4, atol=1e-5)
