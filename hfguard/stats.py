@@ -158,19 +158,20 @@ def fit_tied_gaussian(count: Tensor, sums: Tensor, scatter: Tensor, *, min_varia
 
 
 def class_sq_distances(z: Tensor, whitener: Tensor, white_means: Tensor) -> Tensor:
-    """Squared Mahalanobis distances of ``z`` (N, D) to every class, divided by D.
+    """Squared Mahalanobis distances of ``z`` (N, D) to every class, divided by D; with leading batch
+    dimensions on all three (e.g. S sources of one D), one such problem per batch entry.
 
     Args:
-        z: (N, D) features.
-        whitener: (D, D) whitening matrix.
-        white_means: (K, D) class means already multiplied by ``whitener``.
+        z: (..., N, D) features.
+        whitener: (..., D, D) whitening matrix.
+        white_means: (..., K, D) class means already multiplied by ``whitener``.
 
     Returns:
-        (N, K) distances; differentiable w.r.t. ``z``.
+        (..., N, K) distances; differentiable w.r.t. ``z``.
     """
     u = z @ whitener
-    d = (u * u).sum(1, keepdim=True) - 2.0 * u @ white_means.T + (white_means * white_means).sum(1)
-    return d.clamp_min(0.0) / z.shape[1]
+    d = (u * u).sum(-1, keepdim=True) - 2.0 * u @ white_means.transpose(-1, -2) + (white_means * white_means).sum(-1)[..., None, :]
+    return d.clamp_min(0.0) / z.shape[-1]
 
 
 def group_indicator(dims: Sequence[int], *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -215,16 +216,6 @@ def grouped_sq_distances(z: Tensor, whiteners: Sequence[Tensor], white_means: Se
 
 
 def batched_sq_distances(z: Tensor, whitener: Tensor, white_means: Tensor) -> Tensor:
-    """:func:`class_sq_distances` of S sources of one dimension D at once.
-
-    Args:
-        z: (S, N, D) features.
-        whitener: (S, D, D).
-        white_means: (S, K, D).
-
-    Returns:
-        (N, S, K) distances divided by D; differentiable w.r.t. ``z``.
-    """
-    u = z @ whitener
-    d = (u * u).sum(2, keepdim=True) - 2.0 * u @ white_means.transpose(1, 2) + (white_means * white_means).sum(2)[:, None, :]
-    return (d.clamp_min(0.0) / z.shape[2]).transpose(0, 1)
+    """:func:`class_sq_distances` of S sources of one dimension D at once: ``z`` (S, N, D), ``whitener`` (S, D, D),
+    ``white_means`` (S, K, D) -> (N, S, K) distances divided by D; differentiable w.r.t. ``z``."""
+    return class_sq_distances(z, whitener, white_means).transpose(0, 1)
