@@ -13,6 +13,7 @@ from hfguard.errors import (
     ModelError,
     ModelMismatchError,
     NotFittedError,
+    SettingsError,
     ShapeError,
     StateFileError,
 )
@@ -29,11 +30,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hfguard' has no attribute {name!r}")
 
 
-def load(path, model, **overrides) -> Guard:
+def load(path, model, *, verify_model: bool = True, **overrides) -> Guard:
     """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.loading.load_guard`)."""
     from hfguard.loading import load_guard
 
-    return load_guard(path, model, **overrides)
+    return load_guard(path, model, verify_model=verify_model, **overrides)
 
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "OnnxGuard",
     "HFGuardError",
     "NotFittedError",
+    "SettingsError",
     "InputError",
     "ShapeError",
     "DataError",

@@ -16,7 +16,23 @@ _X_KEYS = ("image", "images", "x", "input", "inputs", "pixel_values")
 _Y_KEYS = ("label", "labels", "y", "target", "targets")
 
 
+def _as_tensor(v: Any) -> Any:
+    """A NumPy array as a tensor (sharing its memory); anything else unchanged."""
+    if type(v).__module__ == "numpy" and hasattr(v, "__array__") and hasattr(v, "dtype"):
+        return torch.from_numpy(v) if getattr(v, "ndim", 0) else torch.as_tensor(v)
+    return v
+
+
+def _is_pair(data: Any) -> bool:
+    """``(x, y)`` of a whole dataset: an image tensor and its labels; two image batches (a list of two) are not a pair."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return False
+    x, y = (_as_tensor(v) for v in data)
+    return isinstance(x, Tensor) and x.dim() >= 3 and not (isinstance(y, Tensor) and y.dim() >= 3)
+
+
 def _split(item: Any, index: int) -> tuple[Tensor, Tensor | None]:
+    item = _as_tensor(item)
     if isinstance(item, Tensor):
         return item, None
     if isinstance(item, Mapping):
@@ -35,11 +51,15 @@ def _split(item: Any, index: int) -> tuple[Tensor, Tensor | None]:
 
 
 def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
+    x, y = _as_tensor(x), _as_tensor(y)
     if not isinstance(x, Tensor):
         raise DataError(f"batch {index}: images must be a torch.Tensor, got {type(x).__name__}")
     if y is not None:
         if not isinstance(y, Tensor):
-            y = torch.as_tensor(y)
+            try:
+                y = torch.as_tensor(y)
+            except (TypeError, ValueError, RuntimeError):
+                raise DataError(f"batch {index}: labels must be integer class indices, got {type(y).__name__} of {type(next(iter(y), None)).__name__}") from None
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"batch {index}: labels should be a 1-d tensor of {x.shape[0]} entries, got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -49,18 +69,22 @@ def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
 
 def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yields ``(x, y)`` batches (``y`` may be None) from a DataLoader, an iterable of
-    batches, an ``(x, y)`` pair of tensors, or a single tensor of images.
+    batches, an ``(x, y)`` pair of tensors, or a single tensor of images (NumPy arrays are taken as tensors).
 
     Raises:
         DataError: an item cannot be read as images (and labels).
     """
+    data = _as_tensor(data)
     if isinstance(data, Tensor):
         for i in range(0, data.shape[0], batch_size):
             yield _check(data[i : i + batch_size], None, i // batch_size)
         return
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3:
-        x, y = data
-        y = torch.as_tensor(y)
+    if _is_pair(data):
+        x, y = (_as_tensor(v) for v in data)
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise DataError(f"labels must be integer class indices, got {type(y).__name__} of {type(next(iter(y), None)).__name__}") from None
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise DataError(f"labels should be a 1-d tensor with one entry per image ({x.shape[0]}), got shape {tuple(y.shape)}")
         for i in range(0, x.shape[0], batch_size):
@@ -74,7 +98,8 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
 
 def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:
     """Number of batches ``iter_batches`` will yield, when it can be known without iterating (for progress bars)."""
-    if isinstance(data, Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and data[0].dim() >= 3):
-        n = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
+    data = _as_tensor(data)
+    if isinstance(data, Tensor) or _is_pair(data):
+        n = data.shape[0] if isinstance(data, Tensor) else _as_tensor(data[0]).shape[0]
         return -(-n // batch_size)
     return len(data) if hasattr(data, "__len__") else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "HFGuardError",
     "NotFittedError",
+    "SettingsError",
     "InputError",
     "ShapeError",
     "DataError",
@@ -26,6 +27,10 @@ class HFGuardError(Exception):
 
 class NotFittedError(HFGuardError, ValueError, AttributeError):
     """A guard was used before :meth:`Guard.fit` was called."""
+
+
+class SettingsError(HFGuardError, ValueError):
+    """A setting given to ``protect`` or ``load`` is invalid, unknown, or cannot change without fitting again."""
 
 
 class InputError(HFGuardError, ValueError):

@@ -32,9 +32,10 @@ from torch import Tensor
 from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.batches import batch_count_hint, iter_batches
 from hfguard.distributed import agree_on
-from hfguard.errors import DataError, ModelError
+from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
+from hfguard.fingerprint import model_fingerprint
 from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
@@ -57,13 +58,19 @@ MIN_FAMILY_ROWS = 50
 
 
 def fit_guard(guard: Any, data: Any, calibration_data: Any = None) -> Any:
-    """Fits ``guard`` on clean ``data`` (see :meth:`hfguard.Guard.fit`); on any error the guard is left as it was."""
-    saved = _snapshot(guard)
-    try:
-        _fit(guard, data, calibration_data)
-    except BaseException:
-        _restore(guard, saved)
-        raise
+    """Fits ``guard`` on clean ``data`` (see :meth:`hfguard.Guard.fit`); on any error the guard is left as it was.
+
+    Runs outside any caller's ``torch.inference_mode``: the learned buffers must be normal tensors (an inference
+    tensor can never take part in a gradient later: ``score().backward()``, attacks, ONNX export), and the
+    self-attacks need gradients.
+    """
+    with torch.inference_mode(False):
+        saved = _snapshot(guard)
+        try:
+            _fit(guard, data, calibration_data)
+        except BaseException:
+            _restore(guard, saved)
+            raise
     return guard
 
 
@@ -72,7 +79,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes")},
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
     }
 
 
@@ -128,7 +135,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         poolings.append([pooling.kind, pooling.size, pooling.channels, pooling.prefix])
         dims.append(dim)
     if guard.norm_mean.numel() not in (1, c):
-        raise ValueError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
+        raise SettingsError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
     tile = [spectrum.spectral_tile(h), spectrum.spectral_tile(w)]
     grid = spectrum.spectral_grid(*tile)
     sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(n) for n in layers)]  # a linear probe per layer (hfguard.probe)
@@ -243,6 +250,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         seconds={"statistics": t_stats, **report.pop("seconds"), "total": time.perf_counter() - t0},
     )
     guard.fit_report = report
+    guard._model_fingerprint = model_fingerprint(guard.model, guard, tuple(layout["input_shape"]))
     logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.calibrated_threshold), float(guard.sigma_))
 
 
@@ -287,7 +295,7 @@ def _agree(guard: Any, layout: dict[str, Any] | None, sums: SourceSums | None, i
 
 
 def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Tensor:
-    x, bad = guard._check_input(x, fitted=False)
+    x, bad = guard._check_input(x, fitted=False, nonfinite="flag")  # fit data with NaN/Inf is a DataError, whatever nonfinite says
     if bad is not None:
         raise DataError(f"batch {index} holds NaN or Inf values in {int(bad.sum())} images; fit needs clean, finite images")
     return x.to(device)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfguard.errors import InputError, ModelError
+from hfguard.errors import InputError, ModelError, SettingsError
 from hfguard.filters import lowpass
 from hfguard.fitting import fit_guard
 from hfguard.inputs import check_images
@@ -98,7 +98,9 @@ class Guard(FittedState):
             ``normalize``) warn, or raise under ``strict``.  ``None`` disables the check.
         strict: raise :class:`InputError` instead of warning for out-of-range pixels.
         nonfinite: ``"raise"`` (default) for NaN/Inf inputs, or ``"flag"``: such
-            rows get score ``inf`` and are flagged by ``check``/``detect``.
+            rows get score ``inf`` and are flagged by ``check``/``detect`` (their
+            values are zeroed first; under ``policy="filter"`` their logits are
+            filtered only if the zeroed image is flagged by its own score).
     """
 
     def __init__(
@@ -136,8 +138,9 @@ class Guard(FittedState):
         else:
             mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in normalize)
             if mean.shape != std.shape or (std <= 0).any():
-                raise ValueError(f"normalize must be (mean, std) with equal lengths and std > 0, got {normalize!r}")
-        super().__init__(mean, std)
+                raise SettingsError(f"normalize must be (mean, std) with equal lengths and std > 0, got {normalize!r}")
+        with torch.inference_mode(False):  # buffers made under a caller's inference_mode would be inference tensors for good
+            super().__init__(mean.clone(), std.clone())
         validate_settings(
             policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
             calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
@@ -176,7 +179,7 @@ class Guard(FittedState):
         with eval_mode(self.model) as flipped:
             if flipped and not self._warned_train:
                 self._warned_train = True
-                warnings.warn("the wrapped model is in training mode; hfguard evaluates it in eval mode and restores the mode afterwards", stacklevel=4)
+                warnings.warn("the wrapped model (or one of its submodules) is in training mode; hfguard evaluates it in eval mode and restores every mode afterwards", stacklevel=4)
             yield
 
     def _watched_modules(self) -> list[tuple[str, nn.Module]]:
@@ -190,12 +193,12 @@ class Guard(FittedState):
             raise ModelError(f"layers {missing} are not modules of the model; available: {[n for n, _ in self.model.named_modules()][1:20]}...")
         return out
 
-    def _check_input(self, x: Any, *, fitted: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Validates a batch (see :func:`hfguard.inputs.check_images`)."""
+    def _check_input(self, x: Any, *, fitted: bool = True, nonfinite: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """Validates a batch (see :func:`hfguard.inputs.check_images`); ``nonfinite`` overrides the guard's setting."""
         expected = tuple(self.layout["input_shape"]) if fitted and self.layout is not None else None
         dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
         return check_images(
-            x, expected_shape=expected, model_dtype=dtype, nonfinite=self.nonfinite, input_range=self.input_range, strict=self.strict,
+            x, expected_shape=expected, model_dtype=dtype, nonfinite=nonfinite or self.nonfinite, input_range=self.input_range, strict=self.strict,
             norm_mean=self.norm_mean, norm_std=self.norm_std, normalized=self.normalize is not None,
         )
 
@@ -310,14 +313,17 @@ class Guard(FittedState):
             return self._empty_verdict(x)
         with self._eval_model(), torch.no_grad():
             logits, score, origin = self._evaluate(x)
+            # the filter policy acts on the images' own scores; a row holding NaN/Inf (zeroed) is flagged on top, and
+            # its logits are the zeroed image's, filtered only if that image is flagged itself (as the ONNX graph does)
+            to_filter = score > self.calibrated_threshold
             if bad is not None:
                 score = score.masked_fill(bad, float("inf"))
-            flagged = score > self.calibrated_threshold
+            flagged = to_filter if bad is None else to_filter | bad
             filtered = torch.zeros_like(flagged)
-            if self.policy == "filter" and bool(flagged.any()):
+            if self.policy == "filter" and bool(to_filter.any()):
                 logits = logits.clone()
-                logits[flagged] = self._filtered_logits(x[flagged]).to(logits.dtype)
-                filtered = flagged.clone()
+                logits[to_filter] = self._filtered_logits(x[to_filter]).to(logits.dtype)
+                filtered = to_filter.clone()
             return Verdict(logits, score, flagged, filtered, logits.argmax(1), origin)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,40 +2,56 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hfguard.errors import ModelMismatchError, StateFileError
+from hfguard.errors import ModelMismatchError, SettingsError, StateFileError
+from hfguard.fingerprint import TOLERANCE, fingerprint_distance, model_fingerprint
 from hfguard.guard import Guard
 from hfguard.io import LOAD_OVERRIDES, read_guard_file
+from hfguard.modelmode import eval_mode
 from hfguard.taps import discover_layers
 
 __all__ = ["load_guard"]
 
 
-def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> Any:
+def load_guard(path: str | os.PathLike, model: nn.Module, *, verify_model: bool = True, **overrides: Any) -> Any:
     """Loads a guard saved by :meth:`Guard.save` around ``model``.
 
     Args:
         path: the file.
-        model: the same classifier the guard was fitted on.
+        model: the same classifier the guard was fitted on (same weights: its logits on a fixed probe input are
+            compared with those recorded at fit time, :mod:`hfguard.fingerprint`; a float16/bfloat16 copy passes).
+        verify_model: False skips that comparison (a model changed on purpose, e.g. quantised; the guard's
+            statistics then describe the original).
         overrides: settings to change: any of ``LOAD_OVERRIDES`` (e.g. ``policy="filter"``,
             ``filter_sigma=0.8``). Settings that shaped the learned state (``fpr``, ``layers``,
             ``normalize``, ...) can only change by fitting again.
 
     Raises:
-        ValueError: an override that cannot be honoured without fitting again.
+        SettingsError: an unknown override, or one that cannot be honoured without fitting again (a ``ValueError``).
         StateFileError: missing, truncated, tampered with or foreign file.
-        ModelMismatchError: ``model`` does not have the saved layers with the saved shapes.
+        ModelMismatchError: ``model`` does not have the saved layers with the saved shapes, or has other weights.
     """
+    # outside any caller's inference_mode: the buffers must stay usable by gradients (score().backward(), export)
+    with torch.inference_mode(False):
+        return _load(path, model, overrides, verify_model)
+
+
+def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], verify_model: bool) -> Any:
     header, tensors = read_guard_file(path)
     layout = header["spec"]  # the header key keeps its format-1 name
+    known = set(inspect.signature(Guard.__init__).parameters) - {"self", "model"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SettingsError(f"load() got unknown setting(s) {unknown}; settings load() can change: {list(LOAD_OVERRIDES)}")
     fixed = sorted(set(overrides) - set(LOAD_OVERRIDES))
     if fixed:
-        raise ValueError(
+        raise SettingsError(
             f"load() cannot change {fixed}: they shaped the learned state (threshold, statistics); fit the guard again with them. "
             f"Settings load() can change: {list(LOAD_OVERRIDES)}"
         )
@@ -61,12 +77,8 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
         raise ModelMismatchError(f"the model has no module(s) {missing}; this guard was saved for a model that has them")
     param = next(model.parameters(), None)
     example = torch.zeros(1, *layout["input_shape"], device=param.device if param is not None else "cpu", dtype=param.dtype if param is not None else torch.float32)
-    was_training = model.training
-    try:
-        model.eval()
+    with eval_mode(model):  # every submodule's own mode comes back (a BatchNorm the user froze stays frozen)
         infos, out = discover_layers(model, example, [(n, named[n]) for n in layout["layers"]])
-    finally:
-        model.train(was_training)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != layout["num_classes"]:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ModelMismatchError(f"the guard was fitted on a model with {layout['num_classes']} outputs; this model returns {got}")
@@ -74,6 +86,18 @@ def load_guard(path: str | os.PathLike, model: nn.Module, **overrides: Any) -> A
     for info in infos:
         if info.name in saved and list(info.shape) != saved[info.name]:
             raise ModelMismatchError(f"layer {info.name!r} outputs shape {list(info.shape)}; the guard was fitted on {saved[info.name]}")
+    saved_print = header.get("model_fingerprint")  # files of 0.6.1 and before have none
+    if saved_print is not None:
+        now = model_fingerprint(model, guard, tuple(layout["input_shape"]))
+        off = fingerprint_distance(saved_print, now)
+        if verify_model and off > TOLERANCE:
+            raise ModelMismatchError(
+                f"this model's logits on a fixed probe input differ from those of the model the guard was fitted on by up to {off:.3g} "
+                f"times their spread (a copy in another precision stays within {TOLERANCE}): it has other weights, and the guard's "
+                "statistics do not describe it. Fit a guard on this model, or pass verify_model=False if you changed it on purpose "
+                "(e.g. quantised it) and accept statistics of the original"
+            )
+        guard._model_fingerprint = saved_print
     guard._allocate(layout)
     own = guard.guard_state()
     if header["format_version"] < 3 and "threshold_" in tensors:  # renamed in format 3

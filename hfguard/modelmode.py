@@ -19,11 +19,17 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "any_training"]
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _ever_flipped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _registry_lock = threading.Lock()
+
+
+def any_training(model: nn.Module) -> bool:
+    """Whether ``model`` or any of its submodules is in training mode (a model in eval mode may hold a BatchNorm or a
+    dropout the user switched back to training, which would update statistics or fire on every call)."""
+    return any(m.training for m in model.modules())
 
 
 def _lock(model: nn.Module) -> threading.RLock:
@@ -43,11 +49,11 @@ def eval_mode(model: nn.Module) -> Iterator[bool]:
     """
     # read the mode first, then the flag: a thread that reads "eval" while another flips the model
     # then finds the flag, which the flipper sets before calling eval() and never clears
-    if not model.training and model not in _ever_flipped:
+    if not any_training(model) and model not in _ever_flipped:
         yield False
         return
     with _lock(model):
-        if not model.training:  # a nested call of this thread, or no flip needed now
+        if not any_training(model):  # a nested call of this thread, or no flip needed now
             yield False
             return
         _ever_flipped.add(model)

@@ -11,19 +11,31 @@ selected with ``Where`` (a graph has no data-dependent batch split).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hfguard.errors import InputError, ShapeError
+from hfguard.errors import InputError, ShapeError, StateFileError
 from hfguard.results import Verdict
 
 __all__ = ["export_onnx", "OnnxGuard", "OUTPUTS"]
 
 OUTPUTS = ("logits", "score", "flagged", "origin")
+
+
+@contextlib.contextmanager
+def _restored(modes: list[tuple[nn.Module, bool]]) -> Iterator[None]:
+    """Sets every module's ``training`` flag back to the recorded one on exit, even on error."""
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class _CheckGraph(nn.Module):
@@ -49,8 +61,13 @@ def export_onnx(guard: Any, path: str | os.PathLike, example_input: Tensor, *, o
     guard._require_fitted()
     x, _ = guard._check_input(example_input)
     graph = _CheckGraph(guard)
+    # torch.onnx.export puts the exported module back in the mode it found it in, recursively: a new wrapper is in
+    # training mode, which would switch the user's model (and every submodule) to training. Every module's own
+    # flag is restored here instead, whatever happens.
+    modes = [(m, m.training) for m in graph.modules()]
+    graph.training = False
     # traced with autograd on: the pooling then takes its reshape-mean form, whose sizes export as constants
-    with guard._eval_model(), warnings.catch_warnings():
+    with guard._eval_model(), warnings.catch_warnings(), _restored(modes):
         warnings.simplefilter("ignore")  # the tracer's notes on constant folding and Python values
         torch.onnx.export(
             graph,
@@ -83,6 +100,8 @@ class OnnxGuard:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
+        if not os.path.isfile(os.fspath(path)):
+            raise StateFileError(f"no ONNX file at {os.fspath(path)!r}")
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
@@ -95,10 +114,14 @@ class OnnxGuard:
         self.nonfinite = meta.get("hfguard_nonfinite", "raise")
 
     def check(self, x: Tensor) -> Any:
-        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-            raise InputError(f"expected a floating-point torch.Tensor of images, got {type(x).__name__}")
+        if not isinstance(x, Tensor):
+            raise InputError(f"expected a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise InputError(f"expected floating-point images (e.g. float32 in [0, 1]), got dtype {x.dtype}")
+        if x.dim() != 4:
+            raise ShapeError(f"expected a 4-d batch of images (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
         if tuple(x.shape[1:]) != self.input_shape:
-            raise ShapeError(f"this model takes images of shape {self.input_shape}, got {tuple(x.shape[1:])}")
+            raise ShapeError(f"this model takes images of shape (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}")
         x = x.detach().cpu().float()
         finite = torch.isfinite(x)
         bad = None

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hfguard.attacks import boundary_pgd, cw_l2, fgsm, pgd, square_linf
+from hfguard.errors import SettingsError
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILIES", "REGIMES", "SQUARE_QUERIES", "CW_STEPS", "SelfAttacks", "self_attacks", "resolve_families"]
 
@@ -90,7 +91,7 @@ def resolve_families(setting: str | tuple[str, ...] | list[str]) -> list[str]:
     """``"auto"`` (:data:`DEFAULT_FAMILIES`), ``"all"`` or a list of names, as a list in :data:`FAMILIES` order (the heads' order)."""
     chosen = DEFAULT_FAMILIES if setting == "auto" else tuple(FAMILIES) if setting == "all" else setting
     if isinstance(chosen, str) or not isinstance(chosen, (tuple, list)) or not chosen or any(f not in FAMILIES for f in chosen):
-        raise ValueError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
+        raise SettingsError(f"attack_families must be 'auto', 'all' or a non-empty list from {list(FAMILIES)}, got {setting!r}")
     return [f for f in FAMILIES if f in chosen]
 
 

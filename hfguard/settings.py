@@ -1,10 +1,11 @@
-"""Validation of the guard's settings (``protect(...)`` keyword arguments): one ``ValueError`` per broken contract."""
+"""Validation of the guard's settings (``protect(...)`` keyword arguments): one :class:`~hfguard.errors.SettingsError` (a ``ValueError``) per broken contract."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from hfguard.errors import SettingsError
 from hfguard.fitting import CALIBRATIONS
 from hfguard.selfattack import resolve_families
 
@@ -28,27 +29,27 @@ def validate_settings(
     input_range: Any,
     max_features: int = 512,
 ) -> None:
-    """Raises ``ValueError`` naming the setting, what it accepts and what it got."""
+    """Raises :class:`~hfguard.errors.SettingsError` naming the setting, what it accepts and what it got."""
     if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        raise SettingsError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not 0.0 < float(fpr) < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
+        raise SettingsError(f"fpr must be in (0, 1), got {fpr!r}")
     if not (layers == "auto" or (isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers))):
-        raise ValueError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
+        raise SettingsError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
     if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
-        raise ValueError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
+        raise SettingsError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
     if int(max_features) < 2:
-        raise ValueError(f"max_features must be at least 2 (a transformer layer keeps two token summaries), got {max_features!r}")
+        raise SettingsError(f"max_features must be at least 2 (a transformer layer keeps two token summaries), got {max_features!r}")
     if int(calibration_size) < 40:
-        raise ValueError(f"calibration_size must be at least 40, got {calibration_size!r}")
+        raise SettingsError(f"calibration_size must be at least 40, got {calibration_size!r}")
     if not (score_features in ("auto", "all") or (isinstance(score_features, (list, tuple)) and score_features)):
-        raise ValueError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
+        raise SettingsError(f"score_features must be 'auto', 'all' or a non-empty list of feature names, got {score_features!r}")
     if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+        raise SettingsError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if int(attack_size) < 50:
-        raise ValueError(f"attack_size must be at least 50, got {attack_size!r}")
+        raise SettingsError(f"attack_size must be at least 50, got {attack_size!r}")
     resolve_families(attack_families)  # raises ValueError on anything but "auto", "all" or a non-empty list of known families
     if nonfinite not in ("raise", "flag"):
-        raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
+        raise SettingsError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}")
     if input_range is not None and not (len(input_range) == 2 and float(input_range[0]) < float(input_range[1])):
-        raise ValueError(f"input_range must be (low, high) with low < high, got {input_range!r}")
+        raise SettingsError(f"input_range must be (low, high) with low < high, got {input_range!r}")

@@ -94,6 +94,7 @@ class FittedState(nn.Module):
         self.register_buffer("norm_std", norm_std.view(-1, 1, 1))
         self._hf_without_dc = False
         self._grouped: bool | None = None  # see _source_distances
+        self._model_fingerprint: list[float] | None = None  # set by fit and load (hfguard.fingerprint)
 
     @property
     def fitted(self) -> bool:

@@ -356,6 +356,25 @@ def test_nonfinite_rows_can_be_flagged(digits_model, digits):
         g(x)
     with pytest.raises(hfguard.DataError, match="NaN or Inf"):
         g.fit(x)
+    # defect: under the default nonfinite="raise", fit raised an InputError telling the user to pass nonfinite="flag"
+    with pytest.raises(hfguard.DataError, match="NaN or Inf"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit(x)
+    with pytest.raises(hfguard.DataError, match="NaN or Inf"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train), calibration_data=x)
+
+
+def test_two_unlabelled_batches_and_numpy_arrays_are_read_as_data(digits_model, digits):
+    """Defect: a list of exactly two image batches was read as an (x, y) pair; NumPy arrays were refused."""
+    ref = hfguard.protect(digits_model, progress=False, calibration="clean").fit(digits.x_train)
+    n = len(digits.x_train) // 2
+    two = hfguard.protect(digits_model, progress=False, calibration="clean").fit([digits.x_train[:n], digits.x_train[n:]])
+    x = digits.x_test[:8]
+    assert torch.allclose(two.score(x), ref.score(x), atol=1e-4)
+    labelled = hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    arrays = hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train.numpy(), digits.y_train.numpy()))
+    assert torch.allclose(arrays.score(x), labelled.score(x), atol=1e-4)
+    with pytest.raises(hfguard.DataError, match="integer class indices"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[:4], ["a", "b", "c", "d"]))
 
 
 def test_float64_input_is_cast_with_a_warning(fitted, digits):

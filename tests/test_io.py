@@ -319,3 +319,39 @@ def test_a_0_5_file_keeps_its_five_self_attack_families(fitted, digits_model, di
     assert torch.allclose(g.score(x), expected, atol=1e-5)
     g.fit((digits.x_train, digits.y_train))
     assert list(g.fit_report["heads"]) == five and g.head_weight.shape[0] == 5
+
+
+def test_load_keeps_each_submodule_mode(saved, digits_model):
+    """Defect: load() ran model.eval() then model.train(was_training) on the whole tree, unfreezing a submodule
+    the user had put in eval mode inside a model in training mode."""
+    digits_model.train()
+    digits_model[0].eval()
+    modes = [m.training for m in digits_model.modules()]
+    try:
+        hfguard.load(str(saved), digits_model)
+        assert [m.training for m in digits_model.modules()] == modes
+    finally:
+        digits_model.eval()
+
+
+def test_a_model_with_other_weights_is_refused(saved, digits_model, digits):
+    """Defect: a model of the same architecture with other weights loaded silently (and flagged every image)."""
+    torch.manual_seed(5)
+    other = small_cnn(1, 10, 8).eval()
+    with pytest.raises(hfguard.ModelMismatchError, match="other weights"):
+        hfguard.load(str(saved), other)
+    hfguard.load(str(saved), other, verify_model=False)  # the user's call, on purpose
+    import copy
+
+    half = copy.deepcopy(digits_model).to(torch.bfloat16)  # the same model in another precision passes
+    assert hfguard.load(str(saved), half).score(digits.x_test[:4].to(torch.bfloat16)).shape == (4,)
+
+
+def test_load_names_an_unknown_override(saved, digits_model):
+    with pytest.raises(hfguard.SettingsError, match="unknown setting.*polcy"):
+        hfguard.load(str(saved), digits_model, polcy="filter")
+
+
+def test_save_into_a_missing_directory_says_so(fitted, tmp_path):
+    with pytest.raises(hfguard.StateFileError, match="does not exist"):
+        fitted.save(str(tmp_path / "no-such-dir" / "g.safetensors"))

@@ -57,6 +57,13 @@ def test_nan_rows_are_flagged_like_guard_check(digits_model, digits, tmp_path):
     v, o = g.check(x), og.check(x)
     assert o.flagged[1] and o.flagged[4] and torch.isinf(o.score[[1, 4]]).all()
     assert torch.equal(o.flagged, v.flagged)
+    # under the filter policy too: the zeroed image's own score decides its filtering, in both (defect: torch filtered every NaN row)
+    gf = hfguard.load(str(_saved(g, tmp_path)), digits_model, policy="filter")
+    gf.export_onnx(str(tmp_path / "f.onnx"), digits.x_test[:2])
+    vf, of = gf.check(x), hfguard.OnnxGuard(str(tmp_path / "f.onnx")).check(x)
+    assert torch.equal(vf.flagged, of.flagged) and torch.equal(vf.filtered, of.filtered)
+    assert torch.allclose(vf.logits, of.logits, atol=1e-3)
+    assert not vf.filtered[[1, 4]].any()  # the zeroed images of this batch are not suspicious themselves
     strict = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
     strict.export_onnx(str(tmp_path / "s.onnx"), digits.x_test[:2])
     with pytest.raises(hfguard.InputError, match="NaN"):
@@ -74,3 +81,34 @@ def test_a_map_the_pooling_grid_does_not_divide_exports(tmp_path):
     g = hfguard.protect(m, progress=False, calibration_size=40, calibration="clean").fit((x, torch.arange(120) % 5))
     assert 30 % g.poolings["1"].size and 15 % g.poolings["4"].size  # neither map divides by its pooling grid
     _parity(g, x[:16], tmp_path / "c30.onnx")
+
+
+def _saved(guard, tmp_path):
+    path = tmp_path / "guard.safetensors"
+    guard.save(str(path))
+    return path
+
+
+def test_export_leaves_every_module_mode_as_it_was(fitted, digits, tmp_path):
+    """Defect: torch.onnx.export put the exported wrapper back in training mode, recursively: the user's model came
+    back in training mode (BatchNorm then updated its statistics on every plain call)."""
+    model = fitted.model
+    for mode in ([False] * len(list(model.modules())), [i % 2 == 1 for i in range(len(list(model.modules())))]):
+        for m, t in zip(model.modules(), mode):
+            m.training = t
+        guard_modes = [m.training for m in fitted.modules() if m is not model and not any(m is s for s in model.modules())]
+        fitted.export_onnx(str(tmp_path / "g.onnx"), digits.x_test[:2])
+        assert [m.training for m in model.modules()] == mode
+        assert [m.training for m in fitted.modules() if m is not model and not any(m is s for s in model.modules())] == guard_modes
+    model.eval()
+
+
+def test_onnx_guard_errors_name_what_was_got(fitted, digits, tmp_path):
+    with pytest.raises(hfguard.StateFileError, match="no ONNX file"):
+        hfguard.OnnxGuard(str(tmp_path / "missing.onnx"))
+    fitted.export_onnx(str(tmp_path / "g.onnx"), digits.x_test[:2])
+    og = hfguard.OnnxGuard(str(tmp_path / "g.onnx"))
+    with pytest.raises(hfguard.InputError, match="uint8"):
+        og.check(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(hfguard.ShapeError, match="4-d"):
+        og.check(torch.zeros(1, 8, 8))

@@ -5,6 +5,7 @@ import warnings
 import torch
 
 import hfguard
+import hfguard.data
 
 
 def test_check_under_inference_mode(fitted, digits):
@@ -83,3 +84,48 @@ def test_data_parallel_is_refused_clearly(digits_model):
 
     with pytest.raises(hfguard.ModelError, match=r"protect\(model.module\)"):
         hfguard.protect(nn.DataParallel(digits_model))
+
+
+def _bn_dropout_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Dropout(0.5), torch.nn.Linear(8 * 64, 10),
+    )
+
+
+def test_protect_load_and_fit_under_inference_mode_give_a_guard_gradients_can_use(digits, digits_model, tmp_path):
+    """Defect: a guard built or loaded under torch.inference_mode had inference-tensor buffers, so score().backward(),
+    inspect(differentiable=True) and export_onnx failed for good; fit under it failed in the self-attacks."""
+    x = digits.x_test[:4].clone().requires_grad_()
+    with torch.inference_mode():
+        g = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+    assert not any(b.is_inference() for b in g.buffers())
+    g.score(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    g.save(str(tmp_path / "g.safetensors"))
+    with torch.inference_mode():
+        loaded = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
+    assert not any(b.is_inference() for b in loaded.buffers())
+    loaded.inspect(digits.x_test[:2], differentiable=True)
+    loaded.export_onnx(str(tmp_path / "g.onnx"), digits.x_test[:2])
+
+
+def test_a_submodule_left_in_training_mode_is_evaluated_in_eval_mode(digits):
+    """Defect: only model.training was looked at, so a model in eval mode holding a BatchNorm or a dropout in
+    training mode ran them as such: running statistics moved and two identical checks differed."""
+    net = _bn_dropout_net()
+    hfguard.data.train_classifier(net, digits.x_train, digits.y_train, epochs=2, seed=0)
+    net.eval()
+    g = hfguard.protect(net, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    net[1].train()
+    net[4].train()
+    modes = [m.training for m in net.modules()]
+    stats = (net[1].running_mean.clone(), int(net[1].num_batches_tracked))
+    x = digits.x_test[:32]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the training-mode note
+        a, b = g.check(x), g.check(x)
+    assert torch.equal(a.score, b.score)
+    assert torch.equal(net[1].running_mean, stats[0]) and int(net[1].num_batches_tracked) == stats[1]
+    assert [m.training for m in net.modules()] == modes
