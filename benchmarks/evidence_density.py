@@ -1,0 +1,175 @@
+"""Would class-specific density evidence help the combiner? Measured on a VALIDATION split (never the bench's images).
+
+The guard models each source (watched layer, logits) as class Gaussians with ONE shared covariance (a tied,
+LDA-like model): cheap at ``check`` time (one D x D product per source) and well estimated from little data.
+This script asks what two richer density models of the same pooled features would add, each as extra sources
+whose three evidence columns (distance to the predicted class, trajectory gap, distance to the nearest class;
+:func:`hfguard.evidence.source_evidence`) sit beside the guard's own:
+
+* ``QDA``: one covariance per class (shrunk 10 % towards its mean variance), the squared Mahalanobis distance
+  to each class under its own covariance (per image: K products of D x D, K times the guard's cost);
+* ``kNN``: per class, the mean squared Euclidean distance (features standardised over all classes) to the
+  5 nearest of 200 training images of that class (Deep-kNN-like; per image: 200 K distances of length D).
+
+Both are fitted on the pooled features of 20000 training images. The rest is the recipe of
+``evidence_energy.py``: a guard fitted as the README shows (training split, ``calibration_data`` = the 5000
+held-out training images); its evidence columns plus the extra ones standardised per predicted class on the
+first half of the calibration split; one head per self-attack family (attacks of 2000 training images, the
+guard's families), each head's clean tail aligned as ``fit`` does; the threshold at 5 % on the second half.
+AUROC over the successful adversarials of test images 5000-5999 (the bench reports on 0-999). These are head
+refits on the guard's features, not full fits: the comparison between rows is the point.
+
+Run:  python benchmarks/evidence_density.py
+Writes benchmarks/results/evidence-density.{json,md}.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from combiner_validation import validation_attacks, validation_split, write_results  # benchmarks/
+
+import hfguard
+from hfguard import calibrate, combiner
+from hfguard.data import cached_model
+from hfguard.evaluate import auroc
+from hfguard.evidence import source_evidence
+from hfguard.fitting import _model_input
+from hfguard.selfattack import self_attacks
+
+SHRINK, BANK, NEIGHBOURS, FIT_IMAGES = 0.1, 200, 5, 20000
+
+
+class QDA:
+    """Class means and per-class whiteners (Cholesky factors of the shrunk precision) of features (N, D)."""
+
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, k: int) -> None:
+        z = z.double()
+        self.means, whiteners = [], []
+        for c in range(k):
+            zc = z[y == c]
+            a = zc - zc.mean(0)
+            s = a.T @ a / len(a)
+            s = (1 - SHRINK) * s + SHRINK * s.diagonal().mean() * torch.eye(len(s), dtype=s.dtype)
+            self.means.append(zc.mean(0))
+            whiteners.append(torch.linalg.cholesky(torch.linalg.inv(s)))
+        self.whiteners = whiteners
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        q = q.double()
+        return torch.stack([((q - m) @ w).square().sum(1) / q.shape[1] for m, w in zip(self.means, self.whiteners)], 1)
+
+
+class KNN:
+    """Per class, the mean squared distance to the ``NEIGHBOURS`` nearest of ``BANK`` standardised training features."""
+
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, k: int) -> None:
+        z = z.double()
+        g = torch.Generator().manual_seed(0)
+        self.mean, self.std = z.mean(0), z.std(0) + 1e-6
+        self.banks = []
+        for c in range(k):
+            zc = z[y == c]
+            self.banks.append((zc[torch.randperm(len(zc), generator=g)[:BANK]] - self.mean) / self.std)
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        q = (q.double() - self.mean) / self.std
+        return torch.stack([torch.cdist(q, b).topk(NEIGHBOURS, largest=False).values.square().mean(1) / q.shape[1] for b in self.banks], 1)
+
+
+def pooled(guard, pixels: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The guard's evidence columns (N, F) and the pooled features of every source."""
+    evs, feats_all = [], []
+    with guard._eval_model(), torch.no_grad():
+        for i in range(0, len(pixels), batch):
+            logits, feats = guard._features(_model_input(guard, pixels[i : i + batch]))
+            feats = [f.float() for f in feats]
+            evs.append(guard._evidence(logits, guard._source_distances(feats)).double())
+            feats_all.append(feats)
+    return torch.cat(evs), [torch.cat(f) for f in zip(*feats_all)]
+
+
+def main(attack_images: int = 2000) -> None:
+    t0 = time.time()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    train, validation, xv, yv = validation_split(1000)
+    result: dict = {"command": "python benchmarks/evidence_density.py", "hfguard": hfguard.__version__, "models": {}}
+    md = ["# Class-specific density evidence (QDA, kNN): head refits on a validation split", "",
+          "Command: `python benchmarks/evidence_density.py` (see its docstring). AUROC over successful adversarials of Fashion-MNIST "
+          "test images 5000-5999; TPR on PGD 0.1 and the clean FPR at the 5 % threshold on the validation images. "
+          f"QDA: per-class covariance shrunk {SHRINK:.0%}; kNN: {NEIGHBOURS} nearest of {BANK} training images per class; both on the "
+          f"pooled features of {FIT_IMAGES} training images, for every watched layer and the logits.", ""]
+    for arch in ("cnn", "resnet"):
+        model = cached_model("fashion-mnist", arch)
+        guard = hfguard.protect(model, progress=False).fit(train, calibration_data=validation)
+        k = guard.layout["num_classes"]
+        _, f_tr = pooled(guard, train[0][:FIT_IMAGES])
+        sources = range(len(guard.layers) + 1)  # watched layers and the logits
+        models = {"QDA": [QDA(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources], "kNN": [KNN(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources]}
+        xs, ys = train[0][:attack_images], train[1][:attack_images]
+        with torch.no_grad():
+            ok = model(xs).argmax(1) == ys
+        with torch.enable_grad():
+            sa = self_attacks(lambda p: model(p), xs[ok], ys[ok], seed=0, families=guard.attack_families)
+        adv = validation_attacks(model, xv, yv)
+
+        def columns(pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            ev, feats = pooled(guard, pixels)
+            pred = feats[len(guard.layers)].argmax(1)
+            out = {"guard": ev}
+            for name, per_source in models.items():
+                out[name] = torch.cat([torch.stack(source_evidence(m(feats[s]), pred), 1) for s, m in zip(sources, per_source)], 1)
+            return out, pred
+
+        e_cal, p_cal = columns(validation[0])
+        half = len(p_cal) // 2
+        e_sa, p_sa = columns(sa.pixels)
+        e_val, p_val = columns(xv)
+        e_adv = {name: columns(v) for name, v in adv.items()}
+        rows = {}
+        for variant, extra in {"guard's evidence (baseline)": [], "+ QDA": ["QDA"], "+ kNN": ["kNN"], "+ QDA and kNN": ["QDA", "kNN"]}.items():
+            def cat(e: dict[str, torch.Tensor], extra=extra) -> torch.Tensor:
+                return torch.cat([e["guard"], *(e[x] for x in extra)], 1)
+
+            mean, std = calibrate.fit_standardizer(cat(e_cal)[:half], p_cal[:half], k)
+
+            def z(e, p, mean=mean, std=std, cat=cat):
+                return calibrate.standardize(cat(e), p, mean, std)
+
+            z_fit = z({n: v[:half] for n, v in e_cal.items()}, p_cal[:half])
+            heads = []
+            for fam in guard.attack_families:
+                mask = sa.family_mask(fam)
+                if int(mask.sum()) < 10:
+                    continue
+                w, b = combiner.fit_logistic_head(z_fit, z(e_sa, p_sa)[mask])
+                heads.append(combiner.standardised_head(w, b, z_fit))
+            weight = torch.stack([w for w, _ in heads])
+            bias = torch.tensor([b for _, b in heads], dtype=weight.dtype)
+
+            def score(zz, weight=weight, bias=bias):
+                return combiner.head_score(zz, weight, bias)
+
+            thr = calibrate.threshold_at_fpr(score(z({n: v[half:] for n, v in e_cal.items()}, p_cal[half:])), 0.05)
+            clean = score(z(e_val, p_val))
+            row = {name: auroc(clean, score(z(*v)), bootstrap=0)[0] for name, v in e_adv.items()}
+            row["TPR PGD 0.1"] = float((score(z(*e_adv["PGD 0.1"])) > thr).float().mean())
+            row["clean FPR"] = float((clean > thr).float().mean())
+            rows[variant] = row
+            print(arch, variant, {n: round(v, 3) for n, v in row.items()}, flush=True)
+        dims = [int(f.shape[1]) for f in f_tr[: len(guard.layers) + 1]]
+        result["models"][arch] = {"layers": guard.layers, "feature_dims": dims, "families": guard.attack_families,
+                                  "successful": {n: len(v) for n, v in adv.items()}, "rows": rows}
+        keys = list(next(iter(rows.values())))
+        md += [f"## {arch} (watched {guard.layers}, feature dims {dims} + logits; successful validation adversarials "
+               f"{({n: len(v) for n, v in adv.items()})})", "",
+               "| evidence | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        md += [f"| {n} | " + " | ".join(f"{r[c]:.3f}" for c in keys) + " |" for n, r in rows.items()] + [""]
+    write_results("evidence-density", result, md, t0)
+
+
+if __name__ == "__main__":
+    main()
