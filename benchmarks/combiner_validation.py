@@ -79,6 +79,41 @@ def square_validation_attack(model: torch.nn.Module, xv: torch.Tensor, yv: torch
         return sq[model(sq).argmax(1) != yv[:n][ok]]
 
 
+def head_refit_row(families: list[str], family_mask, k: int, cal: tuple, attacked: tuple, val: tuple, adv: dict[str, tuple]) -> dict[str, float]:
+    """One row of a head-refit experiment on evidence columns already chosen (each argument an ``(evidence (N, F),
+    predictions)`` pair): standardise per predicted class on the first half of the calibration rows, fit one logistic
+    head per self-attack family with at least 10 successes (``family_mask(family)`` picks its rows of ``attacked``),
+    align each head's clean tail as ``fit`` does, set the threshold at 5 % on the second half; AUROC of every
+    attack in ``adv`` against the clean validation rows, the TPR on PGD 0.1 at the threshold and the clean FPR."""
+    e_cal, p_cal = cal
+    half = len(p_cal) // 2
+    mean, std = calibrate.fit_standardizer(e_cal[:half], p_cal[:half], k)
+
+    def z(e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return calibrate.standardize(e, p, mean, std)
+
+    z_fit, z_attacked = z(e_cal[:half], p_cal[:half]), z(*attacked)
+    heads = []
+    for fam in families:
+        mask = family_mask(fam)
+        if int(mask.sum()) < 10:
+            continue
+        w, b = combiner.fit_logistic_head(z_fit, z_attacked[mask])
+        heads.append(combiner.standardised_head(w, b, z_fit))
+    weight = torch.stack([w for w, _ in heads])
+    bias = torch.tensor([b for _, b in heads], dtype=weight.dtype)
+
+    def score(zz: torch.Tensor) -> torch.Tensor:
+        return combiner.head_score(zz, weight, bias)
+
+    thr = calibrate.threshold_at_fpr(score(z(e_cal[half:], p_cal[half:])), 0.05)
+    clean = score(z(*val))
+    row = {name: auroc(clean, score(z(*v)), bootstrap=0)[0] for name, v in adv.items()}
+    row["TPR PGD 0.1"] = float((score(z(*adv["PGD 0.1"])) > thr).float().mean())
+    row["clean FPR"] = float((clean > thr).float().mean())
+    return row
+
+
 def write_results(stem: str, result: dict, md: list[str], t0: float) -> None:
     """Writes ``benchmarks/results/<stem>.json`` (with the run's seconds) and ``<stem>.md``."""
     result["seconds"] = time.time() - t0

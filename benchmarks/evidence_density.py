@@ -9,7 +9,11 @@ whose three evidence columns (distance to the predicted class, trajectory gap, d
 * ``QDA``: one covariance per class (shrunk 10 % towards its mean variance), the squared Mahalanobis distance
   to each class under its own covariance (per image: K products of D x D, K times the guard's cost);
 * ``kNN``: per class, the mean squared Euclidean distance (features standardised over all classes) to the
-  5 nearest of 200 training images of that class (Deep-kNN-like; per image: 200 K distances of length D).
+  5 nearest of 200 training images of that class (Deep-kNN-like; per image: 200 K distances of length D);
+* ``bank kNN``: one bank of M training images whatever the class count (M = 2000 or 500), two columns per
+  source instead of three: the log mean squared distance to the 10 nearest (how far from the training data)
+  and the share of those 10 whose label is not the predicted class (piecewise constant: no gradient); and
+  the distance column alone (differentiable everywhere, what an adaptive attack can follow).
 
 Both are fitted on the pooled features of 20000 training images. The rest is the recipe of
 ``evidence_energy.py``: a guard fitted as the README shows (training split, ``calibration_data`` = the 5000
@@ -29,17 +33,15 @@ import time
 import warnings
 
 import torch
-from combiner_validation import validation_attacks, validation_split, write_results  # benchmarks/
+from combiner_validation import head_refit_row, validation_attacks, validation_split, write_results  # benchmarks/
 
 import hfguard
-from hfguard import calibrate, combiner
 from hfguard.data import cached_model
-from hfguard.evaluate import auroc
 from hfguard.evidence import source_evidence
 from hfguard.fitting import _model_input
 from hfguard.selfattack import self_attacks
 
-SHRINK, BANK, NEIGHBOURS, FIT_IMAGES = 0.1, 200, 5, 20000
+SHRINK, BANK, NEIGHBOURS, FIT_IMAGES, NEIGHBOURS_BANK = 0.1, 200, 5, 20000, 10
 
 
 class QDA:
@@ -79,6 +81,23 @@ class KNN:
         return torch.stack([torch.cdist(q, b).topk(NEIGHBOURS, largest=False).values.square().mean(1) / q.shape[1] for b in self.banks], 1)
 
 
+class Bank:
+    """One bank of ``m`` standardised training features, whatever the class count: per query, the log mean squared
+    distance to the ``NEIGHBOURS_BANK`` nearest and the share of them labelled other than the predicted class."""
+
+    def __init__(self, z: torch.Tensor, y: torch.Tensor, m: int) -> None:
+        z = z.double()
+        idx = torch.randperm(len(z), generator=torch.Generator().manual_seed(1))[:m]
+        self.mean, self.std = z.mean(0), z.std(0) + 1e-6
+        self.bank, self.labels = (z[idx] - self.mean) / self.std, y[idx]
+
+    def __call__(self, q: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        q = (q.double() - self.mean) / self.std
+        d, nearest = torch.cdist(q, self.bank).topk(NEIGHBOURS_BANK, largest=False)
+        far = torch.log(d.square().mean(1) / q.shape[1] + 1e-6)
+        return torch.stack([far, (self.labels[nearest] != pred[:, None]).double().mean(1)], 1)
+
+
 def pooled(guard, pixels: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The guard's evidence columns (N, F) and the pooled features of every source."""
     evs, feats_all = [], []
@@ -101,7 +120,8 @@ def main(attack_images: int = 2000) -> None:
           "Command: `python benchmarks/evidence_density.py` (see its docstring). AUROC over successful adversarials of Fashion-MNIST "
           "test images 5000-5999; TPR on PGD 0.1 and the clean FPR at the 5 % threshold on the validation images. "
           f"QDA: per-class covariance shrunk {SHRINK:.0%}; kNN: {NEIGHBOURS} nearest of {BANK} training images per class; both on the "
-          f"pooled features of {FIT_IMAGES} training images, for every watched layer and the logits.", ""]
+          f"pooled features of {FIT_IMAGES} training images, for every watched layer and the logits; bank kNN: the {NEIGHBOURS_BANK} "
+          "nearest of one bank of training images (2000 or 500, any class).", ""]
     for arch in ("cnn", "resnet"):
         model = cached_model("fashion-mnist", arch)
         guard = hfguard.protect(model, progress=False).fit(train, calibration_data=validation)
@@ -109,6 +129,7 @@ def main(attack_images: int = 2000) -> None:
         _, f_tr = pooled(guard, train[0][:FIT_IMAGES])
         sources = range(len(guard.layers) + 1)  # watched layers and the logits
         models = {"QDA": [QDA(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources], "kNN": [KNN(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources]}
+        banks = {f"bank {m}": [Bank(f_tr[s], train[1][:FIT_IMAGES], m) for s in sources] for m in (2000, 500)}
         xs, ys = train[0][:attack_images], train[1][:attack_images]
         with torch.no_grad():
             ok = model(xs).argmax(1) == ys
@@ -122,42 +143,26 @@ def main(attack_images: int = 2000) -> None:
             out = {"guard": ev}
             for name, per_source in models.items():
                 out[name] = torch.cat([torch.stack(source_evidence(m(feats[s]), pred), 1) for s, m in zip(sources, per_source)], 1)
+            for name, per_source in banks.items():
+                out[name] = torch.cat([b(feats[s], pred) for s, b in zip(sources, per_source)], 1)
+            out["bank 2000 distance"] = out["bank 2000"][:, 0::2]
             return out, pred
 
         e_cal, p_cal = columns(validation[0])
-        half = len(p_cal) // 2
         e_sa, p_sa = columns(sa.pixels)
         e_val, p_val = columns(xv)
         e_adv = {name: columns(v) for name, v in adv.items()}
         rows = {}
-        for variant, extra in {"guard's evidence (baseline)": [], "+ QDA": ["QDA"], "+ kNN": ["kNN"], "+ QDA and kNN": ["QDA", "kNN"]}.items():
-            def cat(e: dict[str, torch.Tensor], extra=extra) -> torch.Tensor:
-                return torch.cat([e["guard"], *(e[x] for x in extra)], 1)
+        variants = {"guard's evidence (baseline)": [], "+ QDA": ["QDA"], "+ kNN": ["kNN"], "+ QDA and kNN": ["QDA", "kNN"],
+                    "+ bank kNN (2000 images, distance and disagreement)": ["bank 2000"],
+                    "+ bank kNN (2000 images, distance only)": ["bank 2000 distance"],
+                    "+ bank kNN (500 images, distance and disagreement)": ["bank 500"]}
+        for variant, extra in variants.items():
+            def cols(e: tuple, extra=extra) -> tuple:
+                return torch.cat([e[0]["guard"], *(e[0][x] for x in extra)], 1), e[1]
 
-            mean, std = calibrate.fit_standardizer(cat(e_cal)[:half], p_cal[:half], k)
-
-            def z(e, p, mean=mean, std=std, cat=cat):
-                return calibrate.standardize(cat(e), p, mean, std)
-
-            z_fit = z({n: v[:half] for n, v in e_cal.items()}, p_cal[:half])
-            heads = []
-            for fam in guard.attack_families:
-                mask = sa.family_mask(fam)
-                if int(mask.sum()) < 10:
-                    continue
-                w, b = combiner.fit_logistic_head(z_fit, z(e_sa, p_sa)[mask])
-                heads.append(combiner.standardised_head(w, b, z_fit))
-            weight = torch.stack([w for w, _ in heads])
-            bias = torch.tensor([b for _, b in heads], dtype=weight.dtype)
-
-            def score(zz, weight=weight, bias=bias):
-                return combiner.head_score(zz, weight, bias)
-
-            thr = calibrate.threshold_at_fpr(score(z({n: v[half:] for n, v in e_cal.items()}, p_cal[half:])), 0.05)
-            clean = score(z(e_val, p_val))
-            row = {name: auroc(clean, score(z(*v)), bootstrap=0)[0] for name, v in e_adv.items()}
-            row["TPR PGD 0.1"] = float((score(z(*e_adv["PGD 0.1"])) > thr).float().mean())
-            row["clean FPR"] = float((clean > thr).float().mean())
+            row = head_refit_row(guard.attack_families, sa.family_mask, k, cols((e_cal, p_cal)), cols((e_sa, p_sa)), cols((e_val, p_val)),
+                                 {name: cols(v) for name, v in e_adv.items()})
             rows[variant] = row
             print(arch, variant, {n: round(v, 3) for n, v in row.items()}, flush=True)
         dims = [int(f.shape[1]) for f in f_tr[: len(guard.layers) + 1]]

@@ -27,12 +27,10 @@ import time
 import warnings
 
 import torch
-from combiner_validation import validation_attacks, validation_split, write_results  # benchmarks/
+from combiner_validation import head_refit_row, validation_attacks, validation_split, write_results  # benchmarks/
 
 import hfguard
-from hfguard import calibrate, combiner
 from hfguard.data import cached_model
-from hfguard.evaluate import auroc
 from hfguard.fitting import _model_input
 from hfguard.selfattack import self_attacks
 
@@ -85,37 +83,18 @@ def main(attack_images: int = 2000) -> None:
             sa = self_attacks(lambda p: model(p), xs[ok], ys[ok], seed=0, families=guard.attack_families)
         adv = validation_attacks(model, xv, yv)
         e_cal, p_cal = columns(guard, validation[0])
-        half = len(e_cal) // 2
         e_sa, p_sa = columns(guard, sa.pixels)
         e_val, p_val = columns(guard, xv)
         e_adv = {k: columns(guard, v) for k, v in adv.items()}
         rows = {}
         for name, extra in VARIANTS.items():
             keep = list(range(nf)) + [nf + list(EXTRAS).index(e) for e in extra]
-            mean, std = calibrate.fit_standardizer(e_cal[:half][:, keep], p_cal[:half], 10)
 
-            def z(e, p, keep=keep, mean=mean, std=std):
-                return calibrate.standardize(e[:, keep], p, mean, std)
+            def cols(e: tuple, keep=keep) -> tuple:
+                return e[0][:, keep], e[1]
 
-            z_fit = z(e_cal[:half], p_cal[:half])
-            heads = []
-            for fam in guard.attack_families:
-                mask = sa.family_mask(fam)
-                if int(mask.sum()) < 10:
-                    continue
-                w, b = combiner.fit_logistic_head(z_fit, z(e_sa, p_sa)[mask])
-                heads.append(combiner.standardised_head(w, b, z_fit))
-            weight = torch.stack([w for w, _ in heads])
-            bias = torch.tensor([b for _, b in heads], dtype=weight.dtype)
-
-            def score(zz, weight=weight, bias=bias):
-                return combiner.head_score(zz, weight, bias)
-
-            thr = calibrate.threshold_at_fpr(score(z(e_cal[half:], p_cal[half:])), 0.05)
-            clean = score(z(e_val, p_val))
-            row = {k: auroc(clean, score(z(*v)), bootstrap=0)[0] for k, v in e_adv.items()}
-            row["TPR PGD 0.1"] = float((score(z(*e_adv["PGD 0.1"])) > thr).float().mean())
-            row["clean FPR"] = float((clean > thr).float().mean())
+            row = head_refit_row(guard.attack_families, sa.family_mask, 10, cols((e_cal, p_cal)), cols((e_sa, p_sa)), cols((e_val, p_val)),
+                                 {k: cols(v) for k, v in e_adv.items()})
             rows[name] = row
             print(arch, name, {k: round(v, 3) for k, v in row.items()}, flush=True)
         result["models"][arch] = {"layers": guard.layers, "families": guard.attack_families, "successful": {k: len(v) for k, v in adv.items()}, "rows": rows}
