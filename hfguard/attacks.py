@@ -4,21 +4,57 @@ All attacks work on images in ``[lo, hi]`` (default ``[0, 1]``), take any
 callable ``model`` returning logits, are batched (no per-sample loops), use
 ``torch.autograd.grad`` (parameters' ``.grad`` is never touched) or, for
 :func:`random_search` and :func:`square_linf`, no gradient at all, and return
-the adversarial images detached.  Random starts use a private generator.
+the adversarial images detached.  Random starts use a private generator.  A
+``model`` that is an ``nn.Module`` is attacked in eval mode and handed back with
+every submodule's own mode (a model in training mode would otherwise update its
+BatchNorm statistics on every step, and be attacked through batch statistics).
+Labels may be any integer tensor, list or array; budgets must be non-negative.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from hfguard.modelmode import eval_mode
 
 __all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "detector_pgd", "orthogonal_pgd", "random_search", "square_linf"]
 
 Model = Callable[[Tensor], Tensor]
+
+
+def _attack(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Checks an attack's labels and budget and runs it with an ``nn.Module`` model in eval mode (see the module note)."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        bound = sig.bind(*args, **kwargs)
+        x = bound.arguments["x"]
+        if "y" in bound.arguments:
+            y = bound.arguments["y"]
+            y = torch.as_tensor(y.tolist() if type(y).__module__ == "numpy" else y, device=x.device)
+            if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or len(y) != len(x):
+                raise ValueError(f"y must hold one integer class per image ({len(x)},), got dtype {y.dtype} and shape {tuple(y.shape)}")
+            bound.arguments["y"] = y.long()
+        if "eps" in bound.arguments:
+            eps = torch.as_tensor(bound.arguments["eps"])
+            if bool((eps < 0).any()) or not bool(torch.isfinite(eps).all()):
+                raise ValueError(f"eps must be finite and non-negative, got {bound.arguments['eps']!r}")
+        model = bound.arguments["model"]
+        if isinstance(model, nn.Module):
+            with eval_mode(model):
+                return fn(*bound.args, **bound.kwargs)
+        return fn(*bound.args, **bound.kwargs)
+
+    return run
 
 
 def _grad(loss: Tensor, x: Tensor) -> Tensor:
@@ -35,8 +71,8 @@ Budget = float | Tensor
 def _per_image(eps: Budget, x: Tensor) -> Tensor:
     """``eps`` (a number, or one budget per image (N,)) as a tensor broadcastable against ``x``."""
     e = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    if e.dim() == 0:
-        return e
+    if e.dim() == 0 or e.shape == (1,):  # one budget for all
+        return e.reshape(())
     if e.shape != (x.shape[0],):
         raise ValueError(f"eps must be a number or one budget per image ({x.shape[0]},), got shape {tuple(e.shape)}")
     return e.view(-1, *([1] * (x.dim() - 1)))
@@ -53,6 +89,7 @@ def _project(x_adv: Tensor, x: Tensor, eps: Budget, norm: str, lo: float, hi: fl
     return (x + delta).clamp(lo, hi)
 
 
+@_attack
 def fgsm(model: Model, x: Tensor, y: Tensor, eps: Budget, *, lo: float = 0.0, hi: float = 1.0) -> Tensor:
     """Fast gradient sign method (Goodfellow et al., 2015), L-inf ``eps`` (a number or one per image)."""
     x = x.detach()
@@ -61,6 +98,7 @@ def fgsm(model: Model, x: Tensor, y: Tensor, eps: Budget, *, lo: float = 0.0, hi
     return (x + _per_image(eps, x) * g.sign()).clamp(lo, hi).detach()
 
 
+@_attack
 def pgd(
     model: Model,
     x: Tensor,
@@ -120,6 +158,7 @@ def pgd(
     return x_adv
 
 
+@_attack
 def boundary_pgd(
     model: Model,
     x: Tensor,
@@ -157,6 +196,7 @@ def boundary_pgd(
     return x_adv
 
 
+@_attack
 def cw_l2(
     model: Model,
     x: Tensor,
@@ -208,6 +248,7 @@ def margin_loss(logits: Tensor, y: Tensor, kappa: float = float("inf")) -> Tenso
     return (other - logits.gather(1, y[:, None]).squeeze(1)).clamp(max=kappa)
 
 
+@_attack
 def detector_pgd(
     model: Model,
     score: Callable[[Tensor], Tensor],
@@ -354,6 +395,7 @@ def random_search(
     return xa.detach()
 
 
+@_attack
 def square_linf(model: Model, x: Tensor, y: Tensor, eps: Budget, *, queries: int = 100, lo: float = 0.0, hi: float = 1.0, seed: int = 0) -> Tensor:
     """Square attack (L-inf, untargeted) on the model's margin: :func:`random_search` until each image is misclassified."""
     y = y.to(x.device)

@@ -17,10 +17,20 @@ _Y_KEYS = ("label", "labels", "y", "target", "targets")
 
 
 def _as_tensor(v: Any) -> Any:
-    """A NumPy array as a tensor (sharing its memory); anything else unchanged."""
-    if type(v).__module__ == "numpy" and hasattr(v, "__array__") and hasattr(v, "dtype"):
-        return torch.from_numpy(v) if getattr(v, "ndim", 0) else torch.as_tensor(v)
-    return v
+    """A NumPy array of numbers as a tensor (sharing its memory where it can: a reversed view, another byte order or a
+    read-only array is copied); anything else, and arrays of strings or objects, unchanged (the caller's checks name them)."""
+    if type(v).__module__ != "numpy" or not hasattr(v, "dtype") or not hasattr(v, "__array__"):
+        return v
+    import numpy as np
+
+    if v.dtype.kind not in "biufc":
+        return v
+    a = np.asarray(v)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        a = np.array(a, order="C", copy=True)
+    return torch.from_numpy(a)
 
 
 def _is_pair(data: Any) -> bool:

@@ -53,7 +53,7 @@ def run_bench_command(args: argparse.Namespace, command: str) -> int:
 
     if args.replot:
         replot(args.dataset, args.out)
-        print(f"redrew the plots of {args.dataset} in {args.out}")
+        print(f"redrew the plots and the markdown of {args.dataset} in {args.out}")
         return 0
     if not args.quiet:
         logging.getLogger("hfguard.bench").setLevel(logging.INFO)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--tiny", action="store_true", help="seconds-long smoke settings (what the tests run); numbers are meaningless")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
-    bench.add_argument("--replot", action="store_true", help="only redraw the plots from the JSON and the saved scores in --out")
+    bench.add_argument("--replot", action="store_true", help="only redraw the plots and rewrite the markdown from the JSON and the saved scores in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         command = "hfguard " + " ".join(sys.argv[1:] if argv is None else argv)
         return run_bench_command(args, command)
     if args.command == "report":
-        from hfguard.errors import DatasetNotAvailableError
+        from hfguard.errors import DatasetNotAvailableError, SettingsError
         from hfguard.report import run_report
 
         try:
             res = run_report(args.dataset, args.out, n=args.n, progress=True)
-        except DatasetNotAvailableError as exc:
+        except (DatasetNotAvailableError, SettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         for key in ("claim1", "claim2", "claim3"):

@@ -53,13 +53,28 @@ def standard_attacks(dataset: str, *, cw_steps: int = 100, pgd_steps: int = 40) 
     ]
 
 
+def _finite_order(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores with ``+inf`` / ``-inf`` (a guard scores NaN/Inf images ``inf`` under ``nonfinite="flag"``) replaced
+    by finite values above / below every finite one: the same order, so the same AUROC. NaN is an error."""
+    both = np.r_[neg, pos]
+    if np.isnan(both).any():
+        raise ValueError(f"scores must not be NaN; got {int(np.isnan(neg).sum())} clean and {int(np.isnan(pos).sum())} attacked NaN scores")
+    if np.isfinite(both).all():
+        return neg, pos
+    finite = both[np.isfinite(both)]
+    top, bottom = (finite.max() + 1.0, finite.min() - 1.0) if len(finite) else (1.0, -1.0)
+    return tuple(np.where(np.isposinf(a), top, np.where(np.isneginf(a), bottom, a)) for a in (neg, pos))
+
+
 def auroc(neg: Tensor, pos: Tensor, *, bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """AUROC of ``pos`` (adversarial) against ``neg`` (clean) scores with a bootstrap 95 % interval."""
+    """AUROC of ``pos`` (adversarial) against ``neg`` (clean) scores with a bootstrap 95 % interval (rank-based:
+    infinite scores count as above or below every finite one)."""
     from sklearn.metrics import roc_auc_score
 
     neg_np, pos_np = neg.detach().double().cpu().numpy(), pos.detach().double().cpu().numpy()
     if len(pos_np) == 0 or len(neg_np) == 0:
         return float("nan"), float("nan"), float("nan")
+    neg_np, pos_np = _finite_order(neg_np, pos_np)
     labels = np.r_[np.zeros(len(neg_np)), np.ones(len(pos_np))]
     value = float(roc_auc_score(labels, np.r_[neg_np, pos_np]))
     rng = np.random.default_rng(seed)

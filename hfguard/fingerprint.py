@@ -4,8 +4,9 @@ Layer names, shapes and the class count say nothing of the weights: a guard load
 architecture with other weights (another seed, a later fine-tune) would compare its activations with
 statistics of a different model, and flag nearly everything or nothing. The fingerprint is the logits of two
 fixed images (seeded uniform noise in the pixel range), recorded when the guard is fitted and compared when it
-is loaded, relative to their spread: a float16 or bfloat16 copy of the same model stays well within (measured: float16 0.002-0.004, bfloat16 0.014-0.023 on a digits CNN and a resnet50)
-:data:`TOLERANCE`, another set of weights does not.
+is loaded (with the pixel range of the fit, which ``load`` may not change), relative to their spread: a float16 or bfloat16 copy of the same model stays well within (measured: float16 0.002-0.004, bfloat16 0.014-0.023 on a digits CNN and a resnet50)
+:data:`TOLERANCE`, another set of weights does not. A model that is random in eval mode (two runs differ by more
+than :data:`RANDOM_MODEL`) gets no fingerprint, and is loaded unchecked as before.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from torch import nn
 
 from hfguard.modelmode import eval_mode
 
-__all__ = ["model_fingerprint", "fingerprint_distance", "TOLERANCE"]
+__all__ = ["model_fingerprint", "fitted_fingerprint", "fingerprint_distance", "TOLERANCE", "RANDOM_MODEL"]
 
 #: largest logit difference, in units of the fingerprint's own logit spread, still taken as the same model
 TOLERANCE = 0.2
+#: two runs of the fingerprint differing by more than this (same units) mark a model that is random in eval mode
+#: (input noise, randomised smoothing, test-time augmentation): it gets no fingerprint and is not checked at load
+RANDOM_MODEL = 0.01
 _SEED = 20261126
 
 
-def model_fingerprint(model: nn.Module, guard: Any, input_shape: tuple[int, ...]) -> list[float]:
-    """Logits (flattened, float) of ``model`` on two fixed images of ``input_shape`` in the guard's pixel range."""
-    lo, hi = guard.input_range if guard.input_range is not None else (0.0, 1.0)
+def model_fingerprint(model: nn.Module, guard: Any, input_shape: tuple[int, ...], pixel_range: Any = None) -> list[float]:
+    """Logits (flattened, float) of ``model`` on two fixed images of ``input_shape`` whose pixels are uniform in
+    ``pixel_range`` (the ``input_range`` the guard was fitted with: ``load`` may change the guard's own; None: [0, 1])."""
+    lo, hi = (float(pixel_range[0]), float(pixel_range[1])) if pixel_range is not None else (0.0, 1.0)
     pixels = lo + (hi - lo) * torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(_SEED))
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -35,6 +40,13 @@ def model_fingerprint(model: nn.Module, guard: Any, input_shape: tuple[int, ...]
     with eval_mode(model), torch.no_grad():
         out = model(x)
     return out.detach().double().flatten().cpu().tolist()
+
+
+def fitted_fingerprint(model: nn.Module, guard: Any, input_shape: tuple[int, ...]) -> list[float] | None:
+    """The fingerprint ``fit`` records: None for a model that gives other logits on a second run (random in eval mode)."""
+    first = model_fingerprint(model, guard, input_shape, guard.input_range)
+    second = model_fingerprint(model, guard, input_shape, guard.input_range)
+    return first if fingerprint_distance(first, second) <= RANDOM_MODEL else None
 
 
 def fingerprint_distance(saved: list[float], now: list[float]) -> float:

@@ -35,7 +35,7 @@ from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
-from hfguard.fingerprint import model_fingerprint
+from hfguard.fingerprint import fitted_fingerprint
 from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
@@ -79,7 +79,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes")},
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
+        "attrs": {k: getattr(guard, k, None) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
     }
 
 
@@ -250,7 +250,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         seconds={"statistics": t_stats, **report.pop("seconds"), "total": time.perf_counter() - t0},
     )
     guard.fit_report = report
-    guard._model_fingerprint = model_fingerprint(guard.model, guard, tuple(layout["input_shape"]))
+    guard._model_fingerprint = fitted_fingerprint(guard.model, guard, tuple(layout["input_shape"]))
     logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.calibrated_threshold), float(guard.sigma_))
 
 

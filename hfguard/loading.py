@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hfguard import evidence
 from hfguard.errors import ModelMismatchError, SettingsError, StateFileError
 from hfguard.fingerprint import TOLERANCE, fingerprint_distance, model_fingerprint
 from hfguard.guard import Guard
@@ -88,7 +89,7 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
             raise ModelMismatchError(f"layer {info.name!r} outputs shape {list(info.shape)}; the guard was fitted on {saved[info.name]}")
     saved_print = header.get("model_fingerprint")  # files of 0.6.1 and before have none
     if saved_print is not None:
-        now = model_fingerprint(model, guard, tuple(layout["input_shape"]))
+        now = model_fingerprint(model, guard, tuple(layout["input_shape"]), header["input_range"])  # the fit's range, not an override
         off = fingerprint_distance(saved_print, now)
         if verify_model and off > TOLERANCE:
             raise ModelMismatchError(
@@ -112,6 +113,16 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
     guard.load_state_dict(tensors, strict=False)
     if "filter_sigma" in overrides:
         guard.sigma_.fill_(float(overrides["filter_sigma"]))
+    # what the file can tell of the fit (the full report, with its timings and self-attack counts, is not saved)
+    guard.fit_report = {
+        "loaded_from": os.fspath(path),
+        "hfguard_version_of_fit": header.get("hfguard_version"),
+        "calibration": settings["calibration"],
+        "feature_names": evidence.feature_names(guard.evidence_sources),
+        "score_features": list(layout["score_features"]),
+        "threshold": float(guard.calibrated_threshold),
+        "filter_sigma": float(guard.sigma_),
+    }
     if param is not None:
         guard.to(param.device)
     return guard

@@ -100,12 +100,12 @@ class OnnxGuard:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
-        if not os.path.isfile(os.fspath(path)):
+        if not isinstance(path, bytes) and not os.path.isfile(os.fspath(path)):  # bytes: a serialised model, as onnxruntime takes
             raise StateFileError(f"no ONNX file at {os.fspath(path)!r}")
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path if isinstance(path, bytes) else os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from hfguard.evidence import SPECTRUM
+
 __all__ = ["Verdict", "Inspection"]
 
 
@@ -14,10 +16,12 @@ class Verdict:
     """Result of :meth:`Guard.check` (all tensors have N rows).
 
     Attributes:
-        logits: (N, K) logits; under ``policy="filter"`` the filtered input's logits for flagged rows.
+        logits: (N, K) logits; under ``policy="filter"`` the filtered input's logits for the rows in ``filtered``.
         score: (N,) combined score, higher = more adversarial.
         flagged: (N,) bool, ``score > threshold``.
-        filtered: (N,) bool, rows that were low-pass filtered and classified again.
+        filtered: (N,) bool, rows that were low-pass filtered and classified again: under ``policy="filter"``
+            every flagged row except those flagged only for holding NaN/Inf (``nonfinite="flag"``) whose zeroed
+            image is not flagged itself.
         predicted: (N,) class from ``logits``.
         origin: (N,) nearest class expectation at the first watched layer: where the input came from.
     """
@@ -51,5 +55,7 @@ class Inspection:
     origin: Tensor
 
     def trajectory(self, i: int) -> list[tuple[str, int]]:
-        """``[(source, nearest class), ...]`` for row ``i``: the path from origin to prediction."""
-        return [(s, int(c)) for s, c in zip(self.sources, self.nearest[i])]
+        """``[(source, nearest class), ...]`` for row ``i``: the path from the origin (first watched layer) through
+        the watched layers to the logits, in forward order. The HF spectrum is not a step of the forward pass: its
+        nearest class (the input's closest HF signature) is ``nearest[i, sources.index("spectrum")]``."""
+        return [(s, int(c)) for s, c in zip(self.sources, self.nearest[i]) if s != SPECTRUM]

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dct_matrix", "dct2", "pool_matrix", "spectral_tile", "spectral_grid", "hf_block_mask", "dc_blocks", "hf_features", "radial_spectrum"]
+__all__ = ["dct_matrix", "dct2", "pool_matrix", "spectral_tile", "spectral_grid", "hf_block_mask", "dc_blocks", "hf_features", "dct_radius",
+           "radial_spectrum", "high_radius_share"]
 
 
 def dct_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
@@ -134,15 +135,31 @@ def hf_features(
     return torch.log(blocks.index_select(1, index) + eps)
 
 
+def dct_radius(h: int, w: int, *, device: torch.device | None = None) -> Tensor:
+    """Normalised radius (h, w) of each 2-D DCT coefficient: 0 at DC, 1 at the highest frequency in both directions."""
+    i = torch.arange(h, dtype=torch.float64, device=device)[:, None] / max(h - 1, 1)
+    j = torch.arange(w, dtype=torch.float64, device=device)[None, :] / max(w - 1, 1)
+    return torch.sqrt((i**2 + j**2) / 2.0)
+
+
 def radial_spectrum(pixels: Tensor, ch: Tensor, cw: Tensor, bins: int = 16) -> Tensor:
-    """Radially averaged DCT power (N, bins): bin ``b`` covers normalised radius ``[b/bins, (b+1)/bins)``."""
+    """Radially averaged DCT power (N, bins): bin ``b`` covers normalised radius ``[b/bins, (b+1)/bins)`` of
+    :func:`dct_radius` (the last bin includes radius 1)."""
     coeff = dct2(pixels, ch, cw)
     power = (coeff * coeff).mean(1)
     h, w = power.shape[-2:]
-    r = torch.sqrt((torch.arange(h, device=pixels.device)[:, None] / h) ** 2 + (torch.arange(w, device=pixels.device)[None, :] / w) ** 2)
-    r = (r / math.sqrt(2.0) * bins).long().clamp_max(bins - 1).flatten()
+    r = (dct_radius(h, w, device=pixels.device) * bins).long().clamp_max(bins - 1).flatten()
     flat = power.flatten(1)
     out = torch.zeros(flat.shape[0], bins, dtype=flat.dtype, device=flat.device)
     out.index_add_(1, r, flat)
     counts = torch.bincount(r, minlength=bins).clamp_min(1).to(flat.dtype)
     return out / counts
+
+
+def high_radius_share(pixels: Tensor, ch: Tensor, cw: Tensor, start: float = 0.5) -> float:
+    """Share of a batch's total DCT power (over images, channels and coefficients) at normalised radius >= ``start``."""
+    coeff = dct2(pixels, ch, cw)
+    power = (coeff * coeff).sum((0, 1))  # (H, W)
+    high = dct_radius(*power.shape[-2:], device=pixels.device) >= start
+    total = float(power.sum())
+    return float(power[high].sum()) / total if total > 0 else float("nan")

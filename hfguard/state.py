@@ -82,6 +82,15 @@ class FittedState(nn.Module):
         norm_mean, norm_std: per-channel normalisation of the model's input (1 or C values).
     """
 
+    #: the fitted model's fingerprint (hfguard.fingerprint); a class default, so guards pickled before 0.6.2 have one
+    _model_fingerprint: list[float] | None = None
+
+    def _apply(self, *args: Any, **kwargs: Any) -> "FittedState":
+        """``.to()``, ``.double()``, ``.cuda()``...: outside any caller's ``inference_mode``, so the moved buffers stay
+        normal tensors that gradients (``score().backward()``, attacks, ONNX export) can use."""
+        with torch.inference_mode(False):
+            return super()._apply(*args, **kwargs)
+
     def __init__(self, norm_mean: Tensor, norm_std: Tensor) -> None:
         super().__init__()
         self.temperature = 1.0

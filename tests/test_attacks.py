@@ -191,3 +191,32 @@ def test_random_search_keeps_the_best_candidate_and_stops_when_done(digits):
     hits = []  # every row done at the start (the stripes): one call, no proposal
     random_search(lambda cand, rows: hits.append(len(rows)) or torch.zeros(len(rows)), x, 0.2, queries=50)
     assert hits == [len(x)]
+
+
+def test_attacks_leave_a_model_in_training_mode_unchanged_and_take_any_integer_labels(digits):
+    """Review: every attack ran a model in training mode as such: its BatchNorm statistics moved on every step."""
+    import numpy as np
+
+    from hfguard.attacks import boundary_pgd, detector_pgd
+    from hfguard.data import small_resnet
+
+    torch.manual_seed(0)
+    model = small_resnet(1, 10).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    runs = [lambda t: fgsm(model, x, t, 0.1), lambda t: pgd(model, x, t, 0.1, steps=2), lambda t: pgd(model, x, t, 1.0, steps=2, norm="2"),
+            lambda t: boundary_pgd(model, x, t, 0.1, steps=2), lambda t: cw_l2(model, x, t, steps=2), lambda t: square_linf(model, x, t, 0.1, queries=2),
+            lambda t: detector_pgd(model, lambda z: model(z).logsumexp(1), x, t, 0.1, threshold=0.0, steps=2)]
+    for run in runs:
+        ref = run(y)
+        for labels in (y.int(), y.tolist(), y.numpy().astype(np.int32)):
+            assert torch.equal(run(labels), ref)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            pgd(model, x, y, bad, steps=1)
+    with pytest.raises(ValueError, match="one integer class per image"):
+        fgsm(model, x, torch.tensor([0.5, 1.0, 2.0]), 0.1)
+    assert pgd(model, x, y, torch.tensor([0.1]), steps=1).shape == x.shape  # a one-element budget is one budget
+    model.eval()

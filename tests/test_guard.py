@@ -190,7 +190,8 @@ def test_inspect_reports_a_trajectory(fitted, digits):
     assert r.sources[-2:] == ["logits", "spectrum"]
     assert r.distances.shape == (6, s, 10) and r.affinity.shape == (6, s, 10)
     assert torch.allclose(r.affinity.sum(2), torch.ones(6, s))
-    assert len(r.trajectory(0)) == s
+    path = r.trajectory(0)  # origin -> watched layers -> logits (the spectrum is not a forward step)
+    assert [name for name, _ in path] == r.sources[:-1] and path[-1] == ("logits", int(r.nearest[0, -2]))
     # on clean, correctly classified digits the logits' nearest class is the prediction
     assert (r.nearest[:, -2] == r.predicted).float().mean() > 0.8
 
@@ -375,6 +376,13 @@ def test_two_unlabelled_batches_and_numpy_arrays_are_read_as_data(digits_model, 
     assert torch.allclose(arrays.score(x), labelled.score(x), atol=1e-4)
     with pytest.raises(hfguard.DataError, match="integer class indices"):
         hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[:4], ["a", "b", "c", "d"]))
+    with pytest.raises(hfguard.DataError, match="integer class indices"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[:4].numpy(), np.array(list("abcd"))))
+    # a reversed view, another byte order, a read-only array: copied, same data
+    odd = digits.x_train.numpy()[:, :, ::-1, :].astype(">f4")
+    odd.flags.writeable = False
+    flipped = hfguard.protect(digits_model, progress=False, calibration="clean").fit((odd, digits.y_train.numpy()))
+    assert flipped.fitted
 
 
 def test_float64_input_is_cast_with_a_warning(fitted, digits):

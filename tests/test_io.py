@@ -355,3 +355,34 @@ def test_load_names_an_unknown_override(saved, digits_model):
 def test_save_into_a_missing_directory_says_so(fitted, tmp_path):
     with pytest.raises(hfguard.StateFileError, match="does not exist"):
         fitted.save(str(tmp_path / "no-such-dir" / "g.safetensors"))
+
+
+def test_the_weights_check_uses_the_fit_pixel_range_and_skips_random_models(saved, digits_model, digits, tmp_path):
+    """Review of 0.6.2: an input_range override at load changed the probe images (the same model was refused); a
+    model that is random in eval mode (input noise) was refused at random."""
+    for rng in (None, (0.0, 255.0), (-1.0, 1.0)):
+        hfguard.load(str(saved), digits_model, input_range=rng)
+
+    class Noisy(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x + 0.05 * torch.randn_like(x))
+
+    noisy = Noisy(digits_model).eval()
+    g = hfguard.protect(noisy, progress=False, calibration="clean").fit((digits.x_train, digits.y_train))
+    assert g._model_fingerprint is None
+    g.save(str(tmp_path / "noisy.safetensors"))
+    for _ in range(3):
+        hfguard.load(str(tmp_path / "noisy.safetensors"), noisy)
+
+
+def test_a_loaded_guard_reports_what_its_file_tells(saved, fitted, digits_model):
+    """Review: fit_report was empty after load, so fit_report["feature_names"] (to choose score_features) failed."""
+    rep = hfguard.load(str(saved), digits_model).fit_report
+    assert rep["feature_names"] == fitted.fit_report["feature_names"]
+    assert rep["score_features"] == fitted.fit_report["score_features"]
+    assert rep["threshold"] == pytest.approx(fitted.threshold)
+    json.dumps(rep)

@@ -108,6 +108,8 @@ def test_onnx_guard_errors_name_what_was_got(fitted, digits, tmp_path):
         hfguard.OnnxGuard(str(tmp_path / "missing.onnx"))
     fitted.export_onnx(str(tmp_path / "g.onnx"), digits.x_test[:2])
     og = hfguard.OnnxGuard(str(tmp_path / "g.onnx"))
+    from_bytes = hfguard.OnnxGuard((tmp_path / "g.onnx").read_bytes())  # a serialised model, as onnxruntime takes
+    assert torch.equal(from_bytes.check(digits.x_test[:3]).flagged, og.check(digits.x_test[:3]).flagged)
     with pytest.raises(hfguard.InputError, match="uint8"):
         og.check(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     with pytest.raises(hfguard.ShapeError, match="4-d"):

@@ -129,3 +129,16 @@ def test_a_submodule_left_in_training_mode_is_evaluated_in_eval_mode(digits):
     assert torch.equal(a.score, b.score)
     assert torch.equal(net[1].running_mean, stats[0]) and int(net[1].num_batches_tracked) == stats[1]
     assert [m.training for m in net.modules()] == modes
+
+
+def test_to_under_inference_mode_keeps_normal_buffers(fitted, digits):
+    """Review of 0.6.2: .to()/.double() under inference_mode made inference-tensor buffers (no gradient ever after)."""
+    with torch.inference_mode():
+        fitted.double()
+    try:
+        assert not any(b.is_inference() for b in fitted.buffers())
+        x = digits.x_test[:2].double().requires_grad_()
+        fitted.score(x).sum().backward()
+        assert x.grad is not None
+    finally:
+        fitted.float()

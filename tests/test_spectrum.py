@@ -115,3 +115,18 @@ def test_dc_blocks_and_band_checks():
     for bad in (0, 48, 64):  # not a multiple of the tile, or not dividing the height
         with pytest.raises(ValueError, match="band"):
             spectrum.hf_features(x, ch, ch, pm, pm, index, band=bad)
+
+
+def test_radial_bins_cover_the_whole_radius_and_the_share_is_of_total_power():
+    """Review: the radius was normalised so that its top bin was always empty, and the report's "share of power"
+    summed per-bin averages (bins hold different numbers of coefficients)."""
+    c = spectrum.dct_matrix(8, dtype=torch.float64)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    r = spectrum.radial_spectrum(x, c, c, bins=16)
+    assert (r > 0).all()
+    coeff = c @ x @ c.T
+    power = (coeff**2).sum((0, 1))
+    radius = spectrum.dct_radius(8, 8)
+    assert radius.max() == 1.0 and radius[0, 0] == 0.0
+    expected = float(power[radius >= 0.5].sum() / power.sum())
+    assert abs(spectrum.high_radius_share(x, c, c, 0.5) - expected) < 1e-12

@@ -28,7 +28,9 @@ def roc_grid(run: dict[str, Any], path: str, title: str) -> None:
     dets = run["detectors"]
     cols = 4
     rows = math.ceil(len(attacks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
+    # constrained layout places the figure-level title and axis labels clear of the panels (tight_layout let the
+    # y label run over a panel's tick labels)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if len(dets) > len(colors):  # zip would silently drop the detectors past the colour cycle's length
         colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(dets))]
@@ -58,7 +60,6 @@ def roc_grid(run: dict[str, Any], path: str, title: str) -> None:
     fig.supxlabel("false-positive rate on clean test images (dot: calibrated threshold)", fontsize=9)
     fig.supylabel("true-positive rate on successful adversarials", fontsize=9)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -71,7 +72,7 @@ def histograms(run: dict[str, Any], path: str, title: str, attacks: list[str] | 
         pgds = [a for a in names if a.startswith("PGD-Linf")]
         attacks = [pgds[0], pgds[-1]] + [a for a in names if a.startswith("CW-L2")]
     dets = run["detectors"]
-    fig, axes = plt.subplots(len(dets), len(attacks), figsize=(3.6 * len(attacks), 1.75 * len(dets)), squeeze=False)
+    fig, axes = plt.subplots(len(dets), len(attacks), figsize=(3.6 * len(attacks), 1.75 * len(dets)), squeeze=False, layout="constrained")
     for r, (dname, d) in enumerate(dets.items()):
         neg = d["_clean_scores"].double().cpu().numpy()
         for c, name in enumerate(attacks):
@@ -99,6 +100,5 @@ def histograms(run: dict[str, Any], path: str, title: str, attacks: list[str] | 
             ax.text(0.98, 0.9, "AUROC n/a" if a is None or a != a else f"AUROC {a:.3f}", transform=ax.transAxes, ha="right", va="top", fontsize=6.5)
     axes[0, 0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title + " (x range: 2.5x the clean bulk, larger scores piled in the last bin; dashed: threshold)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -258,11 +258,13 @@ def save_scores(run: dict[str, Any], path: Path) -> None:
 
 
 def replot(dataset: str, out: str = "benchmarks/results") -> None:
-    """Redraws the plots from the committed ``<dataset>.json`` and ``<dataset>-<arch>-scores.npz`` (no pickle)."""
+    """Redraws the plots from the committed ``<dataset>.json`` and ``<dataset>-<arch>-scores.npz`` (no pickle), and
+    rewrites ``<dataset>.md`` from the JSON (the tables are a function of it: a change to their layout needs no rerun)."""
     import numpy as np
 
     out_dir = Path(out)
     result = json.loads((out_dir / f"{dataset}.json").read_text())
+    (out_dir / f"{dataset}.md").write_text(markdown(result))
     for arch, run in result["runs"].items():
         with np.load(out_dir / f"{dataset}-{arch}-scores.npz", allow_pickle=False) as z:
             for det, d in run["detectors"].items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hfguard.fitting import MIN_FAMILY_ROWS
 from hfguard.selfattack import CW_STEPS, SQUARE_QUERIES
 
 __all__ = ["markdown", "learned_table", "generalisation_table", "summary_table", "adaptive_summary", "auroc_table", "tpr_table", "caught_table", "cost_table", "crosscheck_table", "adaptive_table"]
@@ -73,7 +74,7 @@ def cost_table(run: dict[str, Any]) -> str:
     for name, d in run["detectors"].items():
         lat = d["latency"]
         lines.append(
-            f"| {name} | {d['implementation']} | {d['trained_on']} | {d['fit_s']:.1f} | **{lat['ratio']:.2f}x** ({lat['other_s'] * 1e3:.1f} vs {lat['base_s'] * 1e3:.1f} ms) | "
+            f"| {name} | {d['implementation']} | {d['trained_on']} | {d['fit_s']:.1f} | {lat['ratio']:.2f}x ({lat['other_s'] * 1e3:.1f} vs {lat['base_s'] * 1e3:.1f} ms) | "
             f"{_f(d['clean_fpr'])} | {d['clean_accuracy_cost'] * 100:+.1f} pt | {d['twin_gap']:.0e} |"
         )
     return "\n".join(lines)
@@ -133,6 +134,12 @@ def learned_table(run: dict[str, Any]) -> str:
     fam = ", ".join(f"{f} {sa['succeeded'][f]}/{sa['attempted'][f]}" for f in sa.get("attempted", {}))
     lines += ["", f"Self-attacks: {sa.get('images', 0)} clean images attacked (successful/attempted: {fam}). Fit time: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in sec.items()) + "."]
+    shared = sa.get("heads_on_their_regime", [])
+    if shared:
+        regimes = sa.get("families", {})
+        named = ", ".join(f"{h} ({regimes.get(h, 'its regime')})" for h in shared)
+        lines.append(f"Heads learned from their whole regime (fewer than {MIN_FAMILY_ROWS} successful self-attacks of their own family, so they are "
+                     f"copies of one regime head, counted once by the smooth maximum): {named}.")
     if "fpr_if_calibrated_on_fit_data" in rep:
         lines.append(f"A threshold set on the fit data instead of the calibration split would have flagged "
                      f"{rep['fpr_if_calibrated_on_fit_data']:.3f} of the calibration images (target {run.get('target_fpr', 0.05):.2f}).")
@@ -140,22 +147,25 @@ def learned_table(run: dict[str, Any]) -> str:
 
 
 #: the bench's attack names -> the self-attack family of the same kind, if hfguard generates one during fit
-def _generated_kind(attack: str, families: list[str]) -> str:
+def _generated_kind(attack: str, families: list[str], shared: tuple[str, ...] = ()) -> str:
     a = attack.lower()
     kind = ("fgsm-linf" if "fgsm" in a else "pgd-l2" if "l2" in a and "pgd" in a else "pgd-linf" if "pgd" in a and "apgd" not in a
             else "square-linf" if "square" in a else "cw-l2" if "cw" in a else None)
     if kind is None:
         return "never generated"
-    return f"same kind as `{kind}`" if kind in families else f"never generated (`{kind}` left out)"
+    if kind not in families:
+        return f"never generated (`{kind}` left out)"
+    return f"same kind as `{kind}`" + (" (generated, but its head is its regime's: too few successes)" if kind in shared else "")
 
 
 def generalisation_table(run: dict[str, Any], detector: str = "hfguard") -> str:
     """hfguard's AUROC and TPR per bench attack, marking the attacks whose kind it never generated during fit."""
-    fams = list(run.get("hfguard_fit_report", {}).get("self_attacks", {}).get("attempted", {}))
+    sa = run.get("hfguard_fit_report", {}).get("self_attacks", {})
+    fams, shared = list(sa.get("attempted", {})), tuple(sa.get("heads_on_their_regime", ()))
     d = run["detectors"][detector]
     lines = ["| tested on | trained on (self-attacks during fit) | AUROC | TPR |", "|---|---|---|---|"]
     for name, m in d["attacks"].items():
-        lines.append(f"| {name} | {_generated_kind(name, fams) if fams else 'clean only'} | {_f(m['auroc'])} | {_f(m['tpr'])} |")
+        lines.append(f"| {name} | {_generated_kind(name, fams, shared) if fams else 'clean only'} | {_f(m['auroc'])} | {_f(m['tpr'])} |")
     return "\n".join(lines)
 
 
