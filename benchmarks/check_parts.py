@@ -12,8 +12,13 @@ round) of:
 * ``check()`` itself, and ``check()`` of a guard whose score leaves the spectrum out (``score_features`` without
   ``spectrum:*``, so the spectrum is never computed): what the paper's HF source costs on this model.
 
+With ``--fashion cnn`` (or ``resnet``) the same parts for the bench's trained Fashion-MNIST model, its guard fitted
+as the bench fits it (default settings, ``calibration_data`` = the 5000 held-out training images; the fit data is
+the first 20000 training images, which changes no cost) and test images at the bench's latency batch of 256.
+
 Run:  python benchmarks/check_parts.py [--family mobilenet_v3_small] [--rounds 30]
-Writes benchmarks/results/check-parts.json.
+      python benchmarks/check_parts.py --fashion cnn --batch 256
+Writes benchmarks/results/check-parts.json (check-parts-fashion-<arch>.json with --fashion).
 """
 
 from __future__ import annotations
@@ -32,7 +37,34 @@ import torch
 
 import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
+from hfguard.data import CALIBRATION_HOLDOUT, cached_model, load_dataset
 from hfguard.taps import capture
+
+
+def _synthetic(family: str, size: int, batch: int) -> tuple:
+    """A random-weight torchvision ``family`` made usable, its guard (every feature) and one without the spectrum."""
+    k = 10
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
+    x = (torch.rand(4 * k, 3, size, size, generator=torch.Generator().manual_seed(0)) - mean) / std
+    y = torch.arange(len(x)) % k
+    model = usable_random_model(random_model(family, k, size), x, y, k, batch_size=8).eval()
+    opts = dict(normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=8, calibration="clean")
+    guard = hfguard.protect(model, score_features="all", **opts).fit((x, y))
+    no_hf = [f for f in guard.fit_report["feature_names"] if not f.startswith("spectrum:")]
+    guard_no_hf = hfguard.protect(model, score_features=no_hf, **opts).fit((x, y))
+    return model, guard, guard_no_hf, x[:batch].clone()
+
+
+def _fashion(arch: str, batch: int) -> tuple:
+    """The bench's Fashion-MNIST ``arch``, its default guard and one without the spectrum, and ``batch`` test images."""
+    split = load_dataset("fashion-mnist")
+    (x, y), calibration = split.holdout(CALIBRATION_HOLDOUT["fashion-mnist"])
+    model = cached_model("fashion-mnist", arch, holdout=CALIBRATION_HOLDOUT["fashion-mnist"]).eval()
+    data = (x[:20000], y[:20000])
+    guard = hfguard.protect(model, progress=False).fit(data, calibration_data=calibration)
+    no_hf = [f for f in guard.layout["score_features"] if not f.startswith("spectrum:")]
+    guard_no_hf = hfguard.protect(model, progress=False, score_features=no_hf).fit(data, calibration_data=calibration)
+    return model, guard, guard_no_hf, split.x_test[:batch].clone()
 
 
 def main() -> None:
@@ -41,20 +73,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--fashion", choices=("cnn", "resnet"), default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     random.seed(0)
     torch.manual_seed(0)
-    k = 10
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
-    x = (torch.rand(4 * k, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) - mean) / std
-    y = torch.arange(len(x)) % k
-    model = usable_random_model(random_model(args.family, k, args.size), x, y, k, batch_size=8).eval()
-    opts = dict(normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=8, calibration="clean")
-    guard = hfguard.protect(model, score_features="all", **opts).fit((x, y))
-    no_hf = [f for f in guard.fit_report["feature_names"] if not f.startswith("spectrum:")]
-    guard_no_hf = hfguard.protect(model, score_features=no_hf, **opts).fit((x, y))
-    xb = x[: args.batch].clone()
+    if args.fashion:
+        model, guard, guard_no_hf, xb = _fashion(args.fashion, args.batch)
+    else:
+        model, guard, guard_no_hf, xb = _synthetic(args.family, args.size, args.batch)
     modules = guard._watched_modules()
     with torch.no_grad():
         logits, feats = guard._features(xb)
@@ -92,13 +119,15 @@ def main() -> None:
     out = {
         "command": "python " + " ".join(sys.argv),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "family": args.family, "input": [args.batch, 3, args.size, args.size], "layers": guard.layers,
+        "family": f"fashion-mnist {args.fashion} (trained)" if args.fashion else args.family, "input": list(xb.shape), "layers": guard.layers,
+        "score_features": guard.layout["score_features"],
         "milliseconds (median)": ms,
         "over bare forward": {p: round(v / bare, 3) for p, v in ms.items() if p.startswith("check")},
         "hooks and pooling (forward with hooks - bare)": round(ms["forward with the hooks pooling every watched layer"] - bare, 2),
     }
     print(json.dumps(out, indent=2))
-    (Path(__file__).resolve().parent / "results" / "check-parts.json").write_text(json.dumps(out, indent=2))
+    name = f"check-parts-fashion-{args.fashion}.json" if args.fashion else "check-parts.json"
+    (Path(__file__).resolve().parent / "results" / name).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
