@@ -40,7 +40,7 @@ from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
 from hfguard.sums import SourceSums
-from hfguard.taps import choose_layers, choose_pooling, discover_layers, layer_kind, watchable_units
+from hfguard.taps import choose_layers, choose_pooling, compiled_hint, discover_layers, layer_kind, watchable_units
 
 __all__ = ["fit_guard", "choose_layout", "CALIBRATIONS"]
 
@@ -109,9 +109,9 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         warnings.warn("the model's outputs look like probabilities (non-negative, rows sum to 1); hfguard expects logits", stacklevel=5)
     by_name = {i.name: i for i in infos}
     if guard.layers_setting == "auto":
-        layers = choose_layers(infos, dict(watchable_units(guard.model)), k)
+        layers = choose_layers(infos, dict(watchable_units(guard.model)), k, input_shape=tuple(x.shape[1:]))
         if not layers:
-            raise ModelError("no watchable layer found automatically; pass layers=[...] with module names")
+            raise ModelError("no watchable layer found automatically; pass layers=[...] with module names" + compiled_hint(guard.model))
     else:
         layers = list(guard.layers_setting)
         named = dict(guard.model.named_modules())
@@ -124,7 +124,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         for n in layers:
             info = by_name.get(n)
             if info is None:
-                raise ModelError(f"layer {n!r} did not run during the forward pass")
+                raise ModelError(f"layer {n!r} did not run during the forward pass" + compiled_hint(guard.model))
             if info.calls != 1:
                 raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
     c, h, w = (int(s) for s in x.shape[1:])
@@ -512,7 +512,13 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
 
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
     with guard._eval_model(), torch.enable_grad():
-        attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
+        try:
+            attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
+        except RuntimeError as exc:  # autograd: a quantised model, a forward under no_grad, ...
+            raise ModelError(
+                f"calibration='self-attack' needs the gradient of the model's logits with respect to its input, and autograd failed "
+                f"({exc}); a quantised model or one whose forward runs under torch.no_grad() has none: pass calibration='clean'"
+            ) from exc
     regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:

@@ -41,7 +41,7 @@ from hfguard.results import Inspection, Verdict
 from hfguard.selfattack import resolve_families
 from hfguard.settings import POLICIES, validate_settings
 from hfguard.state import FittedState
-from hfguard.taps import capture, no_autocast
+from hfguard.taps import capture, compiled_hint, no_autocast
 
 __all__ = ["Guard", "Verdict", "Inspection", "protect", "POLICIES"]
 
@@ -128,6 +128,11 @@ class Guard(FittedState):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"protect() expects a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ModelError(
+                f"protect() got a TorchScript module ({type(model).__name__}): TorchScript runs no forward hooks, so the guard cannot "
+                "see its layers. Wrap the eager model (torch.compile'd models work)"
+            )
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise ModelError(
                 f"protect() got a {type(model).__name__}: its replicas run in other threads, where the guard cannot see their activations. "
@@ -219,7 +224,7 @@ class Guard(FittedState):
             logits = self._forward_model(x)
         missing = [n for n, _ in modules if n not in store]
         if missing:
-            raise ModelError(f"layers {missing} did not run during the forward pass")
+            raise ModelError(f"layers {missing} did not run during the forward pass" + compiled_hint(self.model))
         with no_autocast(x.device):
             feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
         return logits, feats

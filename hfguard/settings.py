@@ -36,6 +36,8 @@ def validate_settings(
         raise SettingsError(f"fpr must be in (0, 1), got {fpr!r}")
     if not (layers == "auto" or (isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers))):
         raise SettingsError(f"layers must be 'auto' or a non-empty list of module names, got {layers!r}")
+    if layers != "auto" and len(set(layers)) != len(layers):
+        raise SettingsError(f"layers names a module more than once: {sorted(n for n in set(layers) if list(layers).count(n) > 1)}")
     if not (filter_sigma == "auto" or (isinstance(filter_sigma, (int, float)) and filter_sigma >= 0)):
         raise SettingsError(f"filter_sigma must be 'auto' or a non-negative number, got {filter_sigma!r}")
     if int(max_features) < 2:

@@ -89,7 +89,16 @@ class FittedState(nn.Module):
         """``.to()``, ``.double()``, ``.cuda()``...: outside any caller's ``inference_mode``, so the moved buffers stay
         normal tensors that gradients (``score().backward()``, attacks, ONNX export) can use."""
         with torch.inference_mode(False):
-            return super()._apply(*args, **kwargs)
+            out = super()._apply(*args, **kwargs)
+            # the guard's own statistics never go below float32 (.half() / .to(torch.float16) is meant for the model:
+            # a float16 threshold or whitening overflows); the model's features are cast up to them
+            for name, mod in self.named_modules():
+                if name == "model" or name.startswith("model."):
+                    continue
+                for key, buf in mod._buffers.items():
+                    if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                        mod._buffers[key] = buf.float()
+            return out
 
     def __init__(self, norm_mean: Tensor, norm_std: Tensor) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from hfguard.errors import ModelError
 
 __all__ = [
-    "LayerInfo", "Pooling", "average_groups", "pool_tokens", "token_prefix", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
+    "LayerInfo", "compiled_hint", "Pooling", "average_groups", "pool_tokens", "token_prefix", "watchable_units", "discover_layers", "choose_layers", "layer_kind", "choose_pooling",
     "pooled_grid", "pool_activation", "capture", "no_autocast", "KINDS",
 ]
 
@@ -79,21 +79,45 @@ def _holds_a_stack(mod: nn.Module) -> bool:
     return False
 
 
+#: a child of the root (or of such a child) holding at least this share of its parent's parameters is the network
+#: itself inside a wrapper, and is opened like the root
+WRAPPED_SHARE = 0.9
+
+
+def _parameter_count(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
 def watchable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Candidate modules: descend through containers, the root and custom modules that hold a stack of blocks
-    (a transformer's encoder); stop at leaves and at other custom blocks (a ResNet's BasicBlock)."""
+    (a transformer's encoder); stop at leaves and at other custom blocks (a ResNet's BasicBlock).
+
+    A wrapper is transparent: a child of the root holding at least :data:`WRAPPED_SHARE` of its parameters (a
+    network behind an input normalisation, a backbone under a small head, a model behind an adapter that
+    unpacks its output, ``torch.compile``'s ``_orig_mod``) is opened like the root, and so on down the chain.
+    """
     out: list[tuple[str, nn.Module]] = []
 
     def walk(prefix: str, mod: nn.Module, is_root: bool) -> None:
         children = list(mod.named_children())
         if children and (is_root or isinstance(mod, _CONTAINERS) or _holds_a_stack(mod)):
+            total = _parameter_count(mod) if is_root else 0
             for n, c in children:
-                walk(f"{prefix}.{n}" if prefix else n, c, False)
+                wrapped = total > 0 and any(True for _ in c.children()) and _parameter_count(c) >= WRAPPED_SHARE * total
+                walk(f"{prefix}.{n}" if prefix else n, c, wrapped)
         elif not is_root:
             out.append((prefix, mod))
 
     walk("", model, True)
     return out
+
+
+def compiled_hint(model: nn.Module) -> str:
+    """For a ``torch.compile``'d model, why its hooks may not fire and what to do; else an empty string."""
+    if not hasattr(model, "_orig_mod"):
+        return ""
+    return ("; this model is torch.compile'd: code compiled before hfguard added its hooks never runs them. Protect the "
+            "compiled model before its first call, or call torch.compiler.reset() first")
 
 
 def discover_layers(
@@ -134,7 +158,8 @@ def discover_layers(
     return infos, out
 
 
-def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_outputs: int, max_layers: int = 6) -> list[str]:
+def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_outputs: int, max_layers: int = 6,
+                  input_shape: tuple[int, ...] | None = None) -> list[str]:
     """The automatic layer choice.
 
     Walks the candidate modules in call order, groups consecutive ones with the
@@ -146,7 +171,8 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
     skipped (they only rearrange their input), as are modules called more than
     once per forward and the module that produces the logits.  With more than
     ``max_layers`` stages an evenly spaced subset is kept, always including the
-    first and last.
+    first and last.  Parameter-free modules whose output has the input's shape (``input_shape``, (C, H, W)),
+    such as an input normalisation inside the model, are pre-processing, not a stage of the network.
     """
     stages: list[LayerInfo] = []
     prev_shape = None
@@ -158,6 +184,7 @@ def choose_layers(infos: Sequence[LayerInfo], units: dict[str, nn.Module], num_o
             and type(mod).__name__ not in _SKIP_AUTO_NAMES
             and len(info.shape) in (1, 2, 3)
             and not (len(info.shape) == 1 and info.shape[0] == num_outputs and info is infos[-1])
+            and not (input_shape is not None and tuple(info.shape) == tuple(input_shape) and _parameter_count(mod) == 0)
         )
         if info.shape == prev_shape and stages and stages[-1].shape == info.shape and len(info.shape) != 2:
             if usable and not _is_norm(mod):

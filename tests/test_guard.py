@@ -436,3 +436,25 @@ def test_spectral_features_of_normalised_inputs_equal_those_of_the_pixels(size, 
     with torch.inference_mode():
         assert torch.allclose(g._spectral(x[:8]), want, atol=1e-4)
     assert torch.equal(x, kept)
+
+
+def test_models_the_guard_cannot_use_get_typed_errors(digits_model, digits):
+    """Review: a model without input gradients failed the self-attacks with a raw RuntimeError; a TorchScript model
+    with a raw RuntimeError from register_forward_hook; a layer named twice was reported as "runs 2 times"."""
+
+    class Frozen(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.inner(x)
+
+    with pytest.raises(hfguard.ModelError, match="calibration='clean'"):
+        hfguard.protect(Frozen(digits_model), progress=False).fit((digits.x_train, digits.y_train))
+    assert hfguard.protect(Frozen(digits_model), progress=False, calibration="clean").fit((digits.x_train, digits.y_train)).fitted
+    with pytest.raises(hfguard.ModelError, match="TorchScript"):
+        hfguard.protect(torch.jit.script(digits_model))
+    with pytest.raises(hfguard.SettingsError, match="more than once"):
+        hfguard.protect(digits_model, layers=["1", "1"])

@@ -142,3 +142,32 @@ def test_to_under_inference_mode_keeps_normal_buffers(fitted, digits):
         assert x.grad is not None
     finally:
         fitted.float()
+
+
+def test_a_compiled_custom_module_is_watched_like_the_eager_one(digits):
+    """Review: protect(torch.compile(model)) worked only for Sequential models: auto found no layer inside the
+    compiled wrapper's _orig_mod (an opaque custom module), and hooks added after its first call never fired."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.interpolate(digits.x_train, size=16)
+    model = hfguard.data.small_resnet(1, 10)
+    hfguard.data.train_classifier(model, x, digits.y_train, epochs=1, seed=0)
+    model.eval()
+    eager = hfguard.protect(model, progress=False, calibration="clean").fit((x, digits.y_train))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = hfguard.protect(torch.compile(model), progress=False, calibration="clean").fit((x, digits.y_train))
+        xt = torch.nn.functional.interpolate(digits.x_test[:16], size=16)
+        assert compiled.layers == [f"_orig_mod.{n}" for n in eager.layers]
+        assert torch.allclose(compiled.score(xt), eager.score(xt), atol=1e-3)
+
+
+def test_half_keeps_the_guards_statistics_in_float32(fitted, digits):
+    """Review: guard.half() turned the threshold and whitenings to float16 (a large threshold became inf)."""
+    fitted.half()
+    try:
+        assert next(fitted.model.parameters()).dtype == torch.float16
+        own = {k: v for k, v in fitted.guard_state().items() if v.is_floating_point()}
+        assert own and all(v.dtype == torch.float32 for v in own.values())
+        assert torch.isfinite(fitted.score(digits.x_test[:8].half())).all()
+    finally:
+        fitted.float()

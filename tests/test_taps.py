@@ -12,7 +12,7 @@ from hfguard.taps import Pooling, capture, choose_layers, discover_layers, pool_
 
 def _auto(model, shape, k=10):
     infos, _ = discover_layers(model, torch.zeros(2, *shape))
-    return choose_layers(infos, dict(watchable_units(model)), k)
+    return choose_layers(infos, dict(watchable_units(model)), k, input_shape=shape)
 
 
 def test_auto_layers_sequential_cnn():
@@ -201,3 +201,30 @@ def test_cached_matrices_made_under_inference_mode_still_allow_gradients():
     a = torch.randn(2, 4, 7, 7, requires_grad=True)
     pool_activation(a, 2).sum().backward()
     assert v.grad is not None and a.grad is not None
+
+
+class _Normalize(nn.Module):
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+class _BackboneAndHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torchvision.models.resnet18(weights=None)
+        self.backbone.fc = nn.Identity()
+        self.head = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_auto_layers_see_through_wrappers():
+    """Review: a network one level down (behind an input normalisation, under a small head, in an adapter) was one
+    opaque unit: auto watched only the normalised input, or only the penultimate embedding."""
+    stages = ["relu", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    wrapped = nn.Sequential(_Normalize(), torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    assert _auto(wrapped, (3, 64, 64)) == [f"1.{n}" for n in stages]  # the parameter-free normalisation is no stage
+    assert _auto(_BackboneAndHead().eval(), (3, 64, 64)) == [f"backbone.{n}" for n in stages]
+    # a plain model is not affected: no child of its root holds 90 % of its parameters
+    assert _auto(torchvision.models.resnet18(weights=None, num_classes=10).eval(), (3, 64, 64)) == stages
