@@ -8,7 +8,8 @@ the adversarial images detached.  Random starts use a private generator.  A
 ``model`` that is an ``nn.Module`` is attacked in eval mode and handed back with
 every submodule's own mode (a model in training mode would otherwise update its
 BatchNorm statistics on every step, and be attacked through batch statistics).
-Labels may be any integer tensor, list or array; budgets must be non-negative.
+Labels may be any integer tensor, list or array (float (N, K) soft targets, and any target of a custom
+``loss_fn``, are passed as they are); budgets must be non-negative.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _attack(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def run(*args: Any, **kwargs: Any) -> Tensor:
         bound = sig.bind(*args, **kwargs)
         x = bound.arguments["x"]
-        if "y" in bound.arguments:
-            y = bound.arguments["y"]
+        y = bound.arguments.get("y")
+        soft = isinstance(y, Tensor) and y.is_floating_point() and (y.dim() == 2 or bound.arguments.get("loss_fn") is not None)
+        if y is not None and not soft:  # soft (N, K) targets, or any target of a custom loss_fn, pass as they are
             y = torch.as_tensor(y.tolist() if type(y).__module__ == "numpy" else y, device=x.device)
             if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() != 1 or len(y) != len(x):
                 raise ValueError(f"y must hold one integer class per image ({len(x)},), got dtype {y.dtype} and shape {tuple(y.shape)}")

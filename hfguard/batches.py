@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -17,8 +18,9 @@ _Y_KEYS = ("label", "labels", "y", "target", "targets")
 
 
 def _as_tensor(v: Any) -> Any:
-    """A NumPy array of numbers as a tensor (sharing its memory where it can: a reversed view, another byte order or a
-    read-only array is copied); anything else, and arrays of strings or objects, unchanged (the caller's checks name them)."""
+    """A NumPy array of numbers as a tensor sharing its memory (also a read-only memory map or a transposed view; a
+    reversed view or another byte order is copied); anything else, and arrays of strings or objects, unchanged (the
+    caller's checks name them)."""
     if type(v).__module__ != "numpy" or not hasattr(v, "dtype") or not hasattr(v, "__array__"):
         return v
     import numpy as np
@@ -28,9 +30,11 @@ def _as_tensor(v: Any) -> Any:
     a = np.asarray(v)
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
-    if not a.flags.c_contiguous or not a.flags.writeable:
-        a = np.array(a, order="C", copy=True)
-    return torch.from_numpy(a)
+    if any(st < 0 for st in a.strides):  # torch takes any positive strides (a transposed view), not reversed ones
+        a = a.copy()
+    with warnings.catch_warnings():  # a read-only array (a memory map) is shared, never written: no copy of the dataset
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _is_pair(data: Any) -> bool:

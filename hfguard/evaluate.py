@@ -54,16 +54,17 @@ def standard_attacks(dataset: str, *, cw_steps: int = 100, pgd_steps: int = 40) 
 
 
 def _finite_order(neg: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The scores with ``+inf`` / ``-inf`` (a guard scores NaN/Inf images ``inf`` under ``nonfinite="flag"``) replaced
-    by finite values above / below every finite one: the same order, so the same AUROC. NaN is an error."""
+    """The scores as their ranks when any is ``+inf`` / ``-inf`` (a guard scores NaN/Inf images ``inf`` under
+    ``nonfinite="flag"``): the same order, so the same AUROC. NaN is an error."""
     both = np.r_[neg, pos]
     if np.isnan(both).any():
         raise ValueError(f"scores must not be NaN; got {int(np.isnan(neg).sum())} clean and {int(np.isnan(pos).sum())} attacked NaN scores")
     if np.isfinite(both).all():
         return neg, pos
-    finite = both[np.isfinite(both)]
-    top, bottom = (finite.max() + 1.0, finite.min() - 1.0) if len(finite) else (1.0, -1.0)
-    return tuple(np.where(np.isposinf(a), top, np.where(np.isneginf(a), bottom, a)) for a in (neg, pos))
+    from scipy.stats import rankdata
+
+    ranks = rankdata(both)  # ties share a rank; +-inf rank above / below every finite score, whatever its size
+    return ranks[: len(neg)], ranks[len(neg) :]
 
 
 def auroc(neg: Tensor, pos: Tensor, *, bootstrap: int = 200, seed: int = 0) -> tuple[float, float, float]:

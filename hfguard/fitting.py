@@ -495,6 +495,23 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
     return report
 
 
+def _require_input_gradient(model: Any, pixels: Tensor) -> None:
+    """Raises :class:`ModelError` (pointing to ``calibration="clean"``) when the model's logits have no gradient with
+    respect to its input (a quantised model, a forward under ``torch.no_grad()``); only this check is relabelled,
+    so an out-of-memory error or a bug elsewhere keeps its own type."""
+    probe = pixels.detach().clone().requires_grad_(True)
+    try:
+        out = model(probe)
+        torch.autograd.grad(out.float().sum(), probe)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ModelError(
+            f"calibration='self-attack' needs the gradient of the model's logits with respect to its input, and autograd failed "
+            f"({exc}); a quantised model or one whose forward runs under torch.no_grad() has none: pass calibration='clean'"
+        ) from exc
+
+
 def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Attacks the kept clean images (the model's gradients; one family is gradient-free) and fits one logistic head per generated family
     (a family with fewer than :data:`MIN_FAMILY_ROWS` successful adversarials gets a head fitted on all of its regime's)."""
@@ -512,13 +529,8 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
 
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
     with guard._eval_model(), torch.enable_grad():
-        try:
-            attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
-        except RuntimeError as exc:  # autograd: a quantised model, a forward under no_grad, ...
-            raise ModelError(
-                f"calibration='self-attack' needs the gradient of the model's logits with respect to its input, and autograd failed "
-                f"({exc}); a quantised model or one whose forward runs under torch.no_grad() has none: pass calibration='clean'"
-            ) from exc
+        _require_input_gradient(model, pixels[:2])
+        attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
     regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:

@@ -109,6 +109,8 @@ class OnnxGuard:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])
+        # the graph's input dtype (a guard exported with a float16 model takes float16)
+        self.input_dtype = {"tensor(float16)": torch.float16, "tensor(double)": torch.float64}.get(inp.type, torch.float32)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.policy = meta.get("hfguard_policy", "flag")
         self.nonfinite = meta.get("hfguard_nonfinite", "raise")
@@ -122,7 +124,7 @@ class OnnxGuard:
             raise ShapeError(f"expected a 4-d batch of images (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
         if tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"this model takes images of shape (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}")
-        x = x.detach().cpu().float()
+        x = x.detach().cpu().to(self.input_dtype)
         finite = torch.isfinite(x)
         bad = None
         if not bool(finite.all()):  # as Guard.check: raise, or zero the values, score the row inf and flag it

@@ -88,16 +88,18 @@ class FittedState(nn.Module):
     def _apply(self, *args: Any, **kwargs: Any) -> "FittedState":
         """``.to()``, ``.double()``, ``.cuda()``...: outside any caller's ``inference_mode``, so the moved buffers stay
         normal tensors that gradients (``score().backward()``, attacks, ONNX export) can use."""
+        low = (torch.float16, torch.bfloat16)
         with torch.inference_mode(False):
-            out = super()._apply(*args, **kwargs)
             # the guard's own statistics never go below float32 (.half() / .to(torch.float16) is meant for the model:
-            # a float16 threshold or whitening overflows); the model's features are cast up to them
-            for name, mod in self.named_modules():
-                if name == "model" or name.startswith("model."):
-                    continue
-                for key, buf in mod._buffers.items():
-                    if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
-                        mod._buffers[key] = buf.float()
+            # a float16 threshold or whitening overflows or loses digits); the model's features are cast up to them.
+            # The originals are kept and moved, not cast back (a round trip through float16 would have rounded them).
+            own = [(mod, key, buf) for name, mod in self.named_modules() if name != "model" and not name.startswith("model.")
+                   for key, buf in mod._buffers.items() if buf is not None and buf.is_floating_point() and buf.dtype not in low]
+            out = super()._apply(*args, **kwargs)
+            for mod, key, buf in own:
+                new = mod._buffers[key]
+                if new is not None and new.dtype in low:
+                    mod._buffers[key] = buf.to(new.device)
             return out
 
     def __init__(self, norm_mean: Tensor, norm_std: Tensor) -> None:

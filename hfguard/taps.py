@@ -94,7 +94,9 @@ def watchable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A wrapper is transparent: a child of the root holding at least :data:`WRAPPED_SHARE` of its parameters (a
     network behind an input normalisation, a backbone under a small head, a model behind an adapter that
-    unpacks its output, ``torch.compile``'s ``_orig_mod``) is opened like the root, and so on down the chain.
+    unpacks its output, ``torch.compile``'s ``_orig_mod``) is opened like the root, and so on down a chain of such
+    custom modules (not through containers: a stage holding most of a Sequential's parameters stays a unit). A
+    root whose one big child is a residual block by design gets that block's insides watched: a limit of the rule.
     """
     out: list[tuple[str, nn.Module]] = []
 
@@ -103,7 +105,8 @@ def watchable_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if children and (is_root or isinstance(mod, _CONTAINERS) or _holds_a_stack(mod)):
             total = _parameter_count(mod) if is_root else 0
             for n, c in children:
-                wrapped = total > 0 and any(True for _ in c.children()) and _parameter_count(c) >= WRAPPED_SHARE * total
+                # a custom module (not a container, which is opened anyway without passing the rule further down)
+                wrapped = total > 0 and not isinstance(c, _CONTAINERS) and any(True for _ in c.children()) and _parameter_count(c) >= WRAPPED_SHARE * total
                 walk(f"{prefix}.{n}" if prefix else n, c, wrapped)
         elif not is_root:
             out.append((prefix, mod))

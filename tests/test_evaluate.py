@@ -22,3 +22,8 @@ def test_auroc_matches_sklearn_and_takes_the_infinite_scores_a_guard_gives():
     assert np.isfinite(auroc(neg_inf, with_inf, bootstrap=0)[0])
     with pytest.raises(ValueError, match="NaN"):
         auroc(neg, torch.tensor([float("nan"), 1.0]))
+
+
+def test_infinite_scores_rank_above_huge_finite_ones():
+    """Review: inf was mapped to max + 1, which is lost for scores >= 2**53."""
+    assert auroc(torch.tensor([1e17, 0.0]), torch.tensor([float("inf"), float("inf")]), bootstrap=0)[0] == 1.0

@@ -458,3 +458,15 @@ def test_models_the_guard_cannot_use_get_typed_errors(digits_model, digits):
         hfguard.protect(torch.jit.script(digits_model))
     with pytest.raises(hfguard.SettingsError, match="more than once"):
         hfguard.protect(digits_model, layers=["1", "1"])
+
+
+def test_out_of_memory_in_the_self_attacks_is_not_relabelled(digits_model, digits, monkeypatch):
+    """Review: every RuntimeError of the self-attacks became a ModelError advising calibration='clean'."""
+    import hfguard.fitting as fitting
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(fitting, "self_attacks", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))

@@ -101,8 +101,8 @@ def test_protect_load_and_fit_under_inference_mode_give_a_guard_gradients_can_us
     with torch.inference_mode():
         g = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
     assert not any(b.is_inference() for b in g.buffers())
-    g.score(x).sum().backward()
-    assert x.grad is not None and torch.isfinite(x.grad).all()
+    (grad,) = torch.autograd.grad(g.score(x).sum(), x)  # not backward(): the shared model's parameters get no .grad
+    assert torch.isfinite(grad).all()
     g.save(str(tmp_path / "g.safetensors"))
     with torch.inference_mode():
         loaded = hfguard.load(str(tmp_path / "g.safetensors"), digits_model)
@@ -138,8 +138,8 @@ def test_to_under_inference_mode_keeps_normal_buffers(fitted, digits):
     try:
         assert not any(b.is_inference() for b in fitted.buffers())
         x = digits.x_test[:2].double().requires_grad_()
-        fitted.score(x).sum().backward()
-        assert x.grad is not None
+        (grad,) = torch.autograd.grad(fitted.score(x).sum(), x)
+        assert grad is not None
     finally:
         fitted.float()
 
@@ -171,3 +171,18 @@ def test_half_keeps_the_guards_statistics_in_float32(fitted, digits):
         assert torch.isfinite(fitted.score(digits.x_test[:8].half())).all()
     finally:
         fitted.float()
+
+
+def test_half_moves_the_statistics_without_rounding_them(fitted, digits):
+    """Review of the fix above: the buffers went through float16 and back (rounded; a 1e6 threshold became inf)."""
+    before = {k: v.clone() for k, v in fitted.guard_state().items()}
+    threshold = fitted.calibrated_threshold.clone()
+    fitted.calibrated_threshold.fill_(1e6)
+    fitted.half()
+    try:
+        assert float(fitted.calibrated_threshold) == 1e6
+        after = fitted.guard_state()
+        assert all(torch.equal(before[k], after[k]) for k in before if k != "calibrated_threshold")
+    finally:
+        fitted.float()
+        fitted.calibrated_threshold.copy_(threshold)

@@ -228,3 +228,29 @@ def test_auto_layers_see_through_wrappers():
     assert _auto(_BackboneAndHead().eval(), (3, 64, 64)) == [f"backbone.{n}" for n in stages]
     # a plain model is not affected: no child of its root holds 90 % of its parameters
     assert _auto(torchvision.models.resnet18(weights=None, num_classes=10).eval(), (3, 64, 64)) == stages
+
+
+def test_the_wrapper_rule_does_not_open_a_stage_through_a_container():
+    """Review: a wrapped Sequential of stages was itself opened like the root, so a stage holding 90 % of its
+    parameters was split into its internals."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv, self.sc = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) + self.sc(x)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.stages = nn.Sequential(Block(8), nn.Conv2d(8, 64, 3, stride=2, padding=1), Block(64))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+        def forward(self, x):
+            return self.head(self.stages(self.stem(x)))
+
+    layers = _auto(Net().eval(), (3, 16, 16))
+    assert "stages.2" in layers and not any(n.startswith("stages.2.") for n in layers)
