@@ -116,17 +116,24 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         layers = list(guard.layers_setting)
         named = dict(guard.model.named_modules())
         for n in layers:
+            if n == "":
+                raise ModelError("layer '' is the model itself: its output is the logits, which the guard always watches; name inner modules")
             if n not in named:
                 raise ModelError(f"layer {n!r} is not a module of the model; some valid names: {list(named)[1:12]}")
         # explicitly named modules may be inside custom blocks: describe them now
-        infos2, _ = discover_layers(guard.model, example, [(n, named[n]) for n in layers])
+        kinds: dict[str, str] = {}
+        infos2, _ = discover_layers(guard.model, example, [(n, named[n]) for n in layers], outputs=kinds)
         by_name.update({i.name: i for i in infos2})
         for n in layers:
             info = by_name.get(n)
+            if info is None and n in kinds:
+                raise ModelError(f"layer {n!r} returns a {kinds[n]}, not a tensor; watch a module whose output is a tensor (e.g. one inside it)")
             if info is None:
                 raise ModelError(f"layer {n!r} did not run during the forward pass" + compiled_hint(guard.model))
             if info.calls != 1:
                 raise ModelError(f"layer {n!r} runs {info.calls} times per forward pass; choose a module that runs once")
+            if tuple(info.shape) == (k,) and info.order == max(i.order for i in infos2):
+                warnings.warn(f"layer {n!r} outputs the logits, which the guard watches anyway: it adds nothing but cost", stacklevel=5)
     c, h, w = (int(s) for s in x.shape[1:])
     poolings, dims = [], []
     for n in layers:

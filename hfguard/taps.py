@@ -124,13 +124,14 @@ def compiled_hint(model: nn.Module) -> str:
 
 
 def discover_layers(
-    model: nn.Module, example: Tensor, units: Sequence[tuple[str, nn.Module]] | None = None
+    model: nn.Module, example: Tensor, units: Sequence[tuple[str, nn.Module]] | None = None, *, outputs: dict[str, str] | None = None
 ) -> tuple[list[LayerInfo], Tensor]:
     """Runs ``model(example)`` once and describes the output of every candidate module
     (``units``, by default :func:`watchable_units`).
 
     Returns:
-        The candidate layers in call order, and the model's output on ``example``.
+        The candidate layers in call order (those whose output is a tensor), and the model's output on ``example``.
+        ``outputs``, when given, is filled with the type name of every candidate's output (a tuple, a dict, ...).
     """
     units = watchable_units(model) if units is None else units
     seen: dict[str, list] = {}
@@ -140,6 +141,8 @@ def discover_layers(
     def make(name: str):
         def hook(_m, _i, out):
             counter[0] += 1
+            if outputs is not None:
+                outputs[name] = type(out).__name__
             shape = tuple(out.shape[1:]) if isinstance(out, Tensor) else None
             rec = seen.setdefault(name, [0, shape, 0])
             rec[0] += 1

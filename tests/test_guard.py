@@ -460,6 +460,36 @@ def test_models_the_guard_cannot_use_get_typed_errors(digits_model, digits):
         hfguard.protect(digits_model, layers=["1", "1"])
 
 
+def test_explicit_layers_that_cannot_be_watched_say_why(digits_model, digits):
+    """Review: a layer returning a tuple was reported as "did not run"; the root ('') and the logits layer were
+    accepted silently (the logits watched twice)."""
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.fc = Pair(), torch.nn.Linear(256, 10)
+
+        def forward(self, x):
+            return self.fc(self.pair(x)[0].flatten(1))
+
+    data = (digits.x_train, digits.y_train)
+    with pytest.raises(hfguard.ModelError, match="returns a tuple"):
+        hfguard.protect(Net().eval(), layers=["pair"], progress=False, calibration="clean").fit(data)
+    with pytest.raises(hfguard.ModelError, match="the model itself"):
+        hfguard.protect(digits_model, layers=[""], progress=False, calibration="clean").fit(data)
+    with pytest.warns(UserWarning, match="outputs the logits"):
+        hfguard.protect(digits_model, layers=["1", "9"], progress=False, calibration="clean").fit(data)
+
+
 def test_out_of_memory_in_the_self_attacks_is_not_relabelled(digits_model, digits, monkeypatch):
     """Review: every RuntimeError of the self-attacks became a ModelError advising calibration='clean'."""
     import hfguard.fitting as fitting
