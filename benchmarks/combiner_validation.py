@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +78,28 @@ def square_validation_attack(model: torch.nn.Module, xv: torch.Tensor, yv: torch
     sq = torchattacks.Square(model, eps=0.1, n_queries=1000, seed=0)(xv[:n][ok], yv[:n][ok])
     with torch.no_grad():
         return sq[model(sq).argmax(1) != yv[:n][ok]]
+
+
+def validation_experiment(command: str) -> tuple[float, tuple, tuple, torch.Tensor, torch.Tensor, dict]:
+    """The start of a validation-split experiment: its clock, warnings off, the global seed, the split
+    (:func:`validation_split`) and the result's header."""
+    t0 = time.time()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    train, validation, xv, yv = validation_split(1000)
+    return t0, train, validation, xv, yv, {"command": command, "hfguard": hfguard.__version__, "models": {}}
+
+
+def experiment_attacks(model: torch.nn.Module, families: list[str], train: tuple, xv: torch.Tensor, yv: torch.Tensor,
+                       attack_images: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The self-attacks (``families``) of the first ``attack_images`` training images the model classifies correctly,
+    and the successful validation attacks (:func:`validation_attacks`)."""
+    xs, ys = train[0][:attack_images], train[1][:attack_images]
+    with torch.no_grad():
+        ok = model(xs).argmax(1) == ys
+    with torch.enable_grad():
+        sa = self_attacks(lambda p: model(p), xs[ok], ys[ok], seed=0, families=families)
+    return sa, validation_attacks(model, xv, yv)
 
 
 def head_refit_row(families: list[str], family_mask, k: int, cal: tuple, attacked: tuple, val: tuple, adv: dict[str, tuple]) -> dict[str, float]:

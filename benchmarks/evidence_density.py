@@ -29,17 +29,13 @@ Writes benchmarks/results/evidence-density.{json,md}.
 
 from __future__ import annotations
 
-import time
-import warnings
-
 import torch
-from combiner_validation import head_refit_row, validation_attacks, validation_split, write_results  # benchmarks/
+from combiner_validation import experiment_attacks, head_refit_row, validation_experiment, write_results  # benchmarks/
 
 import hfguard
 from hfguard.data import cached_model
 from hfguard.evidence import source_evidence
 from hfguard.fitting import _model_input
-from hfguard.selfattack import self_attacks
 
 SHRINK, BANK, NEIGHBOURS, FIT_IMAGES, NEIGHBOURS_BANK = 0.1, 200, 5, 20000, 10
 
@@ -111,11 +107,7 @@ def pooled(guard, pixels: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor,
 
 
 def main(attack_images: int = 2000) -> None:
-    t0 = time.time()
-    warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    train, validation, xv, yv = validation_split(1000)
-    result: dict = {"command": "python benchmarks/evidence_density.py", "hfguard": hfguard.__version__, "models": {}}
+    t0, train, validation, xv, yv, result = validation_experiment("python benchmarks/evidence_density.py")
     md = ["# Class-specific density evidence (QDA, kNN): head refits on a validation split", "",
           "Command: `python benchmarks/evidence_density.py` (see its docstring). AUROC over successful adversarials of Fashion-MNIST "
           "test images 5000-5999; TPR on PGD 0.1 and the clean FPR at the 5 % threshold on the validation images. "
@@ -130,12 +122,7 @@ def main(attack_images: int = 2000) -> None:
         sources = range(len(guard.layers) + 1)  # watched layers and the logits
         models = {"QDA": [QDA(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources], "kNN": [KNN(f_tr[s], train[1][:FIT_IMAGES], k) for s in sources]}
         banks = {f"bank {m}": [Bank(f_tr[s], train[1][:FIT_IMAGES], m) for s in sources] for m in (2000, 500)}
-        xs, ys = train[0][:attack_images], train[1][:attack_images]
-        with torch.no_grad():
-            ok = model(xs).argmax(1) == ys
-        with torch.enable_grad():
-            sa = self_attacks(lambda p: model(p), xs[ok], ys[ok], seed=0, families=guard.attack_families)
-        adv = validation_attacks(model, xv, yv)
+        sa, adv = experiment_attacks(model, guard.attack_families, train, xv, yv, attack_images)
 
         def columns(pixels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             ev, feats = pooled(guard, pixels)

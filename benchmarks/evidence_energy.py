@@ -23,16 +23,12 @@ Writes benchmarks/results/evidence-energy.{json,md}.
 
 from __future__ import annotations
 
-import time
-import warnings
-
 import torch
-from combiner_validation import head_refit_row, validation_attacks, validation_split, write_results  # benchmarks/
+from combiner_validation import experiment_attacks, head_refit_row, validation_experiment, write_results  # benchmarks/
 
 import hfguard
 from hfguard.data import cached_model
 from hfguard.fitting import _model_input
-from hfguard.selfattack import self_attacks
 
 EXTRAS = {
     "HF energy": lambda logits, feats: feats[-1].double().mean(1),
@@ -64,11 +60,7 @@ def columns(guard, pixels: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor
 
 
 def main(attack_images: int = 2000) -> None:
-    t0 = time.time()
-    warnings.simplefilter("ignore")
-    torch.manual_seed(0)
-    train, validation, xv, yv = validation_split(1000)
-    result: dict = {"command": "python benchmarks/evidence_energy.py", "hfguard": hfguard.__version__, "models": {}}
+    t0, train, validation, xv, yv, result = validation_experiment("python benchmarks/evidence_energy.py")
     md = ["# Directional energy evidence: head refits on a validation split", "",
           "Command: `python benchmarks/evidence_energy.py` (see its docstring). AUROC over successful adversarials of Fashion-MNIST "
           "test images 5000-5999; TPR on PGD 0.1 and the clean FPR at the 5 % threshold on the validation images.", ""]
@@ -76,12 +68,7 @@ def main(attack_images: int = 2000) -> None:
         model = cached_model("fashion-mnist", arch)
         guard = hfguard.protect(model, progress=False).fit(train, calibration_data=validation)
         nf = len(guard.score_columns)
-        xs, ys = train[0][:attack_images], train[1][:attack_images]
-        with torch.no_grad():
-            ok = model(xs).argmax(1) == ys
-        with torch.enable_grad():
-            sa = self_attacks(lambda p: model(p), xs[ok], ys[ok], seed=0, families=guard.attack_families)
-        adv = validation_attacks(model, xv, yv)
+        sa, adv = experiment_attacks(model, guard.attack_families, train, xv, yv, attack_images)
         e_cal, p_cal = columns(guard, validation[0])
         e_sa, p_sa = columns(guard, sa.pixels)
         e_val, p_val = columns(guard, xv)

@@ -79,7 +79,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes")},
-        "attrs": {k: getattr(guard, k, None) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
     }
 
 

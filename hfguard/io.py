@@ -69,9 +69,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
     }
-    fingerprint = getattr(guard, "_model_fingerprint", None)
-    if fingerprint is not None:  # the fitted model's logits on a fixed input (hfguard.fingerprint); load compares
-        header["model_fingerprint"] = fingerprint
+    if guard._model_fingerprint is not None:  # the fitted model's logits on a fixed input (hfguard.fingerprint); load compares
+        header["model_fingerprint"] = guard._model_fingerprint
     meta = {_KEY: json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(parent):

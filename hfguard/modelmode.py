@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["eval_mode", "any_training"]
+__all__ = ["eval_mode", "any_training", "kept_modes"]
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _ever_flipped: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -30,6 +30,17 @@ def any_training(model: nn.Module) -> bool:
     """Whether ``model`` or any of its submodules is in training mode (a model in eval mode may hold a BatchNorm or a
     dropout the user switched back to training, which would update statistics or fire on every call)."""
     return any(m.training for m in model.modules())
+
+
+@contextlib.contextmanager
+def kept_modes(module: nn.Module) -> Iterator[None]:
+    """Records the ``training`` flag of ``module`` and every submodule, and sets each back on exit, even on error."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _lock(model: nn.Module) -> threading.RLock:
@@ -57,10 +68,6 @@ def eval_mode(model: nn.Module) -> Iterator[bool]:
             yield False
             return
         _ever_flipped.add(model)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
+        with kept_modes(model):
+            model.eval()
             yield True
-        finally:
-            for m, mode in modes:
-                m.training = mode

@@ -11,31 +11,20 @@ selected with ``Where`` (a graph has no data-dependent batch split).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from hfguard.errors import InputError, ShapeError, StateFileError
+from hfguard.modelmode import kept_modes
 from hfguard.results import Verdict
 
 __all__ = ["export_onnx", "OnnxGuard", "OUTPUTS"]
 
 OUTPUTS = ("logits", "score", "flagged", "origin")
-
-
-@contextlib.contextmanager
-def _restored(modes: list[tuple[nn.Module, bool]]) -> Iterator[None]:
-    """Sets every module's ``training`` flag back to the recorded one on exit, even on error."""
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 class _CheckGraph(nn.Module):
@@ -62,12 +51,11 @@ def export_onnx(guard: Any, path: str | os.PathLike, example_input: Tensor, *, o
     x, _ = guard._check_input(example_input)
     graph = _CheckGraph(guard)
     # torch.onnx.export puts the exported module back in the mode it found it in, recursively: a new wrapper is in
-    # training mode, which would switch the user's model (and every submodule) to training. Every module's own
-    # flag is restored here instead, whatever happens.
-    modes = [(m, m.training) for m in graph.modules()]
-    graph.training = False
-    # traced with autograd on: the pooling then takes its reshape-mean form, whose sizes export as constants
-    with guard._eval_model(), warnings.catch_warnings(), _restored(modes):
+    # training mode, which would switch the user's model (and every submodule) to training; kept_modes sets every
+    # module's own flag back instead, whatever happens. Traced with autograd on: the pooling then takes its
+    # reshape-mean form, whose sizes export as constants.
+    with kept_modes(graph), guard._eval_model(), warnings.catch_warnings():
+        graph.training = False
         warnings.simplefilter("ignore")  # the tracer's notes on constant folding and Python values
         torch.onnx.export(
             graph,
