@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "column_index", "probe_name"]
+__all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "column_index", "probe_name",
+           "neighbour_name"]
 
 #: names of the two sources that are not layers
 LOGITS, SPECTRUM = "logits", "spectrum"
@@ -37,6 +38,11 @@ _KINDS = ("distance", "gap", "nearest")
 def probe_name(layer: str) -> str:
     """Name of the evidence source of ``layer``'s linear probe to the logits."""
     return f"{layer}->{LOGITS}"
+
+
+def neighbour_name(source: str) -> str:
+    """Name of the evidence source of ``source``'s nearest-neighbour bank (:mod:`hfguard.neighbours`)."""
+    return f"{source}~knn"
 
 
 def source_evidence(dist: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -35,6 +35,7 @@ from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
+from hfguard.neighbours import bank_size
 from hfguard.fingerprint import fitted_fingerprint
 from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
@@ -78,8 +79,8 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     # fit re-creates every learned buffer and module (never writes into the old ones), so references suffice
     return {
         "buffers": dict(guard._buffers),
-        "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes")},
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "poolings", "fit_report", "_model_fingerprint")},
+        "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes", "banks")},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "neighboured", "poolings", "fit_report", "_model_fingerprint")},
     }
 
 
@@ -145,7 +146,12 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         raise SettingsError(f"normalize has {guard.norm_mean.numel()} channels but the images have {c}")
     tile = [spectrum.spectral_tile(h), spectrum.spectral_tile(w)]
     grid = spectrum.spectral_grid(*tile)
-    sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(n) for n in layers)]  # a linear probe per layer (hfguard.probe)
+    # a linear probe per layer (hfguard.probe); a nearest-neighbour bank (hfguard.neighbours) for the first watched layer
+    # and the logits (benchmarks/evidence_neighbours.py: most of what a bank per layer adds, for a quarter of its cost)
+    banked = [layers[0], LOGITS]
+    sources = [*layers, LOGITS, SPECTRUM, *(evidence.probe_name(n) for n in layers)]
+    if guard.neighbour_bank:
+        sources += [evidence.neighbour_name(n) for n in banked]
     names = evidence.feature_names(sources)
     setting = guard.score_features_setting
     if setting == "all" or (setting == "auto" and guard.calibration == "self-attack"):
@@ -158,6 +164,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
             evidence.parse_feature(feature, sources)
     # only the probes the score uses are fitted (the others would cost fit time and file size for nothing)
     probes = [i for i, n in enumerate(layers) if any(f.rpartition(":")[0] == evidence.probe_name(n) for f in chosen)]
+    neighboured = [i for i, n in zip((0, len(layers)), banked) if any(f.rpartition(":")[0] == evidence.neighbour_name(n) for f in chosen)]
+    per_class, near = bank_size(k, guard.neighbour_bank or 1)
     return {
         "score_features": chosen,
         "calibration": guard.calibration,
@@ -167,6 +175,9 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         "dims": dims,
         "probes": probes,
         "probe_dim": min(k, PROBE_DIM),
+        "neighboured": neighboured,
+        "bank_per_class": per_class,
+        "bank_neighbours": near,
         "num_classes": k,
         "input_shape": [c, h, w],
         "layer_shapes": {n: list(by_name[n].shape) for n in layers},
@@ -212,6 +223,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             rows["y"] = y.cpu()
             pixels = guard.to_pixels(x)
             priority = content_priority(pixels, guard.seed)
+            rows["priority"] = priority
             sums.add(held.offer(rows, priority))
             # only the images the sample may keep cross to the host (a GPU batch is mostly rejected once the sample is full)
             img_priority = 1.0 - priority
@@ -220,7 +232,7 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
             rows_in = (~rejected).nonzero().flatten()
             if len(rows_in):
                 on_dev = rows_in.to(pixels.device)
-                images.offer({"x": pixels.detach()[on_dev].cpu(), "y": y[on_dev].cpu()}, img_priority[rows_in])
+                images.offer({"x": pixels.detach()[on_dev].cpu(), "y": y[on_dev].cpu(), "priority": priority[rows_in]}, img_priority[rows_in])
         bar.close()
     layout, sums, images = _agree(guard, layout, sums, images, held, device)
     hold, lost, seen = held.merged()  # across ranks under torch.distributed
@@ -244,10 +256,12 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
         )
     probes = sums.probe_models(int(layout["probe_dim"]))  # [] when nothing is probed
     layout, probe_report = _drop_linear_probes(guard, layout, probes, hold)
+    layout = _final_bank_size(guard, layout, sums)
     shrinkage = _set_gaussians(guard, sums.gaussian_models(), [m for i, m in zip(sums.probed, probes) if i in layout["probes"]])
+    banked = _set_banks(guard, sums)
     t_stats = time.perf_counter() - t0
     calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, layout, device)
-    sample = images.merged()[0]
+    sample = _without(images.merged()[0], banked)
     report = _calibrate(guard, layout, hold, calib, sample, labelled=seen_labels)
     report.update(
         samples_in_statistics=int(sums.count.sum()),
@@ -269,6 +283,7 @@ def _row_template(layout: dict[str, Any]) -> dict[str, Tensor]:
     """Zero-row tensors with the layout of the held-out rows (features of every source and the class)."""
     rows = {f"source{i}": torch.zeros(0, d) for i, d in enumerate(_source_dims(layout))}
     rows["y"] = torch.zeros(0, dtype=torch.long)
+    rows["priority"] = torch.zeros(0, dtype=torch.float64)
     return rows
 
 
@@ -277,11 +292,12 @@ def _start(guard: Any, layout: dict[str, Any], held: Reservoir, device: torch.de
     guard._allocate(layout)
     guard.to(device)
     logger.info("hfguard watches %s", ", ".join(f"{n} ({d} features)" for n, d in zip(layout["layers"], layout["dims"])))
-    sums = SourceSums(layout["num_classes"], _source_dims(layout), len(layout["layers"]), layout["probes"])
+    sums = SourceSums(layout["num_classes"], _source_dims(layout), len(layout["layers"]), layout["probes"], layout["neighboured"],
+                      layout["bank_per_class"])
     c, h, w = layout["input_shape"]
     images = Reservoir(max(64, min(guard.attack_size, IMAGE_BYTES // (c * h * w * 4))))
     held.ensure_keys(_row_template(layout))
-    images.ensure_keys({"x": torch.zeros(0, c, h, w), "y": torch.zeros(0, dtype=torch.long)})
+    images.ensure_keys({"x": torch.zeros(0, c, h, w), "y": torch.zeros(0, dtype=torch.long), "priority": torch.zeros(0, dtype=torch.float64)})
     return sums, images
 
 
@@ -378,6 +394,55 @@ def _set_gaussians(guard: Any, gaussians: list[Any], probes: list[Any]) -> list[
     return shrink
 
 
+def _bank_rows_per_class(sums: SourceSums, per_class: int) -> Tensor:
+    """(K,) bank rows each class gets: the sample's, at most a quarter of the class's statistics rows (at least 2). No
+    self-attack starts from a bank image, so on small data the bank must leave most images to the attacks."""
+    kept = torch.bincount(sums.sample.y, minlength=len(sums.count))
+    return torch.minimum(kept, torch.clamp(sums.count.long().cpu() // 4, min=2)).clamp(max=per_class)
+
+
+def _final_bank_size(guard: Any, layout: dict[str, Any], sums: SourceSums) -> dict[str, Any]:
+    """The layout with the bank's rows per class and neighbours fitted to the data (no more slots than the best-filled
+    class uses, no more neighbours than the least-filled class has); re-allocates the state when they change."""
+    if sums.sample is None:
+        return layout
+    rows = _bank_rows_per_class(sums, int(layout["bank_per_class"]))
+    per = max(1, int(rows.max()))
+    near = max(1, min(int(layout["bank_neighbours"]), int(rows.min())))
+    if (per, near) == (layout["bank_per_class"], layout["bank_neighbours"]):
+        return layout
+    layout = {**layout, "bank_per_class": per, "bank_neighbours": near}
+    device = guard.dct_h.device
+    guard._allocate(layout)
+    guard.to(device)
+    return layout
+
+
+def _set_banks(guard: Any, sums: SourceSums) -> Tensor:
+    """Copies the class-stratified sample of clean rows into the banks (:mod:`hfguard.neighbours`); returns the
+    content-hash priorities of the images behind them (no self-attack may start from one: its adversarial would find
+    its own clean image among the nearest rows, which no attack on a new image does)."""
+    if sums.sample is None:
+        return torch.zeros(0, dtype=torch.float64)
+    per = int(guard.layout["bank_per_class"])
+    used = torch.arange(per)[None, :] < _bank_rows_per_class(sums, per)[:, None]  # (K, per) slots each class fills
+    priority = torch.zeros(0, dtype=torch.float64)
+    for bank, i in zip(guard.banks, guard.neighboured):
+        rows, valid, priority = sums.sample.rows(f"source{i}", per)
+        valid &= used
+        bank.set_rows(rows.to(bank.bank.device), valid.to(bank.bank.device))
+        priority = priority[valid]  # the same images behind every source's bank
+    return priority
+
+
+def _without(sample: dict[str, Tensor], priorities: Tensor) -> dict[str, Tensor]:
+    """The image sample without the images whose content-hash priority is in ``priorities``."""
+    if len(priorities) == 0 or len(sample["y"]) == 0:
+        return sample
+    keep = ~torch.isin(sample["priority"], priorities)
+    return {k: v[keep] for k, v in sample.items()}
+
+
 def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any], hold: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Leaves out the probes of layers that determine the logits (nearly) linearly (residual share on the held-out
     rows ``hold`` below :data:`~hfguard.probe.MIN_RESIDUAL_SHARE`): their residual is rounding noise, which the
@@ -423,7 +488,8 @@ def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: tor
             _, feats = guard._features(x)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
             rows["y"] = (y if y is not None else torch.full((len(x),), -1)).cpu()
-            res.offer(rows, content_priority(guard.to_pixels(x), guard.seed + 7))
+            rows["priority"] = content_priority(guard.to_pixels(x), guard.seed + 7)
+            res.offer(rows, rows["priority"])
     rows, _, _ = res.merged()
     if not rows or len(rows["y"]) == 0:
         raise DataError("calibration_data yielded no images")

@@ -86,6 +86,10 @@ class Guard(FittedState):
             is generated; the score is the smooth maximum of the standardised
             evidence. Clean data only from the user either way.
         attack_size: clean images kept for the self-attacks (at most 256 MB of them).
+        neighbour_bank: clean training rows kept per watched layer and for the logits, over all classes (about
+            ``neighbour_bank / K`` per class, 2 to 50), whose nearest-neighbour class distances are evidence sources
+            ``"<layer>~knn"`` (:mod:`hfguard.neighbours`); 0 leaves them out. Costs ``neighbour_bank * D`` multiply-adds
+            per image and source of dimension D at ``check``.
         attack_families: ``"auto"`` (:data:`hfguard.selfattack.DEFAULT_FAMILIES`:
             FGSM, PGD L-inf and L2, minimal PGD L-inf, CW-L2 and a gradient-free
             random search), ``"all"`` (those and minimal PGD L2) or a list of
@@ -119,6 +123,7 @@ class Guard(FittedState):
         calibration: str = "self-attack",
         attack_size: int = 2000,
         attack_families: str | Sequence[str] = "auto",
+        neighbour_bank: int = 500,
         batch_size: int = 256,
         seed: int = 0,
         progress: bool = True,
@@ -149,7 +154,7 @@ class Guard(FittedState):
         validate_settings(
             policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
             calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
-            max_features=max_features,
+            max_features=max_features, neighbour_bank=neighbour_bank,
         )
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         self.strict = bool(strict)
@@ -159,6 +164,7 @@ class Guard(FittedState):
         self.calibration = calibration
         self.attack_size = int(attack_size)
         self.attack_families = resolve_families(attack_families)  # FAMILIES order: the heads' order
+        self.neighbour_bank = int(neighbour_bank)
         self.layers_setting = layers if layers == "auto" else list(layers)
         self.policy = policy
         self.fpr = float(fpr)

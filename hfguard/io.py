@@ -21,12 +21,13 @@ from hfguard.errors import StateFileError
 
 __all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "READABLE_VERSIONS", "LOAD_OVERRIDES"]
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 #: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score;
 #: formats 1-2 name the threshold tensor ``threshold_``; format 3 assumes one class token in every token layer;
 #: formats 1-4 have no linear probes; format 6 has the same tensors as 5, but its header may name self-attack
-#: families that 0.5 does not know, so 0.5 must refuse it by its version rather than fail on the settings)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+#: families that 0.5 does not know, so 0.5 must refuse it by its version rather than fail on the settings;
+#: formats 1-6 have no nearest-neighbour banks)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 #: settings a loaded guard may change; the others are baked into the learned state
 LOAD_OVERRIDES = ("policy", "filter_sigma", "input_range", "strict", "nonfinite", "progress", "batch_size")
 _KEY = "hfguard"
@@ -65,7 +66,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "strict": guard.strict,
         "nonfinite": guard.nonfinite,
         "calibration": guard.calibration,
-        "attack_families": guard.attack_families,  # the list the heads were fitted on; a loaded guard refits it
+        "attack_families": guard.attack_families,
+        "neighbour_bank": guard.neighbour_bank,  # the list the heads were fitted on; a loaded guard refits it
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
     }

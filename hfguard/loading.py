@@ -69,6 +69,7 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
         "score_features": header.get("score_features_setting", layout["score_features"]),  # before format 5: the list
         "calibration": header.get("calibration", "clean"),
         "attack_families": header.get("attack_families", "auto"),
+        "neighbour_bank": header.get("neighbour_bank", 0),  # before format 7: no banks
     }
     settings.update(overrides)
     guard = Guard(model, **settings)

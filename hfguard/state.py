@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.errors import NotFittedError
 from hfguard.evidence import LOGITS, SPECTRUM
+from hfguard.neighbours import NeighbourBank
 from hfguard.stats import batched_sq_distances, class_sq_distances, group_indicator, grouped_sq_distances
 from hfguard.taps import FLAT, MAP, Pooling
 
@@ -108,6 +109,7 @@ class FittedState(nn.Module):
         self.score_columns: list[tuple[str, int]] = []
         self.layers: list[str] = []
         self.probed: list[int] = []
+        self.neighboured: list[int] = []
         self.poolings: dict[str, Pooling] = {}
         self.layout: dict[str, Any] | None = None
         self.register_buffer("norm_mean", norm_mean.view(-1, 1, 1))
@@ -134,8 +136,10 @@ class FittedState(nn.Module):
 
     @property
     def evidence_sources(self) -> list[str]:
-        """Every source of evidence: :attr:`sources`, then the probed layers' ``"<layer>->logits"`` residuals."""
-        return [*self.sources, *(evidence.probe_name(self.layers[i]) for i in self.probed)]
+        """Every source of evidence: :attr:`sources`, then the probed layers' ``"<layer>->logits"`` residuals, then the
+        nearest-neighbour distances ``"<source>~knn"`` of the sources with a bank (:mod:`hfguard.neighbours`)."""
+        return [*self.sources, *(evidence.probe_name(self.layers[i]) for i in self.probed),
+                *(evidence.neighbour_name(self.sources[i]) for i in self.neighboured)]
 
     def _require_fitted(self) -> None:
         if self.layout is None:
@@ -152,6 +156,9 @@ class FittedState(nn.Module):
         self.gaussians = nn.ModuleList(ClassGaussian(k, d) for d in dims)
         self.probed = [int(i) for i in layout.get("probes", [])]  # files before format 5 have no probes
         self.probes = nn.ModuleList(LinearProbe(k, dims[i], int(layout["probe_dim"])) for i in self.probed)
+        self.neighboured = [int(i) for i in layout.get("neighboured", [])]  # files before format 7 have no banks
+        per, near = int(layout.get("bank_per_class", 1)), int(layout.get("bank_neighbours", 1))
+        self.banks = nn.ModuleList(NeighbourBank(k, per, dims[i], near) for i in self.neighboured)
         th, tw = layout.get("spectral_tile", (h, w))  # files of formats 1-2: one tile, the whole image
         self.register_buffer("dct_h", spectrum.dct_matrix(th))
         self.register_buffer("dct_w", spectrum.dct_matrix(tw))
@@ -163,7 +170,7 @@ class FittedState(nn.Module):
         names = layout["score_features"]
         self.score_columns = [evidence.parse_feature(n, self.evidence_sources) for n in names]
         # constants of the grouped maths, fixed by the layout: derived, never saved (non-persistent), moved by .to()
-        gauss, _ = self._grouped_sources()
+        gauss = self._grouped_sources()[0]
         self.register_buffer("group_indicator", group_indicator([dims[i] for i in gauss]), persistent=False)
         self.register_buffer("group_dims", torch.tensor([dims[i] for i in gauss], dtype=torch.long), persistent=False)
         self.register_buffer("evidence_index", evidence.column_index(self.score_columns), persistent=False)
@@ -220,17 +227,17 @@ class FittedState(nn.Module):
         return {src for kind, src in self.score_columns if kind != "margin"} | {0}
 
     def _features_needed(self) -> set[int]:
-        """Feature sources (indices into :attr:`sources`) behind :meth:`_sources_used`: a probe needs its layer and the logits."""
-        n = len(self.sources)
-        used = self._sources_used()
-        return {i for i in used if i < n} | {self.probed[i - n] for i in used if i >= n} | {len(self.layers)}
+        """Feature sources (indices into :attr:`sources`) behind :meth:`_sources_used`: a probe needs its layer and the
+        logits, a bank its source."""
+        gauss, probes, banks = self._grouped_sources()
+        return set(gauss) | {self.probed[j] for j in probes} | {self.neighboured[j] for j in banks} | {len(self.layers)}
 
-    def _grouped_sources(self) -> tuple[list[int], list[int]]:
-        """The sources of :meth:`_sources_used`, in order, split into class Gaussians (indices into :attr:`sources`)
-        and probes (indices into :attr:`probes`)."""
-        n = len(self.sources)
+    def _grouped_sources(self) -> tuple[list[int], list[int], list[int]]:
+        """The sources of :meth:`_sources_used`, in order, split into class Gaussians (indices into :attr:`sources`),
+        probes (indices into :attr:`probes`) and banks (indices into :attr:`banks`)."""
+        n, p = len(self.sources), len(self.probed)
         used = sorted(self._sources_used())
-        return [i for i in used if i < n], [i - n for i in used if i >= n]
+        return [i for i in used if i < n], [i - n for i in used if n <= i < n + p], [i - n - p for i in used if i >= n + p]
 
     def _source_distances(self, feats: Sequence[Tensor | None]) -> dict[int, Tensor]:
         """(N, K) class distances of the evidence sources the score and the origin need (see :meth:`_sources_used`).
@@ -243,10 +250,12 @@ class FittedState(nn.Module):
         ``benchmarks/grouped_maths.py``). ``_grouped`` forces either way (None: by device).
         """
         n, logits = len(self.sources), feats[len(self.layers)]
-        gauss, probes = self._grouped_sources()
+        gauss, probes, banks = self._grouped_sources()
+        p = n + len(self.probed)
+        near = {p + j: self.banks[j](feats[self.neighboured[j]]) for j in banks}
         forced = getattr(self, "_grouped", None)
         if not (forced if forced is not None else logits.device.type != "cpu"):
-            return {i: self.gaussians[i](feats[i]) for i in gauss} | {n + j: self.probes[j](feats[self.probed[j]], logits) for j in probes}
+            return {i: self.gaussians[i](feats[i]) for i in gauss} | {n + j: self.probes[j](feats[self.probed[j]], logits) for j in probes} | near
         if len(self.group_dims) != len(gauss):  # the derived constants follow _allocate's layout; never silently stale
             raise RuntimeError(f"the guard's grouped maths was built for {len(self.group_dims)} class Gaussians but the score uses {len(gauss)}")
         out: dict[int, Tensor] = {}
@@ -256,7 +265,7 @@ class FittedState(nn.Module):
         if probes:
             d = probe_distances([self.probes[j] for j in probes], [feats[self.probed[j]] for j in probes], logits)
             out.update({n + j: d[:, s] for s, j in enumerate(probes)})
-        return out
+        return out | near
 
     def _evidence(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
         """The planned evidence columns (N, F) from the logits and the sources' distances."""

@@ -273,15 +273,15 @@ def test_format_4_files_without_probes_load_and_score_as_before(fitted, digits_m
     fitted.save(str(p))
     header, tensors = io.read_guard_file(str(p))
     spec = dict(header["spec"])
-    keep = [i for i, f in enumerate(spec["score_features"]) if "->" not in f]
+    keep = [i for i, f in enumerate(spec["score_features"]) if "->" not in f and "~knn" not in f]  # no probes, no banks
     assert len(keep) < len(spec["score_features"])
     spec["score_features"] = [spec["score_features"][i] for i in keep]
-    spec.pop("probes")
-    spec.pop("probe_dim")
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("probes.")}
+    for key in ("probes", "probe_dim", "neighboured", "bank_per_class", "bank_neighbours"):
+        spec.pop(key)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("probes.", "banks."))}
     for k in ("evidence_mean", "evidence_std", "head_weight"):
         tensors[k] = tensors[k][:, keep].clone()
-    header = {k: v for k, v in header.items() if k != "score_features_setting"}  # new in format 5
+    header = {k: v for k, v in header.items() if k not in ("score_features_setting", "neighbour_bank")}  # new in formats 5 and 7
     write_old_file(tmp_path / "v4.safetensors", {**header, "spec": spec}, tensors, 4)
     g4 = hfguard.load(str(tmp_path / "v4.safetensors"), digits_model)
     x = digits.x_test[:40]

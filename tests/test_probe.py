@@ -104,7 +104,8 @@ def test_the_guard_probes_its_layers_and_leaves_out_linear_ones(fitted, digits):
     for n, r in rep.items():
         assert r["kept"] == (r["residual_share"] >= MIN_RESIDUAL_SHARE) and "residual_share_on_fit_samples" in r
         assert any(f.startswith(f"{n}->logits:") for f in fitted.fit_report["score_features"]) == r["kept"]
-    assert fitted.evidence_sources[-len(kept):] == [f"{n}->logits" for n in kept]
+    probes = fitted.evidence_sources[len(fitted.sources) : len(fitted.sources) + len(fitted.probed)]
+    assert probes == [f"{n}->logits" for n in kept]
     x = digits.x_test[:16].clone().requires_grad_(True)
     _, score = fitted.logits_and_score(x)
     (g,) = torch.autograd.grad(score.sum(), x)

@@ -20,11 +20,16 @@ def test_grouped_source_distances_equal_each_source_module(digits_model, digits)
         finally:
             guard._grouped = None
         score_ref = guard.score(x)
-    n = len(guard.sources)
+    n, p = len(guard.sources), len(guard.sources) + len(guard.probed)
     assert sorted(got) == sorted(ref) == sorted(guard._sources_used())
-    assert any(i >= n for i in got)
+    assert any(n <= i < p for i in got) and any(i >= p for i in got)  # probes and nearest-neighbour banks
     for i, d in got.items():
-        module = guard.gaussians[i](feats[i]) if i < n else guard.probes[i - n](feats[guard.probed[i - n]], logits)
+        if i < n:
+            module = guard.gaussians[i](feats[i])
+        elif i < p:
+            module = guard.probes[i - n](feats[guard.probed[i - n]], logits)
+        else:
+            module = guard.banks[i - p](feats[guard.neighboured[i - p]])
         assert torch.equal(ref[i], module)
         assert torch.allclose(d, module, rtol=1e-4, atol=1e-5), guard.evidence_sources[i]
     assert torch.allclose(score, score_ref, rtol=1e-4, atol=1e-4)
