@@ -35,8 +35,8 @@ from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
-from hfguard.neighbours import bank_size
 from hfguard.fingerprint import fitted_fingerprint
+from hfguard.neighbours import bank_size
 from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks

@@ -86,10 +86,10 @@ class Guard(FittedState):
             is generated; the score is the smooth maximum of the standardised
             evidence. Clean data only from the user either way.
         attack_size: clean images kept for the self-attacks (at most 256 MB of them).
-        neighbour_bank: clean training rows kept per watched layer and for the logits, over all classes (about
-            ``neighbour_bank / K`` per class, 2 to 50), whose nearest-neighbour class distances are evidence sources
-            ``"<layer>~knn"`` (:mod:`hfguard.neighbours`); 0 leaves them out. Costs ``neighbour_bank * D`` multiply-adds
-            per image and source of dimension D at ``check``.
+        neighbour_bank: clean training rows kept for the first watched layer and for the logits, over all classes
+            (``neighbour_bank // K`` per class, clipped to 2..50), whose nearest-neighbour class distances are the
+            evidence sources ``"<layer>~knn"`` and ``"logits~knn"`` (:mod:`hfguard.neighbours`); 0 leaves them out.
+            Costs ``K * per_class * D`` multiply-adds per image and source of dimension D at ``check``.
         attack_families: ``"auto"`` (:data:`hfguard.selfattack.DEFAULT_FAMILIES`:
             FGSM, PGD L-inf and L2, minimal PGD L-inf, CW-L2 and a gradient-free
             random search), ``"all"`` (those and minimal PGD L2) or a list of

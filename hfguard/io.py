@@ -66,8 +66,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "strict": guard.strict,
         "nonfinite": guard.nonfinite,
         "calibration": guard.calibration,
-        "attack_families": guard.attack_families,
-        "neighbour_bank": guard.neighbour_bank,  # the list the heads were fitted on; a loaded guard refits it
+        "attack_families": guard.attack_families,  # the list the heads were fitted on; a loaded guard refits it
+        "neighbour_bank": guard.neighbour_bank,
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
     }

@@ -34,6 +34,14 @@ def bank_size(num_classes: int, rows: int = BANK_ROWS) -> tuple[int, int]:
     return per, min(NEIGHBOURS, per)
 
 
+def _by_class(y: Tensor, priority: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(order, classes, rank)``: the rows sorted by class then priority, their classes, and each one's rank in its class."""
+    order = torch.argsort(priority, stable=True)
+    order = order[torch.argsort(y[order], stable=True)]
+    ys = y[order]
+    return order, ys, torch.arange(len(ys)) - torch.searchsorted(ys, ys)
+
+
 class ClassSample:
     """Per class, the rows with the ``per_class`` lowest priorities of a stream (a copy: nothing is handed back).
 
@@ -64,10 +72,7 @@ class ClassSample:
             return
         y_all = torch.cat([self.y, y[cand]])
         p_all = torch.cat([self.priority, priority[cand]])
-        order = torch.argsort(p_all, stable=True)
-        order = order[torch.argsort(y_all[order], stable=True)]  # by class, then by priority
-        ys = y_all[order]
-        rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)
+        order, _, rank = _by_class(y_all, p_all)
         keep = order[rank < self.per_class]
         for k in self.keys:
             new = rows[k][cand].detach()
@@ -96,10 +101,7 @@ class ClassSample:
         the sample's (a smaller one keeps each class's lowest priorities)."""
         k, per = self.num_classes, int(per_class or self.per_class)
         x = self.items[key]
-        order = torch.argsort(self.priority, stable=True)
-        order = order[torch.argsort(self.y[order], stable=True)]
-        ys = self.y[order]
-        slot = torch.arange(len(ys)) - torch.searchsorted(ys, ys)
+        order, ys, slot = _by_class(self.y, self.priority)
         fits = slot < per
         order, ys, slot = order[fits], ys[fits], slot[fits]
         rows = x.new_zeros(k, per, x.shape[1])
