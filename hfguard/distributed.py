@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "merge_samples", "all_reduce_sum", "all_reduce_", "agree_on", "comm_device"]
+__all__ = ["is_distributed", "merge_samples", "gather_samples", "all_reduce_sum", "all_reduce_", "agree_on", "comm_device"]
 
 
 def is_distributed() -> bool:
@@ -77,6 +77,17 @@ def _gather_padded(t: Tensor, capacity: int) -> Tensor:
     out = [torch.empty_like(pad) for _ in range(dist.get_world_size())]
     dist.all_gather(out, pad.contiguous())
     return torch.cat(out).to(t.device)
+
+
+def gather_samples(items: dict[str, Tensor], priority: Tensor, capacity: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Every rank's sampled rows and priorities, concatenated in rank order (identical on every rank): each rank sends
+    its ``n <= capacity`` rows padded to ``capacity``, so the traffic is ``world * capacity`` rows per key."""
+    n = len(priority)
+    p_pad = torch.full((capacity,), float("inf"), dtype=torch.float64)
+    p_pad[:n] = priority
+    all_p = _gather_padded(p_pad[:, None], capacity)[:, 0]
+    real = torch.isfinite(all_p)
+    return {k: _gather_padded(v, capacity)[real] for k, v in items.items()}, all_p[real]
 
 
 def merge_samples(items: dict[str, Tensor], priority: Tensor, capacity: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -36,7 +36,7 @@ from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.filters import DEFAULT_SIGMAS, choose_sigma
 from hfguard.fingerprint import fitted_fingerprint
-from hfguard.neighbours import bank_size
+from hfguard.neighbours import bank_size, leaving_out
 from hfguard.probe import MIN_RESIDUAL_SHARE, PROBE_DIM, held_out_share
 from hfguard.reservoir import Reservoir, content_priority
 from hfguard.selfattack import FAMILIES, self_attacks
@@ -161,6 +161,8 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
     else:
         chosen = list(setting)
         for feature in chosen:
+            if not guard.neighbour_bank and evidence.neighbour_name("") in feature:
+                raise SettingsError(f"score_features names {feature!r}, a nearest-neighbour feature, but neighbour_bank=0 keeps no bank")
             evidence.parse_feature(feature, sources)
     # only the probes the score uses are fitted (the others would cost fit time and file size for nothing)
     probes = [i for i, n in enumerate(layers) if any(f.rpartition(":")[0] == evidence.probe_name(n) for f in chosen)]
@@ -258,11 +260,11 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
     layout, probe_report = _drop_linear_probes(guard, layout, probes, hold)
     layout = _final_bank_size(guard, layout, sums)
     shrinkage = _set_gaussians(guard, sums.gaussian_models(), [m for i, m in zip(sums.probed, probes) if i in layout["probes"]])
-    banked = _set_banks(guard, sums)
+    bank_priority = _set_banks(guard, sums)
     t_stats = time.perf_counter() - t0
     calib = None if calibration_data is None else _calibration_rows(guard, calibration_data, layout, device)
-    sample = _without(images.merged()[0], banked)
-    report = _calibrate(guard, layout, hold, calib, sample, labelled=seen_labels)
+    sample = images.merged()[0]
+    report = _calibrate(guard, layout, hold, calib, sample, labelled=seen_labels, bank_priority=bank_priority)
     report.update(
         samples_in_statistics=int(sums.count.sum()),
         class_counts=counts.tolist(),
@@ -394,19 +396,12 @@ def _set_gaussians(guard: Any, gaussians: list[Any], probes: list[Any]) -> list[
     return shrink
 
 
-def _bank_rows_per_class(sums: SourceSums, per_class: int) -> Tensor:
-    """(K,) bank rows each class gets: the sample's, at most a quarter of the class's statistics rows (at least 2). No
-    self-attack starts from a bank image, so on small data the bank must leave most images to the attacks."""
-    kept = torch.bincount(sums.sample.y, minlength=len(sums.count))
-    return torch.minimum(kept, torch.clamp(sums.count.long().cpu() // 4, min=2)).clamp(max=per_class)
-
-
 def _final_bank_size(guard: Any, layout: dict[str, Any], sums: SourceSums) -> dict[str, Any]:
     """The layout with the bank's rows per class and neighbours fitted to the data (no more slots than the best-filled
     class uses, no more neighbours than the least-filled class has); re-allocates the state when they change."""
     if sums.sample is None:
         return layout
-    rows = _bank_rows_per_class(sums, int(layout["bank_per_class"]))
+    rows = torch.bincount(sums.sample.y, minlength=len(sums.count))
     per = max(1, int(rows.max()))
     near = max(1, min(int(layout["bank_neighbours"]), int(rows.min())))
     if (per, near) == (layout["bank_per_class"], layout["bank_neighbours"]):
@@ -418,29 +413,30 @@ def _final_bank_size(guard: Any, layout: dict[str, Any], sums: SourceSums) -> di
     return layout
 
 
-def _set_banks(guard: Any, sums: SourceSums) -> Tensor:
+def _set_banks(guard: Any, sums: SourceSums) -> Tensor | None:
     """Copies the class-stratified sample of clean rows into the banks (:mod:`hfguard.neighbours`); returns the
-    content-hash priorities of the images behind them (no self-attack may start from one: its adversarial would find
-    its own clean image among the nearest rows, which no attack on a new image does)."""
+    content-hash priority of the image behind each slot ((K, per_class), ``inf`` where empty; see :func:`_bank_slots`),
+    or None without banks."""
     if sums.sample is None:
-        return torch.zeros(0, dtype=torch.float64)
-    per = int(guard.layout["bank_per_class"])
-    used = torch.arange(per)[None, :] < _bank_rows_per_class(sums, per)[:, None]  # (K, per) slots each class fills
-    priority = torch.zeros(0, dtype=torch.float64)
+        return None
+    per, priority = int(guard.layout["bank_per_class"]), None
     for bank, i in zip(guard.banks, guard.neighboured):
-        rows, valid, priority = sums.sample.rows(f"source{i}", per)
-        valid &= used
+        rows, valid, priority = sums.sample.rows(f"source{i}", per)  # the same images behind every source's bank
         bank.set_rows(rows.to(bank.bank.device), valid.to(bank.bank.device))
-        priority = priority[valid]  # the same images behind every source's bank
     return priority
 
 
-def _without(sample: dict[str, Tensor], priorities: Tensor) -> dict[str, Tensor]:
-    """The image sample without the images whose content-hash priority is in ``priorities``."""
-    if len(priorities) == 0 or len(sample["y"]) == 0:
-        return sample
-    keep = ~torch.isin(sample["priority"], priorities)
-    return {k: v[keep] for k, v in sample.items()}
+def _bank_slots(bank: Tensor | None, priority: Tensor, labels: Tensor) -> Tensor | None:
+    """(N,) the flat slot, in the banks whose images have the priorities ``bank`` (K, per_class), of each image (found by
+    its content-hash priority and its class), -1 for an image outside the banks; None without banks. An adversarial
+    made from a bank image must not find its own clean image among the nearest rows (no attack on a new image does):
+    ``fit`` computes its evidence with that slot left out."""
+    if bank is None:
+        return None
+    k, per = bank.shape
+    match = (priority.cpu()[:, None] == bank.reshape(1, -1)) & (labels.cpu()[:, None] == torch.arange(k).repeat_interleave(per)[None, :])
+    slot = match.to(torch.int8).argmax(1)
+    return torch.where(match.any(1), slot, torch.full_like(slot, -1))
 
 
 def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any], hold: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -510,19 +506,24 @@ def _model_input(guard: Any, pixels: Tensor) -> Tensor:
     return guard.from_pixels(pixels.to(guard.dct_h.device)).to(dtype)
 
 
-def _evidence_of_pixels(guard: Any, pixels: Tensor) -> tuple[Tensor, Tensor]:
+def _evidence_of_pixels(guard: Any, pixels: Tensor, left_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Evidence (N, F) and predicted classes of pixel images; ``left_out`` (N,): a bank slot each row's nearest-neighbour
+    distances leave out (-1: none), see :func:`_bank_slots`."""
     out_e, out_p = [], []
     with guard._eval_model(), torch.no_grad():
         for i in range(0, len(pixels), guard.batch_size):
             x = _model_input(guard, pixels[i : i + guard.batch_size])
-            logits, feats = guard._features(x)
-            out_e.append(guard._evidence(logits, guard._source_distances(feats)))
+            with leaving_out(guard.banks, None if left_out is None else left_out[i : i + guard.batch_size]):
+                logits, feats = guard._features(x)
+                out_e.append(guard._evidence(logits, guard._source_distances(feats)))
             out_p.append(logits.argmax(1))
     return torch.cat(out_e), torch.cat(out_p)
 
 
-def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], calib: dict[str, Tensor] | None, sample: dict[str, Tensor], *, labelled: bool) -> dict[str, Any]:
-    """Standardiser, heads, threshold and filter; returns the fit report's calibration part."""
+def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], calib: dict[str, Tensor] | None, sample: dict[str, Tensor], *, labelled: bool,
+               bank_priority: Tensor | None = None) -> dict[str, Any]:
+    """Standardiser, heads, threshold and filter; returns the fit report's calibration part (``bank_priority``: see
+    :func:`_bank_slots`)."""
     k = layout["num_classes"]
     seconds: dict[str, float] = {}
     ev_h, pred_h = _evidence_of_rows(guard, hold)
@@ -545,7 +546,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         report["heads"] = {}
     else:
         t = time.perf_counter()
-        weight, bias, report["self_attacks"] = _self_attack_heads(guard, sample, z_fit, mean, std)
+        weight, bias, report["self_attacks"] = _self_attack_heads(guard, sample, z_fit, mean, std, bank_priority)
         seconds["self_attacks"] = time.perf_counter() - t
         report["heads"] = {f: dict(zip(layout["score_features"], [round(float(v), 4) for v in w])) for f, w in zip(_head_families(guard.attack_families), weight)}
     guard.head_weight.copy_(weight)
@@ -585,7 +586,8 @@ def _require_input_gradient(model: Any, pixels: Tensor) -> None:
         ) from exc
 
 
-def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, mean: Tensor, std: Tensor,
+                       bank_priority: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Attacks the kept clean images (the model's gradients; one family is gradient-free) and fits one logistic head per generated family
     (a family with fewer than :data:`MIN_FAMILY_ROWS` successful adversarials gets a head fitted on all of its regime's)."""
     dev = guard.dct_h.device
@@ -593,6 +595,7 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     with guard._eval_model(), torch.no_grad():
         correct = torch.cat([guard._forward_model(_model_input(guard, pixels[i : i + guard.batch_size])).argmax(1) for i in range(0, len(pixels), guard.batch_size)]) == labels
     pixels, labels = pixels[correct], labels[correct]
+    slots = _bank_slots(bank_priority, sample["priority"][correct.cpu()], labels)
     if len(pixels) == 0:
         raise DataError("self-attack calibration found no correctly classified image to attack (check the labels); or pass calibration='clean'")
     lo, hi = guard.input_range if guard.input_range is not None else (float(pixels.min()), float(pixels.max()))
@@ -611,7 +614,7 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
                 f"self-attack calibration produced only {rows} successful {regime} adversarials from {len(pixels)} correctly classified "
                 f"images (per family: {attacks.succeeded}); pass more data, or calibration='clean'"
             )
-    ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels)
+    ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels, None if slots is None else slots[attacks.source.cpu()])
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
     weights, biases, pooled, shared = [], [], [], {}
     for family in _head_families(guard.attack_families):

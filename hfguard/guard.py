@@ -107,6 +107,9 @@ class Guard(FittedState):
             filtered only if the zeroed image is flagged by its own score).
     """
 
+    #: a class default, so guards pickled before 0.7 (no banks) can be fitted again and saved
+    neighbour_bank: int = 0
+
     def __init__(
         self,
         model: nn.Module,

@@ -11,15 +11,18 @@ adds on the Fashion-MNIST models). Per watched source the guard keeps ``per_clas
   the mean squared distance (per dimension) to the ``neighbours`` nearest bank rows of each class.
 
 The cost per image and source is one product with the bank: ``K * per_class * D`` multiply-adds, with
-``K * per_class`` about :data:`BANK_ROWS` whatever the number of classes.
+``K * per_class`` about :data:`BANK_ROWS` up to 250 classes and ``2 * K`` beyond (two rows per class at least).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassSample", "NeighbourBank", "bank_size", "BANK_ROWS", "MAX_PER_CLASS", "NEIGHBOURS"]
+__all__ = ["ClassSample", "NeighbourBank", "bank_size", "leaving_out", "BANK_ROWS", "MAX_PER_CLASS", "NEIGHBOURS"]
 
 #: bank rows per source, over all classes (``per_class = BANK_ROWS // K``, at least 2 and at most MAX_PER_CLASS)
 BANK_ROWS = 500
@@ -81,19 +84,15 @@ class ClassSample:
 
     def merge_ranks(self) -> None:
         """Under ``torch.distributed``: every rank ends with the per-class sample of the union of the ranks' samples
-        (the same rows a single process would have kept)."""
-        import torch.distributed as dist
-
-        from hfguard.distributed import is_distributed, merge_samples
+        (the same rows a single process would have kept); each rank sends at most ``K * per_class`` rows."""
+        from hfguard.distributed import gather_samples, is_distributed
 
         if not is_distributed():
             return
-        capacity = self.num_classes * self.per_class * dist.get_world_size()  # room for every rank's rows
-        items = {k: self.items[k] for k in self.keys} | {"y": self.y, "priority": self.priority}
-        union, _ = merge_samples(items, self.priority, capacity)
+        union, priority = gather_samples({k: self.items[k] for k in self.keys} | {"y": self.y}, self.priority, self.num_classes * self.per_class)
         self.items = {k: v[:0] for k, v in self.items.items()}
         self.y, self.priority = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-        self.offer(union, union["priority"])
+        self.offer(union, priority)
 
     def rows(self, key: str, per_class: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(rows, valid, priority)``: (K, per_class, D) rows of ``key`` by class, in priority order, (K, per_class) bool
@@ -131,12 +130,13 @@ class NeighbourBank(nn.Module):
         self.register_buffer("bank", torch.zeros(num_classes * per_class, dim))
         #: squared norms of the bank rows; ``inf`` for an empty slot (a class with fewer rows), which is never nearest
         self.register_buffer("bank_sq", torch.zeros(num_classes * per_class))
+        self._left_out: Tensor | None = None  # see leaving_out
 
     @torch.no_grad()
     def set_rows(self, rows: Tensor, valid: Tensor) -> None:
         """Stores the (K, per_class, D) clean rows (``valid`` (K, per_class) marks the filled slots), standardised per
-        dimension by their own mean and standard deviation (floored at a tenth of the mean deviation: a dimension that
-        is constant on clean data cannot make every other distance vanish)."""
+        dimension by their own mean and standard deviation (the variance floored at a hundredth of the mean variance: a
+        dimension that is constant on clean data cannot make every other distance vanish)."""
         x = rows[valid].double()
         var = x.var(0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
         scale = 1.0 / torch.sqrt(var + 0.01 * var.mean() + 1e-12)
@@ -154,5 +154,23 @@ class NeighbourBank(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         u = (z.to(self.bank.dtype) - self.center) * self.scale
         sq = (u.square().sum(1, keepdim=True) - 2.0 * (u @ self.bank.T) + self.bank_sq).clamp_min(0.0)
+        left_out = getattr(self, "_left_out", None)
+        if left_out is not None:  # fit only: each row's own clean image, if it is in the bank
+            rows = (left_out >= 0).nonzero().flatten().to(sq.device)
+            sq = sq.index_put((rows, left_out.to(sq.device)[rows]), torch.tensor(float("inf"), dtype=sq.dtype, device=sq.device))
         near = sq.reshape(-1, self.num_classes, self.per_class).topk(self.neighbours, dim=2, largest=False).values
         return near.mean(2) / u.shape[1]
+
+
+@contextlib.contextmanager
+def leaving_out(banks: Sequence[NeighbourBank], slots: Tensor | None) -> Iterator[None]:
+    """Within the block, row ``i`` of a batch gets the banks' distances without the flat slot ``slots[i]`` (-1: none):
+    ``fit`` scores an adversarial made from a bank image as one made from a new image, whose clean original is never
+    among the nearest rows. ``None`` leaves every slot in."""
+    for bank in banks:
+        bank._left_out = slots
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank._left_out = None

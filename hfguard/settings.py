@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ def validate_settings(
     nonfinite: str,
     input_range: Any,
     max_features: int = 512,
-    neighbour_bank: int = 0,
+    neighbour_bank: int = 500,
 ) -> None:
     """Raises :class:`~hfguard.errors.SettingsError` naming the setting, what it accepts and what it got."""
     if policy not in POLICIES:
@@ -51,7 +52,7 @@ def validate_settings(
         raise SettingsError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     if int(attack_size) < 50:
         raise SettingsError(f"attack_size must be at least 50, got {attack_size!r}")
-    if isinstance(neighbour_bank, bool) or not isinstance(neighbour_bank, int) or neighbour_bank < 0:
+    if isinstance(neighbour_bank, bool) or not isinstance(neighbour_bank, numbers.Integral) or neighbour_bank < 0:
         raise SettingsError(f"neighbour_bank must be a non-negative integer (bank rows per source; 0: no nearest-neighbour evidence), got {neighbour_bank!r}")
     resolve_families(attack_families)  # raises ValueError on anything but "auto", "all" or a non-empty list of known families
     if nonfinite not in ("raise", "flag"):

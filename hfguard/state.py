@@ -85,6 +85,8 @@ class FittedState(nn.Module):
 
     #: the fitted model's fingerprint (hfguard.fingerprint); a class default, so guards pickled before 0.6.2 have one
     _model_fingerprint: list[float] | None = None
+    #: sources with a nearest-neighbour bank; a class default, so guards pickled before 0.7 have none
+    neighboured: list[int] = []  # noqa: RUF012 (never mutated: fit and load assign a new list)
 
     def _apply(self, *args: Any, **kwargs: Any) -> "FittedState":
         """``.to()``, ``.double()``, ``.cuda()``...: outside any caller's ``inference_mode``, so the moved buffers stay

@@ -310,15 +310,24 @@ def test_a_0_5_file_keeps_its_five_self_attack_families(fitted, digits_model, di
     fitted.save(str(p))
     header, tensors = io.read_guard_file(str(p))
     spec = {**header["spec"], "heads": 5}
-    tensors = {**tensors, "head_weight": tensors["head_weight"][:5].clone(), "head_bias": tensors["head_bias"][:5].clone()}
+    keep = [i for i, f in enumerate(spec["score_features"]) if "~knn" not in f]  # 0.5 had probes but no banks
+    spec["score_features"] = [spec["score_features"][i] for i in keep]
+    for key in ("neighboured", "bank_per_class", "bank_neighbours"):
+        spec.pop(key)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("banks.")}
+    for k in ("evidence_mean", "evidence_std"):
+        tensors[k] = tensors[k][:, keep].clone()
+    tensors = {**tensors, "head_weight": tensors["head_weight"][:5, keep].clone(), "head_bias": tensors["head_bias"][:5].clone()}
+    header = {k: v for k, v in header.items() if k != "neighbour_bank"}
     write_old_file(tmp_path / "v05.safetensors", {**header, "spec": spec, "attack_families": five}, tensors, 5)
     g = hfguard.load(str(tmp_path / "v05.safetensors"), digits_model)
-    assert g.attack_families == five
+    assert g.attack_families == five and len(g.banks) == 0 and len(g.probes) > 0
     x = digits.x_test[:40]
-    expected = combiner.head_score(_standardised(fitted, x), fitted.head_weight[:5], fitted.head_bias[:5])
+    expected = combiner.head_score(_standardised(fitted, x)[:, keep], fitted.head_weight[:5, keep], fitted.head_bias[:5])
     assert torch.allclose(g.score(x), expected, atol=1e-5)
     g.fit((digits.x_train, digits.y_train))
     assert list(g.fit_report["heads"]) == five and g.head_weight.shape[0] == 5
+    assert len(g.banks) == 0  # fitted again as it was: without banks
 
 
 def test_load_keeps_each_submodule_mode(saved, digits_model):

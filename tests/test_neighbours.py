@@ -5,7 +5,7 @@ import torch
 
 import hfguard
 from hfguard.errors import SettingsError
-from hfguard.neighbours import ClassSample, NeighbourBank, bank_size
+from hfguard.neighbours import ClassSample, NeighbourBank, bank_size, leaving_out
 from hfguard.reservoir import content_priority
 
 
@@ -78,50 +78,75 @@ def test_bank_distances_are_differentiable_and_a_bank_row_is_at_distance_zero():
     assert q.grad is not None and bool(torch.isfinite(q.grad).all()) and float(q.grad.abs().sum()) > 0
 
 
-def test_bank_size_is_fixed_whatever_the_number_of_classes():
+def test_bank_size_is_about_500_rows_up_to_250_classes_and_two_per_class_beyond():
     assert bank_size(10) == (50, 3)
     assert bank_size(1000) == (2, 2)
     assert bank_size(2) == (50, 3)
     assert bank_size(100, 2000) == (20, 3)
 
 
-def test_fit_banks_the_first_layer_and_the_logits_and_never_attacks_a_bank_image(digits_model, digits, monkeypatch):
-    """The banks hold clean statistics rows (never a held-out row, whose own distance would be zero), at most a quarter
-    of a class's rows, and no self-attack starts from a bank image."""
+def test_leaving_out_a_slot_equals_a_bank_without_that_row():
+    bank, rows, valid = _bank()
+    q = torch.randn(4, 4, generator=torch.Generator().manual_seed(7))
+    slots = torch.tensor([1, -1, 6 + 2, 2 * 6 + 1])  # class 0 row 1; none; class 1 row 2; class 2 row 1
+    with leaving_out([bank], slots):
+        got = bank(q)
+    assert bank._left_out is None
+    full = bank(q)
+    assert torch.equal(got[1], full[1])
+    for i, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        fewer = valid.clone()
+        fewer[slot // 6, slot % 6] = False
+        ref = NeighbourBank(3, 6, 4, 2)
+        ref.load_state_dict(bank.state_dict())  # the same standardisation
+        ref.bank_sq[slot] = float("inf")
+        assert torch.allclose(got[i], ref(q[i : i + 1])[0])
+        assert float(got[i, slot // 6]) >= float(full[i, slot // 6])
+
+
+def test_fit_banks_the_first_layer_and_the_logits_and_leaves_each_attack_origin_out(digits_model, digits, monkeypatch):
+    """The banks hold clean statistics rows (never a held-out row, whose own distance would be zero); an adversarial
+    made from a bank image gets its evidence with its own clean image left out of the banks."""
     import hfguard.fitting as fitting
 
     seen = {}
-    real_heads, real_banks, real_cal = fitting._self_attack_heads, fitting._set_banks, fitting._calibrate
+    real_ev, real_cal, real_banks = fitting._evidence_of_pixels, fitting._calibrate, fitting._set_banks
 
-    def heads(guard, sample, *args):
-        seen["attacked"] = sample["priority"].clone()
-        return real_heads(guard, sample, *args)
-
-    def banks(guard, sums):
-        seen["bank"] = real_banks(guard, sums)
-        return seen["bank"]
+    def ev(guard, pixels, left_out=None):
+        if left_out is not None:
+            seen["left_out"] = left_out.clone()
+        return real_ev(guard, pixels, left_out)
 
     def cal(guard, layout, hold, *args, **kw):
         seen["held"] = hold["priority"].clone()
         return real_cal(guard, layout, hold, *args, **kw)
 
-    monkeypatch.setattr(fitting, "_self_attack_heads", heads)
-    monkeypatch.setattr(fitting, "_set_banks", banks)
+    def banks(guard, sums):
+        seen["bank"] = real_banks(guard, sums)
+        return seen["bank"]
+
+    monkeypatch.setattr(fitting, "_evidence_of_pixels", ev)
     monkeypatch.setattr(fitting, "_calibrate", cal)
+    monkeypatch.setattr(fitting, "_set_banks", banks)
     g = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
     assert g.neighboured == [0, len(g.layers)] and len(g.banks) == 2
     assert any(f.startswith(f"{g.layers[0]}~knn:") for f in g.fit_report["score_features"])
     assert any(f.startswith("logits~knn:") for f in g.fit_report["score_features"])
     per = g.layout["bank_per_class"]
     filled = torch.isfinite(g.banks[0].bank_sq).reshape(10, per).sum(1)
-    counts = torch.tensor(g.fit_report["class_counts"])
-    assert bool((filled <= torch.clamp(counts // 4, min=2)).all()) and bool((filled >= g.layout["bank_neighbours"]).all())
-    assert len(seen["bank"]) == int(filled.sum())
-    assert not bool(torch.isin(seen["attacked"], seen["bank"]).any()) and not bool(torch.isin(seen["held"], seen["bank"]).any())
+    assert bool((filled >= g.layout["bank_neighbours"]).all())
+    in_bank = seen["bank"][torch.isfinite(seen["bank"])]
+    assert len(in_bank) == int(filled.sum()) and not bool(torch.isin(seen["held"], in_bank).any())
+    # every image is in the self-attack sample here (small data): the adversarials of bank images leave their slot out
+    left = seen["left_out"]
+    assert bool((left >= 0).any()) and bool((left < 0).any())
+    assert bool(torch.isfinite(seen["bank"].flatten()[left[left >= 0]]).all())
     # the bank rows are those images' logits, standardised
     prio = content_priority(digits.x_train, g.seed)
-    images = digits.x_train[torch.isin(prio, seen["bank"])]
-    assert len(images) == len(seen["bank"])
+    images = digits.x_train[torch.isin(prio, in_bank)]
+    assert len(images) == len(in_bank)
     with torch.no_grad():
         logits = digits_model.eval()(images)
     u = (logits - g.banks[1].center) * g.banks[1].scale
@@ -135,3 +160,24 @@ def test_no_bank_when_switched_off_and_settings_are_checked(digits_model, digits
     for bad in (-1, 2.5, True, "auto"):
         with pytest.raises(SettingsError, match="neighbour_bank"):
             hfguard.protect(digits_model, neighbour_bank=bad)
+    import numpy as np
+
+    assert hfguard.protect(digits_model, neighbour_bank=np.int64(200)).neighbour_bank == 200
+    with pytest.raises(SettingsError, match="neighbour_bank=0"):
+        hfguard.protect(digits_model, progress=False, neighbour_bank=0, score_features=["logits~knn:distance", "margin"]).fit(
+            (digits.x_train, digits.y_train))
+
+
+def test_a_guard_pickled_before_0_7_can_be_fitted_again(fitted, digits, tmp_path):
+    """Guards pickled by 0.6 have neither ``neighboured`` nor ``neighbour_bank``: class defaults stand in (no banks)."""
+    import copy
+
+    g = copy.deepcopy(fitted)
+    g.neighbour_bank = 0
+    g.fit((digits.x_train, digits.y_train))  # a guard that keeps no bank, fitted again
+    for attr in ("neighboured", "neighbour_bank"):
+        g.__dict__.pop(attr, None)
+    assert g.neighboured == [] and g.neighbour_bank == 0
+    g.fit((digits.x_train, digits.y_train))
+    g.save(str(tmp_path / "g.safetensors"))
+    assert len(g.banks) == 0 and not any("~knn" in f for f in g.fit_report["score_features"])
