@@ -7,7 +7,9 @@ round) of:
 * the bare forward;
 * the forward with the guard's hooks pooling every watched layer;
 * the HF spectrum of the batch (``_spectral``);
-* the evidence maths (class distances of every source, evidence, standardisation, heads);
+* the evidence maths (class distances of every source, evidence, standardisation, heads), and within it the
+  nearest-neighbour banks (:mod:`hfguard.neighbours`; with the synthetic families' 40 fit images they hold only a few
+  rows per class, with ``--fashion`` the default 500);
 * the input check (shape, dtype, range and finiteness, one read-back);
 * ``check()`` itself, and ``check()`` of a guard whose score leaves the spectrum out (``score_features`` without
   ``spectrum:*``, so the spectrum is never computed): what the paper's HF source costs on this model.
@@ -93,11 +95,15 @@ def main() -> None:
     def maths() -> torch.Tensor:
         return guard._score_evidence(guard._evidence(logits, guard._source_distances(feats)), logits.argmax(1))
 
+    def banks() -> list[torch.Tensor]:
+        return [b(feats[i]) for b, i in zip(guard.banks, guard.neighboured)]
+
     parts = {
         "bare forward": lambda: model(xb),
         "forward with the hooks pooling every watched layer": hooked,
         "HF spectrum": lambda: guard._spectral(xb),
         "evidence maths (distances, evidence, heads)": maths,
+        "nearest-neighbour banks (part of the evidence maths)": banks,
         "input check": lambda: guard._check_input(xb),
         "check()": lambda: guard.check(xb),
         "check() without the spectrum source": lambda: guard_no_hf.check(xb),
@@ -121,6 +127,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "family": f"fashion-mnist {args.fashion} (trained)" if args.fashion else args.family, "input": list(xb.shape), "layers": guard.layers,
         "score_features": guard.layout["score_features"],
+        "bank rows per banked source (filled)": [int(torch.isfinite(b.bank_sq).sum()) for b in guard.banks],
         "milliseconds (median)": ms,
         "over bare forward": {p: round(v / bare, 3) for p, v in ms.items() if p.startswith("check")},
         "hooks and pooling (forward with hooks - bare)": round(ms["forward with the hooks pooling every watched layer"] - bare, 2),

@@ -398,12 +398,13 @@ def _set_gaussians(guard: Any, gaussians: list[Any], probes: list[Any]) -> list[
 
 def _final_bank_size(guard: Any, layout: dict[str, Any], sums: SourceSums) -> dict[str, Any]:
     """The layout with the bank's rows per class and neighbours fitted to the data (no more slots than the best-filled
-    class uses, no more neighbours than the least-filled class has); re-allocates the state when they change."""
+    class uses, fewer neighbours than the least-filled class has); re-allocates the state when they change."""
     if sums.sample is None:
         return layout
     rows = torch.bincount(sums.sample.y, minlength=len(sums.count))
     per = max(1, int(rows.max()))
-    near = max(1, min(int(layout["bank_neighbours"]), int(rows.min())))
+    # one fewer than the least-filled class has: with an attack's own image left out (_bank_slots) enough rows remain
+    near = max(1, min(int(layout["bank_neighbours"]), int(rows.min()) - 1))
     if (per, near) == (layout["bank_per_class"], layout["bank_neighbours"]):
         return layout
     layout = {**layout, "bank_per_class": per, "bank_neighbours": near}

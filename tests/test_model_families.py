@@ -131,10 +131,13 @@ def test_a_thousand_classes_fit_on_six_images_per_class():
                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, k)).eval()
     x, y = normalised_images(k * per, 8, k, seed=1)
     usable_random_model(model, x, y, k, batch_size=1000, ridge_fraction=1e-4)
-    g = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, progress=False, calibration="clean").fit((x, y))
+    # every evidence source, the nearest-neighbour banks included (2 rows per class whatever neighbour_bank asks)
+    g = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, progress=False, calibration="clean", score_features="all").fit((x, y))
     counts = torch.tensor(g.fit_report["class_counts"])
     assert counts.min() >= per - per // 3  # at most a third of a class is held out
     assert g.fit_report["samples_held_out"] > 0 and g.check(x[:16]).score.isfinite().all()
+    assert len(g.banks) == 2 and g.layout["bank_per_class"] == 2 and g.layout["bank_neighbours"] == 1
+    assert g.banks[1].bank.shape == (2 * k, k)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.05), (torch.bfloat16, 0.2)])

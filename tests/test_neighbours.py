@@ -136,7 +136,7 @@ def test_fit_banks_the_first_layer_and_the_logits_and_leaves_each_attack_origin_
     assert any(f.startswith("logits~knn:") for f in g.fit_report["score_features"])
     per = g.layout["bank_per_class"]
     filled = torch.isfinite(g.banks[0].bank_sq).reshape(10, per).sum(1)
-    assert bool((filled >= g.layout["bank_neighbours"]).all())
+    assert bool((filled > g.layout["bank_neighbours"]).all())  # one left out still leaves enough
     in_bank = seen["bank"][torch.isfinite(seen["bank"])]
     assert len(in_bank) == int(filled.sum()) and not bool(torch.isin(seen["held"], in_bank).any())
     # every image is in the self-attack sample here (small data): the adversarials of bank images leave their slot out
