@@ -28,8 +28,8 @@ def validate_settings(
     attack_families: str | Sequence[str],
     nonfinite: str,
     input_range: Any,
-    max_features: int = 512,
-    neighbour_bank: int = 500,
+    max_features: int,
+    neighbour_bank: int,
 ) -> None:
     """Raises :class:`~hfguard.errors.SettingsError` naming the setting, what it accepts and what it got."""
     if policy not in POLICIES:

@@ -2,7 +2,8 @@
 
 :class:`FittedState` holds everything ``fit`` learns, as buffers (so ``state_dict()`` is the file format,
 ``.to()`` moves it and ONNX export bakes it in), and knows nothing of the wrapped model:
-:class:`hfguard.Guard` adds the model, its forward pass and the public API on top.
+:class:`hfguard.modelpass.ModelPass` adds the model's hooked forward pass, and :class:`hfguard.Guard` the settings and
+the public API on top.
 """
 
 from __future__ import annotations
