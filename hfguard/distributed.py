@@ -79,13 +79,19 @@ def _gather_padded(t: Tensor, capacity: int) -> Tensor:
     return torch.cat(out).to(t.device)
 
 
+def _gather_priorities(priority: Tensor, capacity: int) -> Tensor:
+    """Every rank's ``n <= capacity`` priorities, each rank's padded with ``inf`` to ``capacity``: (world * capacity,)."""
+    p_pad = torch.full((capacity,), float("inf"), dtype=torch.float64)
+    p_pad[: len(priority)] = priority
+    all_p = _gather_padded(p_pad[:, None], capacity)[:, 0]
+    all_p[torch.isnan(all_p)] = float("inf")
+    return all_p
+
+
 def gather_samples(items: dict[str, Tensor], priority: Tensor, capacity: int) -> tuple[dict[str, Tensor], Tensor]:
     """Every rank's sampled rows and priorities, concatenated in rank order (identical on every rank): each rank sends
     its ``n <= capacity`` rows padded to ``capacity``, so the traffic is ``world * capacity`` rows per key."""
-    n = len(priority)
-    p_pad = torch.full((capacity,), float("inf"), dtype=torch.float64)
-    p_pad[:n] = priority
-    all_p = _gather_padded(p_pad[:, None], capacity)[:, 0]
+    all_p = _gather_priorities(priority, capacity)
     real = torch.isfinite(all_p)
     return {k: _gather_padded(v, capacity)[real] for k, v in items.items()}, all_p[real]
 
@@ -105,10 +111,7 @@ def merge_samples(items: dict[str, Tensor], priority: Tensor, capacity: int) -> 
     import torch.distributed as dist
 
     n = len(priority)
-    p_pad = torch.full((capacity,), float("inf"), dtype=torch.float64)
-    p_pad[:n] = priority
-    all_p = _gather_padded(p_pad[:, None], capacity)[:, 0]
-    all_p[torch.isnan(all_p)] = float("inf")
+    all_p = _gather_priorities(priority, capacity)
     order = torch.argsort(all_p, stable=True)
     winners = order[: capacity][torch.isfinite(all_p[order[:capacity]])]
     rank = dist.get_rank()
