@@ -1,0 +1,85 @@
+"""Same-machine A/B of ``check()`` over the bare forward between two hfguard versions (issue 14).
+
+GPU ``check`` ratios move with the host: on a GPU the guard's extra kernels are cheap but each is launched from
+the CPU, so a slower host makes ``check`` launch-bound while the bare forward stays GPU-bound. Ratios measured on
+different machines of the same kind can therefore not say whether a version regressed. This script measures one
+version in one process; run it for both versions, alternating, in one call on one machine:
+
+    git archive 0f39278 hfguard | tar -x -C /tmp/v061     # hfguard 0.6.1 (the previous GPU check)
+    for r in 1 2; do for v in /tmp/v061 .; do PYTHONPATH=$v python benchmarks/gpu_version_ab.py; done; done
+
+Each run: torchvision resnet50 (random weights made usable by :mod:`hfguard.bench.synthetic`: speed only) with
+``classes`` classes at 224x224, a guard fitted with ``calibration="clean", score_features="all"`` (every source
+computed; no self-attacks, to keep the run short), then ``check`` against the bare forward at batch 16 and 64
+(median of interleaved pairs, each timed with ``torch.cuda.synchronize``), and the aten calls of one ``check``.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+import hfguard
+from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
+
+
+def _ratio(base, other, repeats: int, sync) -> dict[str, float]:
+    def run(f) -> float:
+        sync()
+        t = time.perf_counter()
+        f()
+        sync()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for _ in range(5):
+            run(base), run(other)
+        tb, to = [], []
+        for i in range(repeats):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                (tb if which == 0 else to).append(run(base if which == 0 else other))
+    return {"forward_ms": 1e3 * statistics.median(tb), "check_ms": 1e3 * statistics.median(to), "ratio": statistics.median(o / b for o, b in zip(to, tb))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    k, n = args.classes, 6 * args.classes
+    g = torch.Generator().manual_seed(0)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
+    x = ((torch.rand(n, 3, args.size, args.size, generator=g) - mean) / std).to(dev)
+    y = (torch.arange(n) % k).to(dev)
+    torch.manual_seed(0)
+    model = usable_random_model(random_model("resnet50", k, args.size).to(dev), x, y, k, batch_size=250)
+    guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=250,
+                            calibration="clean", score_features="all").fit((x, y))
+    out = {"hfguard": hfguard.__version__, "hfguard_path": hfguard.__file__, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+           "torch": torch.__version__, "classes": k, "size": args.size}
+    for b in (16, 64):
+        xb = x[:b].contiguous()
+        out[f"batch{b}"] = _ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats, sync)
+    from torch.profiler import profile
+
+    with torch.no_grad():
+        guard.check(x[:64])
+        with profile() as prof:
+            guard.check(x[:64])
+    out["check_aten_calls"] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
