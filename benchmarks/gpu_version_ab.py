@@ -10,7 +10,8 @@ version in one process; run it for both versions, alternating, in one call on on
 
 Each run: torchvision resnet50 (random weights made usable by :mod:`hfguard.bench.synthetic`: speed only) with
 ``classes`` classes at 224x224, a guard fitted with ``calibration="clean", score_features="all"`` (every source
-computed; no self-attacks, to keep the run short), then ``check`` against the bare forward at batch 16 and 64
+computed; no self-attacks, to keep the run short) or, with ``--default-fit``, the default guard (its fit time by step
+recorded), then ``check`` against the bare forward at batch 16 and 64
 (median of interleaved pairs, each timed with ``torch.cuda.synchronize``), and the aten calls of one ``check``.
 Prints one JSON line.
 """
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--default-fit", action="store_true", help="fit the default (self-attack) guard, and report its fit time by step")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,10 +66,14 @@ def main() -> None:
     y = (torch.arange(n) % k).to(dev)
     torch.manual_seed(0)
     model = usable_random_model(random_model("resnet50", k, args.size).to(dev), x, y, k, batch_size=250)
-    guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=250,
-                            calibration="clean", score_features="all").fit((x, y))
+    opts = {} if args.default_fit else {"calibration": "clean", "score_features": "all"}
+    sync()
+    t = time.perf_counter()
+    guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=250, **opts).fit((x, y))
+    sync()
     out = {"hfguard": hfguard.__version__, "hfguard_path": hfguard.__file__, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
-           "torch": torch.__version__, "classes": k, "size": args.size}
+           "torch": torch.__version__, "classes": k, "size": args.size, "guard": "default" if args.default_fit else "calibration='clean', score_features='all'",
+           "fit_seconds": time.perf_counter() - t, "fit_seconds_by_step": guard.fit_report["seconds"]}
     for b in (16, 64):
         xb = x[:b].contiguous()
         out[f"batch{b}"] = _ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats, sync)
