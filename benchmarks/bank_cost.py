@@ -1,7 +1,7 @@
 """What the nearest-neighbour banks (hfguard.neighbours) cost per ``check`` call at ImageNet-size shapes, alone.
 
-The model-families table was measured with 0.6.1 and 40 fit images (banks of a few rows per class), so this script
-times the two default banks by themselves at the size a real fit gives them: a first watched layer of 256 pooled
+The model-families table fits its guards on 40 images (banks of a few rows per class), so this script times the
+two default banks by themselves at the size a real fit gives them: a first watched layer of 256 pooled
 features and the logits, ``neighbour_bank=500`` (50 rows per class at 10 classes, 2 per class at 1000), with
 random rows (the cost does not depend on the values). Median of 200 calls on this machine's CPU.
 

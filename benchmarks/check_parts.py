@@ -124,6 +124,7 @@ def main() -> None:
     bare = ms["bare forward"]
     out = {
         "command": "python " + " ".join(sys.argv),
+        "hfguard": hfguard.__version__,
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "family": f"fashion-mnist {args.fashion} (trained)" if args.fashion else args.family, "input": list(xb.shape), "layers": guard.layers,
         "score_features": guard.layout["score_features"],

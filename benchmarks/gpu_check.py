@@ -10,7 +10,8 @@ never detection quality):
   included): seconds, images per second, peak GPU memory;
 * the saved guard's size, and how far float16 / autocast scores are from float32 scores;
 * the same ``check()`` ratio for vit_b_16 (10 classes);
-* (0.7) what the nearest-neighbour banks cost there: the same resnet50 guard fitted with ``neighbour_bank=0``;
+* (0.7) the same resnet50 guard fitted with ``neighbour_bank=0`` (a second fit and timing later in the process, so
+  not a same-moment comparison with the first);
   whether ``load`` accepts the float16 copy of the model (its fingerprint check), and if not, by how much it
   missed; ``check()`` over the forward at batch 64 for every torchvision family of
   :data:`hfguard.bench.synthetic.FAMILIES` (10 classes, fitted as ``benchmarks/model_families.py`` fits them).

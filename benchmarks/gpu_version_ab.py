@@ -5,7 +5,7 @@ the CPU, so a slower host makes ``check`` launch-bound while the bare forward st
 different machines of the same kind can therefore not say whether a version regressed. This script measures one
 version in one process; run it for both versions, alternating, in one call on one machine:
 
-    git archive 0f39278 hfguard | tar -x -C /tmp/v061     # hfguard 0.6.1 (the previous GPU check)
+    mkdir -p /tmp/v061 && git archive 0f39278 hfguard | tar -x -C /tmp/v061   # hfguard 0.6.1 (the previous GPU check)
     for r in 1 2; do for v in /tmp/v061 .; do PYTHONPATH=$v python benchmarks/gpu_version_ab.py; done; done
 
 Each run: torchvision resnet50 (random weights made usable by :mod:`hfguard.bench.synthetic`: speed only) with
@@ -13,7 +13,7 @@ Each run: torchvision resnet50 (random weights made usable by :mod:`hfguard.benc
 computed; no self-attacks, to keep the run short) or, with ``--default-fit``, the default guard (its fit time by step
 recorded), then ``check`` against the bare forward at batch 16 and 64
 (median of interleaved pairs, each timed with ``torch.cuda.synchronize``), and the aten calls of one ``check``.
-Prints one JSON line.
+Prints one JSON line. Needs CUDA (``--cpu`` runs it on the CPU anyway, which at these sizes takes long).
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--default-fit", action="store_true", help="fit the default (self-attack) guard, and report its fit time by step")
+    ap.add_argument("--cpu", action="store_true", help="run without CUDA (to check the script; slow at the default sizes)")
     args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.cpu:
+        raise SystemExit("gpu_version_ab.py needs a CUDA device (or --cpu)")
     warnings.simplefilter("ignore")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)

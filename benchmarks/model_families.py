@@ -50,6 +50,7 @@ def main() -> None:
         "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families))
     out = {
         "command": command,
+        "hfguard": hfguard.__version__,
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "note": "random weights (speed and size only); guard fitted with calibration='clean', score_features='all' (every source computed, as the default)",
         "families": {},

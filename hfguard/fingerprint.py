@@ -4,10 +4,10 @@ Layer names, shapes and the class count say nothing of the weights: a guard load
 architecture with other weights (another seed, a later fine-tune) would compare its activations with
 statistics of a different model, and flag nearly everything or nothing. The fingerprint is the logits of two
 fixed images (seeded uniform noise in the pixel range the guard was fitted with), recorded when the guard is
-fitted and compared when it is loaded, relative to their spread. A float16 or bfloat16 copy of the same model
-of a trained model stays well within :data:`TOLERANCE`, other weights do not (``benchmarks/fingerprint_precision.py``:
-float16 0.001-0.003, bfloat16 0.007-0.042, other weights 1.07-6.0 on the digits and Fashion-MNIST models and
-resnet50s; the random-weight resnet50s made usable for the speed benchmarks move 0.3-2.9 in half precision, a real
+fitted and compared when it is loaded, relative to their spread. A float16 or bfloat16 copy of a trained model
+stays well within :data:`TOLERANCE`, other weights do not (``benchmarks/fingerprint_precision.py``:
+float16 0.001-0.003, bfloat16 0.007-0.042 on the digits and Fashion-MNIST models and a random resnet50; other weights
+(or, for the Fashion-MNIST pair, the other architecture) 1.07-6.0; the random-weight resnet50s made usable for the speed benchmarks move 0.3-2.9 in half precision, a real
 change of their logits, and are refused). A model that is
 random in eval mode (two runs differ by more than :data:`RANDOM_MODEL`) gets no fingerprint, and is loaded
 unchecked as before.

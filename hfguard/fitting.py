@@ -423,7 +423,7 @@ def _set_banks(guard: Any, sums: SourceSums) -> Tensor | None:
     per, priority = int(guard.layout["bank_per_class"]), None
     for bank, i in zip(guard.banks, guard.neighboured):
         rows, valid, priority = sums.sample.rows(f"source{i}", per)  # the same images behind every source's bank
-        bank.set_rows(rows.to(bank.bank.device), valid.to(bank.bank.device))
+        bank.set_rows(rows, valid)  # (standardised on the host, then copied to the bank's device)
     return priority
 
 

@@ -52,8 +52,9 @@ def _bank(k=3, per=6, d=4, near=2, seed=0):
     return bank, rows, valid
 
 
-def test_bank_distances_are_the_mean_of_the_nearest_standardised_squared_distances():
-    bank, rows, valid = _bank()
+@pytest.mark.parametrize("near", [1, 2, 3])  # one neighbour takes the plain-min path
+def test_bank_distances_are_the_mean_of_the_nearest_standardised_squared_distances(near):
+    bank, rows, valid = _bank(near=near)
     q = torch.randn(9, 4, generator=torch.Generator().manual_seed(5))
     x = rows[valid].double()
     var = x.var(0, unbiased=False)
@@ -62,7 +63,7 @@ def test_bank_distances_are_the_mean_of_the_nearest_standardised_squared_distanc
     for c in range(3):
         ref = (rows[c][valid[c]].double() - x.mean(0)) * scale
         d2 = torch.cdist((q.double() - x.mean(0)) * scale, ref).square()
-        want.append(d2.topk(2, dim=1, largest=False).values.mean(1) / 4)
+        want.append(d2.topk(near, dim=1, largest=False).values.mean(1) / 4)
     got = bank(q)
     assert got.shape == (9, 3)
     assert torch.allclose(got.double(), torch.stack(want, 1), rtol=1e-4, atol=1e-5)  # empty slots are never nearest
