@@ -13,39 +13,22 @@ Each run: torchvision resnet50 (random weights made usable by :mod:`hfguard.benc
 computed; no self-attacks, to keep the run short) or, with ``--default-fit``, the default guard (its fit time by step
 recorded), then ``check`` against the bare forward at batch 16 and 64
 (median of interleaved pairs, each timed with ``torch.cuda.synchronize``), and the aten calls of one ``check``.
-Prints one JSON line. Needs CUDA (``--cpu`` runs it on the CPU anyway, which at these sizes takes long).
+Prints one JSON line (the committed runs 2-4 named the bare forward's median ``forward_ms``; it is now
+``bare_forward_ms``, as in ``gpu_check.py``, whose timing this script shares). Needs CUDA (``--cpu`` runs it on the CPU anyway, which at these sizes takes long).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import warnings
 
 import torch
+from gpu_check import timed_ratio  # benchmarks/gpu_check.py (its hfguard imports exist in 0.6.1 too)
 
 import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
-
-
-def _ratio(base, other, repeats: int, sync) -> dict[str, float]:
-    def run(f) -> float:
-        sync()
-        t = time.perf_counter()
-        f()
-        sync()
-        return time.perf_counter() - t
-
-    with torch.no_grad():
-        for _ in range(5):
-            run(base), run(other)
-        tb, to = [], []
-        for i in range(repeats):
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                (tb if which == 0 else to).append(run(base if which == 0 else other))
-    return {"forward_ms": 1e3 * statistics.median(tb), "check_ms": 1e3 * statistics.median(to), "ratio": statistics.median(o / b for o, b in zip(to, tb))}
 
 
 def main() -> None:
@@ -79,7 +62,7 @@ def main() -> None:
            "fit_seconds": time.perf_counter() - t, "fit_seconds_by_step": guard.fit_report["seconds"]}
     for b in (16, 64):
         xb = x[:b].contiguous()
-        out[f"batch{b}"] = _ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats, sync)
+        out[f"batch{b}"] = timed_ratio(lambda: model(xb), lambda: guard.check(xb), args.repeats)
     from torch.profiler import profile
 
     with torch.no_grad():
