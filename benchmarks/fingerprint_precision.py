@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from gpu_check import images  # benchmarks/gpu_check.py: normalised uniform images, labels cycling over the classes
 
 import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
@@ -53,10 +54,9 @@ def _detailed(model: torch.nn.Module, other: torch.nn.Module, guard, shape: tupl
 
 
 def _usable_resnet50(k: int, size: int, n: int, seed: int) -> torch.nn.Module:
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
-    x = (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) - mean) / std
+    x, y = images(n, size, k, "cpu", 0)
     torch.manual_seed(seed)
-    return usable_random_model(random_model("resnet50", k, size), x, torch.arange(n) % k, k, batch_size=250)
+    return usable_random_model(random_model("resnet50", k, size), x, y, k, batch_size=250)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import time
 import warnings
 
 import torch
-from gpu_check import timed_ratio  # benchmarks/gpu_check.py (its hfguard imports exist in 0.6.1 too)
+from gpu_check import images, sync, timed_ratio  # benchmarks/gpu_check.py (its hfguard imports exist in 0.6.1 too)
 
 import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
@@ -43,13 +43,9 @@ def main() -> None:
         raise SystemExit("gpu_version_ab.py needs a CUDA device (or --cpu)")
     warnings.simplefilter("ignore")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.backends.cudnn.benchmark = True
-    k, n = args.classes, 6 * args.classes
-    g = torch.Generator().manual_seed(0)
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in IMAGENET_NORMALIZE)
-    x = ((torch.rand(n, 3, args.size, args.size, generator=g) - mean) / std).to(dev)
-    y = (torch.arange(n) % k).to(dev)
+    k = args.classes
+    x, y = images(6 * k, args.size, k, dev, 0)
     torch.manual_seed(0)
     model = usable_random_model(random_model("resnet50", k, args.size).to(dev), x, y, k, batch_size=250)
     opts = {} if args.default_fit else {"calibration": "clean", "score_features": "all"}
