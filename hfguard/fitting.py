@@ -7,13 +7,15 @@ The steps, in order:
    a content-hash sample of rows is held out (``calibration_size``) and a second, small sample of
    images is kept for the self-attacks and the filter choice.  Memory does not grow with the data.
 3. **Calibration data** (optional, a second pass): clean images the model never trained on.
-   When given, the threshold is set on them; otherwise on half of the fit hold-out.  A model
-   remembers its training images, so their evidence looks more typical than deployment data's.
+   When given, the evidence standardiser and the threshold are set on them; otherwise on two halves of
+   the fit hold-out.  A model remembers its training images, so their evidence looks more typical
+   than deployment data's.
 4. **Score**: evidence is standardised per predicted class on clean held-out rows, then combined by
    :mod:`hfguard.combiner`: the smooth maximum of the standardised evidence (``calibration="clean"``)
    or of logistic heads learned against attacks the guard generates itself
-   (``calibration="self-attack"``, :mod:`hfguard.selfattack`).
-5. **Threshold** at the ``1 - fpr`` quantile of clean scores that took no part in steps 3-4's fits.
+   (``calibration="self-attack"``, :mod:`hfguard.selfattack`), whose clean rows are the fit hold-out.
+5. **Threshold** at the ``1 - fpr`` quantile of clean scores that took no part in the heads' fit
+   (with ``calibration_data``, the images that set the standardiser: see :mod:`hfguard.calibrate`).
 
 A failed ``fit`` restores the guard to its state before the call.
 """
@@ -534,10 +536,14 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         fit_idx, thr_idx = perm[: n // 2], perm[n // 2 :]
         ev_fit, pred_fit = ev_h[fit_idx], pred_h[fit_idx]
         ev_thr, pred_thr = ev_h[thr_idx], pred_h[thr_idx]
+        mean, std = calibrate.fit_standardizer(ev_fit, pred_fit, k)
     else:
+        # the heads' clean rows: the fit hold-out (images of the kind the self-attacks start from); the standardiser: the
+        # calibration images, which the model never trained on (a memorised image's evidence looks more typical than a
+        # new one's), shrunk towards the hold-out's statistics where a class has few (benchmarks/standardiser_source.py)
         ev_fit, pred_fit = ev_h, pred_h
         ev_thr, pred_thr = _evidence_of_rows(guard, calib)
-    mean, std = calibrate.fit_standardizer(ev_fit, pred_fit, k)
+        mean, std = calibrate.fit_standardizer(ev_thr, pred_thr, k, prior=calibrate.fit_standardizer(ev_fit, pred_fit, k))
     guard.evidence_mean.copy_(mean)
     guard.evidence_std.copy_(std)
     z_fit = calibrate.standardize(ev_fit, pred_fit, mean, std)

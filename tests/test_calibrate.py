@@ -22,6 +22,22 @@ def test_standardizer_is_per_class_and_shrinks_rare_classes():
     assert torch.allclose(mean[3], glob)  # no samples: global statistics
 
 
+def test_standardizer_shrinks_towards_a_prior_of_its_own_class():
+    """With a prior (fit passes the fit hold-out's statistics when it standardises on calibration_data), a class with few
+    rows moves from the prior towards its own statistics in proportion to its count; with none it keeps the prior."""
+    g = torch.Generator().manual_seed(0)
+    ev = torch.cat([torch.randn(500, 2, generator=g) + 1, torch.randn(5, 2, generator=g) + 100])
+    pred = torch.cat([torch.zeros(500), torch.ones(5)]).long()
+    prior = (torch.tensor([[0.0, 0.0], [50.0, 50.0], [7.0, 7.0]]), torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
+    mean, std = calibrate.fit_standardizer(ev, pred, 3, min_count=20, prior=prior)
+    assert torch.allclose(mean[0], ev[:500].mean(0), atol=1e-5)  # enough rows: the prior plays no part
+    assert torch.allclose(mean[1], 0.25 * ev[500:].mean(0) + 0.75 * prior[0][1], atol=1e-4)
+    assert torch.allclose(std[1], 0.25 * ev[500:].std(0) + 0.75 * prior[1][1], atol=1e-4)
+    assert torch.equal(mean[2], prior[0][2]) and torch.equal(std[2], prior[1][2])  # no rows: the prior
+    one = calibrate.fit_standardizer(ev[:1], pred[:1], 3, prior=prior)  # too few rows for any spread: the prior itself
+    assert torch.equal(one[0], prior[0]) and torch.equal(one[1], prior[1])
+
+
 def test_standardize_uses_the_predicted_class_row():
     ev = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
     mean = torch.tensor([[0.0, 0.0], [1.0, 1.0]])

@@ -92,6 +92,35 @@ def test_calibration_data_keeps_the_fpr_promise_on_a_memorised_model(memorised, 
     assert right.fit_report["fpr_if_calibrated_on_fit_data"] > 0.05  # reported: what the fit data alone would have done
 
 
+def test_calibration_data_sets_the_standardiser_and_the_hold_out_the_heads(memorised):
+    """With calibration_data the per-class evidence standardiser comes from the calibration images (shrunk towards the
+    fit hold-out's statistics, 30 images per class of the 100 a class needs alone), the threshold from their scores."""
+    from hfguard import calibrate, fitting
+
+    model, fit_data, cal_data = memorised
+    seen = {}
+    original = fitting._calibrate
+
+    def spy(guard, layout, hold, calib, sample, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen["hold"], seen["calib"] = hold, calib
+        return original(guard, layout, hold, calib, sample, **kw)
+
+    fitting._calibrate = spy
+    try:
+        g = hfguard.protect(model, progress=False, calibration="clean").fit(fit_data, calibration_data=cal_data)
+    finally:
+        fitting._calibrate = original
+    k = g.layout["num_classes"]
+    ev_h, pred_h = fitting._evidence_of_rows(g, seen["hold"])
+    ev_c, pred_c = fitting._evidence_of_rows(g, seen["calib"])
+    want = calibrate.fit_standardizer(ev_c, pred_c, k, prior=calibrate.fit_standardizer(ev_h, pred_h, k))
+    assert torch.allclose(g.evidence_mean, want[0], atol=1e-5) and torch.allclose(g.evidence_std, want[1], atol=1e-5)
+    held_only = calibrate.fit_standardizer(ev_h, pred_h, k)
+    assert not torch.allclose(g.evidence_mean, held_only[0], atol=1e-3)  # the memorised hold-out alone would differ
+    scores = g._score_evidence(ev_c, pred_c)
+    assert abs(float(g.calibrated_threshold) - calibrate.threshold_at_fpr(scores, g.fpr)) < 1e-5
+
+
 def test_calibration_data_must_match_the_fit_images(fitted, digits_model, digits):
     with pytest.raises(hfguard.DataError, match="calibration"):
         hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train), calibration_data=torch.rand(20, 1, 9, 9))
