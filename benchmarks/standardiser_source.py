@@ -24,7 +24,6 @@ Writes benchmarks/results/standardiser-source.{json,md}.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
@@ -38,7 +37,6 @@ import hfguard
 from hfguard import calibrate, combiner, fitting
 from hfguard.data import CALIBRATION_HOLDOUT, cached_model
 from hfguard.evaluate import auroc
-from hfguard.selfattack import FAMILIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from combiner_validation import validation_attacks, validation_split  # noqa: E402
@@ -86,21 +84,9 @@ def study(arch: str) -> dict[str, Any]:
     ev_a = {name: fitting._evidence_of_pixels(guard, x) for name, x in val.items()}
 
     def heads(z_clean: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``fitting._self_attack_heads``'s head fits on given clean rows and standardiser."""
-        z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
-        ws, bs, shared = [], [], {}
-        for fam in fitting._head_families(guard.attack_families):
-            mask = sa.family_mask(fam)
-            if int(mask.sum()) < fitting.MIN_FAMILY_ROWS:
-                shared.setdefault(FAMILIES[fam], []).append(len(ws))
-                mask = sa.regime_mask(FAMILIES[fam])
-            w, b = combiner.standardised_head(*combiner.fit_logistic_head(z_clean, z_adv[mask]), z_clean)
-            ws.append(w)
-            bs.append(b)
-        for rows in shared.values():
-            for i in rows:
-                bs[i] -= temp * math.log(len(rows))
-        return torch.stack(ws), torch.tensor(bs, dtype=z_clean.dtype)
+        """``fit``'s head fits (``fitting.family_heads``) on given clean rows and standardiser."""
+        w, b, _ = fitting.family_heads(z_clean, calibrate.standardize(ev_adv, pred_adv, mean, std), sa, guard.attack_families, temp)
+        return w, b
 
     def scorer(std_rows: tuple, head_rows: tuple, prior: tuple | None = None) -> Any:
         mean, std = calibrate.fit_standardizer(*std_rows, k, prior=prior)

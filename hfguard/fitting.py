@@ -45,7 +45,7 @@ from hfguard.selfattack import FAMILIES, self_attacks
 from hfguard.sums import SourceSums
 from hfguard.taps import choose_layers, choose_pooling, compiled_hint, discover_layers, layer_kind, watchable_units
 
-__all__ = ["fit_guard", "choose_layout", "CALIBRATIONS"]
+__all__ = ["fit_guard", "choose_layout", "family_heads", "CALIBRATIONS"]
 
 logger = logging.getLogger("hfguard")
 
@@ -547,7 +547,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
     guard.evidence_mean.copy_(mean)
     guard.evidence_std.copy_(std)
     z_fit = calibrate.standardize(ev_fit, pred_fit, mean, std)
-    report: dict[str, Any] = {"calibration": layout["calibration"]}
+    report: dict[str, Any] = {"calibration": layout["calibration"], "standardiser": "fit hold-out" if calib is None else "calibration_data"}
     if layout["calibration"] == "clean":
         weight, bias = combiner.identity_heads(len(layout["score_features"]), dtype=mean.dtype, device=mean.device)
         report["heads"] = {}
@@ -623,8 +623,19 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
             )
     ev_adv, pred_adv = _evidence_of_pixels(guard, attacks.pixels, None if slots is None else slots[attacks.source.cpu()])
     z_adv = calibrate.standardize(ev_adv, pred_adv, mean, std)
+    weight, bias, pooled = family_heads(z_clean, z_adv, attacks, guard.attack_families, guard.temperature)
+    info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families},
+            "heads_on_their_regime": pooled}
+    return weight, bias, info
+
+
+def family_heads(z_clean: Tensor, z_adv: Tensor, attacks: Any, families: list[str], temperature: float) -> tuple[Tensor, Tensor, list[str]]:
+    """One logistic head per self-attack family (clean rows ``z_clean`` against the family's rows of ``z_adv``, both
+    standardised), each rescaled to a common clean tail; a family with fewer than :data:`MIN_FAMILY_ROWS` successful
+    adversarials gets a head fitted on all of its regime's, and the copies of one regime head share its weight in the
+    smooth maximum. Returns the heads' weights (H, F) and biases (H,), and the families that learned from their regime."""
     weights, biases, pooled, shared = [], [], [], {}
-    for family in _head_families(guard.attack_families):
+    for family in _head_families(families):
         mask = attacks.family_mask(family)
         if int(mask.sum()) < MIN_FAMILY_ROWS:  # too few for a head of its own: the family's regime's adversarials
             regime = attacks.regime_mask(FAMILIES[family])
@@ -638,10 +649,8 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
         biases.append(b)
     for rows in shared.values():  # k copies of one regime head: the smooth maximum would count it k times
         for i in rows:
-            biases[i] -= guard.temperature * math.log(len(rows))
-    info = {"images": len(pixels), "attempted": attacks.attempted, "succeeded": attacks.succeeded, "families": {f: FAMILIES[f] for f in guard.attack_families},
-            "heads_on_their_regime": pooled}
-    return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), info
+            biases[i] -= temperature * math.log(len(rows))
+    return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), pooled
 
 
 def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] | None, ev_h: Tensor, pred_h: Tensor, scores_thr: Tensor, labelled: bool) -> dict[str, Any]:

@@ -201,10 +201,11 @@ class Guard(ModelPass):
                 as classes.  Data must be clean (no adversarial examples).
             calibration_data: optional clean images the model was NOT trained
                 on (a validation split), in any form ``data`` accepts; labels
-                are optional and only reported. The threshold is then set on
-                them, so the false-positive rate holds on new data even when the
-                model has memorised ``data``. Strongly recommended when ``data``
-                is the model's training set.
+                are optional and only reported. The threshold and the per-class
+                evidence standardiser are then set on them, so the false-positive
+                rate holds on new data even when the model has memorised ``data``
+                (``fit_report["standardiser"]`` says which rows set it). Strongly
+                recommended when ``data`` is the model's training set.
 
         Returns:
             ``self``.

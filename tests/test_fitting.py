@@ -117,6 +117,8 @@ def test_calibration_data_sets_the_standardiser_and_the_hold_out_the_heads(memor
     assert torch.allclose(g.evidence_mean, want[0], atol=1e-5) and torch.allclose(g.evidence_std, want[1], atol=1e-5)
     held_only = calibrate.fit_standardizer(ev_h, pred_h, k)
     assert not torch.allclose(g.evidence_mean, held_only[0], atol=1e-3)  # the memorised hold-out alone would differ
+    assert g.fit_report["standardiser"] == "calibration_data"
+    assert hfguard.protect(model, progress=False, calibration="clean").fit(fit_data).fit_report["standardiser"] == "fit hold-out"
     scores = g._score_evidence(ev_c, pred_c)
     assert abs(float(g.calibrated_threshold) - calibrate.threshold_at_fpr(scores, g.fpr)) < 1e-5
 
