@@ -6,6 +6,8 @@ Interleaved medians (each variant timed in a random order every round, in one pr
   whole batch at once (the GPU / ONNX path), with the std**2 channel weights vs un-normalising the batch first
   (as 0.2 did, which also transformed the whole batch at once), and with 16- or 8-px tiles (not used: they would change the features of large images);
 * the default's features with an even/odd butterfly (half the multiply-adds, more passes over the band; not used);
+* the default's features with the tile transforms as strided convolutions (rows and columns, or rows then a matmul),
+  and with the columns transformed first in one GEMM over the whole batch (not used);
 * pooling a (16, 576, 7, 7) map to one position: ``mean`` (used) vs the two strided sums used for larger grids.
 
 Run:  python benchmarks/spectrum_cost.py
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import hfguard
 from hfguard import spectrum
 from hfguard.taps import pool_activation
 
@@ -67,6 +70,34 @@ def butterfly_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) ->
     return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
 
 
+def conv_features(x: torch.Tensor, weight: torch.Tensor, *, columns_by_matmul: bool, tile: int = 32) -> torch.Tensor:
+    """The default's features with each tile's row transform as a strided convolution (kernel (tile, 1), stride
+    (tile, 1)), and its column transform as a second one or as a matmul."""
+    n, c, h, w = x.shape
+    d = spectrum.dct_matrix(tile)
+    pm, index = spectrum.pool_matrix(tile, 8), spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    rows = torch.nn.functional.conv2d(x.reshape(n * c, 1, h, w), d.reshape(tile, 1, tile, 1), stride=(tile, 1))  # (nc, k, th, W)
+    if columns_by_matmul:
+        coeff = rows.reshape(n * c, tile, h // tile, w // tile, tile) @ d.T  # (nc, k, th, tw, l)
+        chan = coeff.square_().sum((2, 3))
+    else:
+        coeff = torch.nn.functional.conv2d(rows.reshape(n * c * tile, 1, h // tile, w), d.reshape(tile, 1, 1, tile), stride=(1, tile))
+        chan = coeff.square_().sum((2, 3))
+    power = (chan.reshape(n, c, tile, tile) / ((h // tile) * (w // tile)) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
+    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+
+
+def columns_first_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) -> torch.Tensor:
+    """The default's features with every tile's columns transformed first, in one GEMM over the whole batch, then its rows."""
+    n, c, h, w = x.shape
+    d = spectrum.dct_matrix(tile)
+    pm, index = spectrum.pool_matrix(tile, 8), spectrum.hf_block_mask((8, 8)).nonzero().flatten()
+    cols = (x.reshape(n, c, h, w // tile, tile) @ d.T).reshape(n, c, h // tile, tile, w)
+    coeff = (d @ cols).reshape(n, c, h // tile, tile, w // tile, tile)
+    power = (coeff.square_().sum((2, 4)) / ((h // tile) * (w // tile)) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
+    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+
+
 def main() -> None:
     random.seed(0)
     torch.manual_seed(0)
@@ -84,6 +115,11 @@ def main() -> None:
     index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
     gap = float((butterfly_features(x, weight) - features(32, channel_weight=weight)()).abs().max())
     assert gap < 1e-4, f"the butterfly variant must give the default's features; max difference {gap}"
+    variants = {"conv+conv": lambda: conv_features(x, weight, columns_by_matmul=False), "conv+matmul": lambda: conv_features(x, weight, columns_by_matmul=True),
+                "columns first": lambda: columns_first_features(x, weight)}
+    reference = features(32, channel_weight=weight)()
+    gaps = {k: float((f() - reference).abs().max()) for k, f in variants.items()}
+    assert max(gaps.values()) < 1e-4, f"every variant must give the default's features; max differences {gaps}"
     spec = timed({
         "32-px tiles, one row of tiles at a time, std^2 weights (default on a CPU)": features(32, channel_weight=weight),
         "32-px tiles, whole batch at once, std^2 weights (GPU / ONNX path)": features(32, channel_weight=weight, band=224),
@@ -92,6 +128,9 @@ def main() -> None:
         "16-px tiles, one row at a time (not used)": features(16, channel_weight=weight),
         "8-px tiles, one row at a time (not used)": features(8, channel_weight=weight),
         "32-px tiles, one row at a time, even/odd butterfly on both axes (half the multiply-adds; not used)": lambda: butterfly_features(x, weight),
+        "32-px tiles as two strided convolutions, whole batch (not used)": variants["conv+conv"],
+        "32-px tiles as a strided convolution then a matmul, whole batch (not used)": variants["conv+matmul"],
+        "32-px tiles, columns first in one GEMM, then rows, whole batch (not used)": variants["columns first"],
     })
     a = torch.relu(torch.randn(16, 576, 7, 7))
     n, c, h, w = a.shape
@@ -101,7 +140,7 @@ def main() -> None:
             lambda: a.reshape(n, c, 1, h, w).sum(3).reshape(n, c, 1, 1, w).sum(4).flatten(1).mul_(1.0 / (h * w)),
     }, rounds=100)
     out = {"command": "python " + " ".join(sys.argv), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
-           f"{torch.get_num_threads()} threads", "butterfly_max_feature_difference": gap, "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
+           f"{torch.get_num_threads()} threads", "butterfly_max_feature_difference": gap, "other_variants_max_feature_difference": gaps, "hfguard": hfguard.__version__, "milliseconds (median)": {"spectrum of 16x3x224x224": spec, "pooling": pool}}
     print(json.dumps(out, indent=2))
     (Path(__file__).resolve().parent / "results" / "spectrum-cost.json").write_text(json.dumps(out, indent=2))
 
