@@ -58,14 +58,13 @@ def fit_standardizer(evidence: Tensor, pred: Tensor, num_classes: int, min_count
         mean, std = g_mean.repeat(num_classes, 1), g_std.repeat(num_classes, 1)
     else:
         mean, std = prior[0].to(evidence.dtype).clone(), torch.maximum(prior[1].to(evidence.dtype), floor)
-    base_mean, base_std = mean.clone(), std.clone()
-    for c in range(num_classes):
+    for c in range(num_classes):  # each class reads and rewrites only its own row
         rows = evidence[pred == c]
         if len(rows) < 2:
             continue
         w = min(1.0, len(rows) / min_count)
-        mean[c] = w * rows.mean(0) + (1 - w) * base_mean[c]
-        std[c] = torch.maximum(w * rows.std(0) + (1 - w) * base_std[c], floor)
+        mean[c] = w * rows.mean(0) + (1 - w) * mean[c]
+        std[c] = torch.maximum(w * rows.std(0) + (1 - w) * std[c], floor)
     return mean, std
 
 

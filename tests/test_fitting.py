@@ -92,7 +92,7 @@ def test_calibration_data_keeps_the_fpr_promise_on_a_memorised_model(memorised, 
     assert right.fit_report["fpr_if_calibrated_on_fit_data"] > 0.05  # reported: what the fit data alone would have done
 
 
-def test_calibration_data_sets_the_standardiser_and_the_hold_out_the_heads(memorised):
+def test_calibration_data_sets_the_standardiser_and_the_hold_out_the_heads(memorised, monkeypatch):
     """With calibration_data the per-class evidence standardiser comes from the calibration images (shrunk towards the
     fit hold-out's statistics, 30 images per class of the 100 a class needs alone), the threshold from their scores."""
     from hfguard import calibrate, fitting
@@ -105,11 +105,9 @@ def test_calibration_data_sets_the_standardiser_and_the_hold_out_the_heads(memor
         seen["hold"], seen["calib"] = hold, calib
         return original(guard, layout, hold, calib, sample, **kw)
 
-    fitting._calibrate = spy
-    try:
-        g = hfguard.protect(model, progress=False, calibration="clean").fit(fit_data, calibration_data=cal_data)
-    finally:
-        fitting._calibrate = original
+    monkeypatch.setattr(fitting, "_calibrate", spy)
+    g = hfguard.protect(model, progress=False, calibration="clean").fit(fit_data, calibration_data=cal_data)
+    monkeypatch.undo()
     k = g.layout["num_classes"]
     ev_h, pred_h = fitting._evidence_of_rows(g, seen["hold"])
     ev_c, pred_c = fitting._evidence_of_rows(g, seen["calib"])
