@@ -610,10 +610,19 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     def model(p: Tensor) -> Tensor:
         return guard._forward_model(_model_input(guard, p)).float()
 
+    from tqdm.auto import tqdm
+
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
-    with guard._eval_model(), torch.enable_grad():
+    with guard._eval_model(), torch.enable_grad(), tqdm(total=len(pixels), desc="hfguard self-attacks", unit="img", disable=not guard.progress,
+                                                        leave=False) as bar:
         _require_input_gradient(model, pixels[:2])
-        attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families)
+
+        def advance(family: str, images: int) -> None:
+            bar.set_postfix_str(family, refresh=False)
+            bar.update(images)
+
+        attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families,
+                               on_batch=advance)
     regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:

@@ -231,3 +231,14 @@ def test_skipping_rows_the_image_sample_cannot_keep_changes_nothing(digits_model
     assert lazy.fit_report["self_attacks"]["attempted"] == eager.fit_report["self_attacks"]["attempted"]
     a, b = lazy.guard_state(), eager.guard_state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_bars_cover_the_self_attacks(digits_model, digits, capsys):
+    """The self-attacks can outlast the statistics pass many times over (an hour for a resnet50 on a CPU,
+    benchmarks/self_attack_cost.py): they get a bar of their own, by image, naming the family at work."""
+    opts = dict(attack_size=80, attack_families=["fgsm-linf", "boundary-linf"])
+    hfguard.protect(digits_model, progress=True, **opts).fit((digits.x_train, digits.y_train))
+    err = capsys.readouterr().err
+    assert "hfguard fit" in err and "hfguard self-attacks" in err and "img" in err and "boundary-linf" in err
+    hfguard.protect(digits_model, progress=False, **opts).fit((digits.x_train, digits.y_train))
+    assert "hfguard" not in capsys.readouterr().err

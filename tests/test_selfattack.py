@@ -71,3 +71,12 @@ def test_the_default_families_and_the_settings_that_name_them(digits_model):
 def test_without_a_family_list_the_default_families_are_generated(digits_model, digits):
     out = self_attacks(digits_model, digits.x_train[:60], digits.y_train[:60])
     assert list(out.attempted) == list(DEFAULT_FAMILIES)
+
+
+def test_on_batch_reports_every_attacked_image_by_family(digits_model, digits):
+    x, y = digits.x_train[:70], digits.y_train[:70]
+    seen = []
+    out = self_attacks(digits_model, x, y, families=["fgsm-linf", "cw-l2"], batch_size=16, on_batch=lambda f, n: seen.append((f, n)))
+    counts = {f: sum(n for g, n in seen if g == f) for f in ("fgsm-linf", "cw-l2")}
+    assert counts == out.attempted == {"fgsm-linf": 35, "cw-l2": 35}
+    assert max(n for _, n in seen) == 16 and [f for f, _ in seen] == sorted((f for f, _ in seen), key=["fgsm-linf", "cw-l2"].index)
