@@ -30,13 +30,12 @@ import torch
 
 import hfguard
 from hfguard import calibrate, combiner, fitting
-from hfguard.data import CALIBRATION_HOLDOUT, cached_model
 from hfguard.evaluate import auroc
 from hfguard.filters import lowpass
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from combiner_validation import square_validation_attack, validation_attacks, validation_split  # noqa: E402
-from standardiser_source import _capture_fit  # noqa: E402
+from combiner_validation import square_validation_attack, validation_attacks  # noqa: E402
+from standardiser_source import captured_default_fit  # noqa: E402
 
 
 def consistency(guard: Any, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -61,9 +60,7 @@ def consistency(guard: Any, pixels: torch.Tensor, batch: int = 500) -> torch.Ten
 
 def study(arch: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    train, calib, xv, yv = validation_split(1000)
-    model = cached_model("fashion-mnist", arch, holdout=CALIBRATION_HOLDOUT["fashion-mnist"]).eval()
-    guard, fit_rec = _capture_fit(model, train, calib)
+    (_, calib), xv, yv, model, guard, fit_rec = captured_default_fit(arch)
     k, temp = guard.layout["num_classes"], guard.temperature
     mean, std = guard.evidence_mean, guard.evidence_std
     sa = fit_rec["attacks"]

@@ -25,12 +25,11 @@ import torch
 
 import hfguard
 from hfguard import calibrate, combiner, fitting
-from hfguard.data import CALIBRATION_HOLDOUT, cached_model
 from hfguard.evaluate import auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from combiner_validation import square_validation_attack, validation_attacks, validation_split  # noqa: E402
-from standardiser_source import _capture_fit  # noqa: E402
+from combiner_validation import square_validation_attack, validation_attacks  # noqa: E402
+from standardiser_source import captured_default_fit  # noqa: E402
 
 DEFAULT = {"l2": 1e-3, "tail": combiner.TAIL_QUANTILE, "sharpness": combiner.SHARPNESS}
 #: name -> overrides of DEFAULT
@@ -49,9 +48,7 @@ SETTINGS = {
 
 def study(arch: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    train, calib, xv, yv = validation_split(1000)
-    model = cached_model("fashion-mnist", arch, holdout=CALIBRATION_HOLDOUT["fashion-mnist"]).eval()
-    guard, rec = _capture_fit(model, train, calib)
+    _, xv, yv, model, guard, rec = captured_default_fit(arch)
     mean, std = guard.evidence_mean.clone(), guard.evidence_std.clone()
     ev_h, pred_h = fitting._evidence_of_rows(guard, rec["hold"])
     ev_c, pred_c = fitting._evidence_of_rows(guard, rec["calib"])
