@@ -617,8 +617,8 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
                                                         leave=False) as bar:
         _require_input_gradient(model, pixels[:2])
 
-        def advance(family: str, images: int) -> None:
-            bar.set_postfix_str(family, refresh=False)
+        def advance(family: str, images: int) -> None:  # one redraw per attacked batch, so the family shown is never stale
+            bar.set_postfix_str(family)
             bar.update(images)
 
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families,
