@@ -38,6 +38,11 @@ from combiner_validation import square_validation_attack, validation_attacks  # 
 from standardiser_source import captured_default_fit  # noqa: E402
 
 
+def _margin(logits: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Logit of class ``pred`` (N, 1) minus the largest other logit: (N,)."""
+    return logits.gather(1, pred).squeeze(1) - logits.scatter(1, pred, float("-inf")).amax(1)
+
+
 def consistency(guard: Any, pixels: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """(N, 2): L1 distance between the softmax of the image and of its low-pass copy, and the fall of the predicted
     class's logit margin under the filter."""
@@ -49,12 +54,7 @@ def consistency(guard: Any, pixels: torch.Tensor, batch: int = 500) -> torch.Ten
             z = guard._forward_model(fitting._model_input(guard, p)).float()
             zf = guard._forward_model(fitting._model_input(guard, lowpass(p, sigma))).float()
             pred = z.argmax(1, keepdim=True)
-
-            def margin(logits: torch.Tensor) -> torch.Tensor:
-                top = logits.gather(1, pred).squeeze(1)
-                return top - logits.scatter(1, pred, float("-inf")).amax(1)
-
-            out.append(torch.stack([(z.softmax(1) - zf.softmax(1)).abs().sum(1), margin(z) - margin(zf)], 1))
+            out.append(torch.stack([(z.softmax(1) - zf.softmax(1)).abs().sum(1), _margin(z, pred) - _margin(zf, pred)], 1))
     return torch.cat(out)
 
 

@@ -46,6 +46,16 @@ def timed(fns: dict, rounds: int = 40) -> dict[str, float]:
     return {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
 
 
+def _hf_features(chan: torch.Tensor, weight: torch.Tensor, tiles: int, pm: torch.Tensor | None = None) -> torch.Tensor:
+    """The default's features from the tiles' summed DCT power ``chan`` (N, C, 32, 32): the mean over ``tiles`` tiles,
+    the std**2-weighted mean over channels, the 8x8 frequency blocks (``pm``: the pooling matrix, default the plain
+    one) and the log of the HF ones."""
+    c, tile = chan.shape[1], chan.shape[-1]
+    pm = spectrum.pool_matrix(tile, 8) if pm is None else pm
+    power = (chan / tiles * (weight / c).reshape(1, -1, 1, 1)).sum(1)
+    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, spectrum.hf_block_mask((8, 8)).nonzero().flatten()) + 1e-6)
+
+
 def butterfly_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) -> torch.Tensor:
     """The default's features (32-px tiles, one row of tiles at a time) with an even/odd butterfly on both axes:
     a tile's DCT-II is ``E (top + flipped bottom)`` for the even frequencies and ``O (top - flipped bottom)`` for
@@ -56,7 +66,6 @@ def butterfly_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) ->
     even, odd = full[0::2, :half].contiguous(), full[1::2, :half].contiguous()
     perm = torch.cat([torch.arange(0, tile, 2), torch.arange(1, tile, 2)])
     pm = spectrum.pool_matrix(tile, 8)[:, perm].contiguous()
-    index = spectrum.hf_block_mask((8, 8)).nonzero().flatten()
     chan = None
     for i in range(0, h, tile):
         band = x[:, :, i : i + tile].reshape(n, c, tile, tw, tile)
@@ -66,8 +75,7 @@ def butterfly_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) ->
         ze, zo = (even @ (top + bottom)).reshape(n, c, half, tw, tile), (odd @ (top - bottom)).reshape(n, c, half, tw, tile)
         part = torch.cat([ze.square_().sum(3), zo.square_().sum(3)], 2)
         chan = part if chan is None else chan.add_(part)
-    power = (chan / ((h // tile) * tw) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
-    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+    return _hf_features(chan, weight, (h // tile) * tw, pm)
 
 
 def conv_features(x: torch.Tensor, weight: torch.Tensor, *, columns_by_matmul: bool, tile: int = 32) -> torch.Tensor:
@@ -75,7 +83,6 @@ def conv_features(x: torch.Tensor, weight: torch.Tensor, *, columns_by_matmul: b
     (tile, 1)), and its column transform as a second one or as a matmul."""
     n, c, h, w = x.shape
     d = spectrum.dct_matrix(tile)
-    pm, index = spectrum.pool_matrix(tile, 8), spectrum.hf_block_mask((8, 8)).nonzero().flatten()
     rows = torch.nn.functional.conv2d(x.reshape(n * c, 1, h, w), d.reshape(tile, 1, tile, 1), stride=(tile, 1))  # (nc, k, th, W)
     if columns_by_matmul:
         coeff = rows.reshape(n * c, tile, h // tile, w // tile, tile) @ d.T  # (nc, k, th, tw, l)
@@ -83,19 +90,16 @@ def conv_features(x: torch.Tensor, weight: torch.Tensor, *, columns_by_matmul: b
     else:
         coeff = torch.nn.functional.conv2d(rows.reshape(n * c * tile, 1, h // tile, w), d.reshape(tile, 1, 1, tile), stride=(1, tile))
         chan = coeff.square_().sum((2, 3))
-    power = (chan.reshape(n, c, tile, tile) / ((h // tile) * (w // tile)) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
-    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+    return _hf_features(chan.reshape(n, c, tile, tile), weight, (h // tile) * (w // tile))
 
 
 def columns_first_features(x: torch.Tensor, weight: torch.Tensor, tile: int = 32) -> torch.Tensor:
     """The default's features with every tile's columns transformed first, in one GEMM over the whole batch, then its rows."""
     n, c, h, w = x.shape
     d = spectrum.dct_matrix(tile)
-    pm, index = spectrum.pool_matrix(tile, 8), spectrum.hf_block_mask((8, 8)).nonzero().flatten()
     cols = (x.reshape(n, c, h, w // tile, tile) @ d.T).reshape(n, c, h // tile, tile, w)
     coeff = (d @ cols).reshape(n, c, h // tile, tile, w // tile, tile)
-    power = (coeff.square_().sum((2, 4)) / ((h // tile) * (w // tile)) * (weight / c).reshape(1, -1, 1, 1)).sum(1)
-    return torch.log((pm @ power @ pm.T).flatten(1).index_select(1, index) + 1e-6)
+    return _hf_features(coeff.square_().sum((2, 4)), weight, (h // tile) * (w // tile))
 
 
 def main() -> None:
