@@ -617,12 +617,16 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
                                                         leave=False) as bar:
         _require_input_gradient(model, pixels[:2])
 
-        def advance(family: str, images: int) -> None:  # one redraw per attacked batch, so the family shown is never stale
+        running = [0]  # images of the batch at work, counted once it is done
+
+        def advance(family: str, images: int) -> None:  # as a batch starts: count the last one, name this one (one redraw)
+            bar.update(running[0])
+            running[0] = images
             bar.set_postfix_str(family)
-            bar.update(images)
 
         attacks = self_attacks(model, pixels, labels, lo=lo, hi=hi, seed=guard.seed, batch_size=guard.batch_size, families=guard.attack_families,
                                on_batch=advance)
+        bar.update(running[0])
     regime_rows = {r: int(attacks.regime_mask(r).sum()) for r in dict.fromkeys(FAMILIES[f] for f in guard.attack_families)}
     for regime, rows in regime_rows.items():
         if rows < 10:

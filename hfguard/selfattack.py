@@ -120,8 +120,8 @@ def self_attacks(
         steps: PGD steps (boundary attacks take up to ``2 * steps + 4``; the random search ``SQUARE_QUERIES`` forward passes).
         families: names from :data:`FAMILIES` to generate (default :data:`DEFAULT_FAMILIES`; e.g. leave one out
             to measure how the guard does on an attack family it never generated).
-        on_batch: called after each attacked batch with its family and its number of images (``fit`` drives its
-            progress bar with it: the self-attacks can take far longer than the statistics pass).
+        on_batch: called as each batch starts, with its family and its number of images (``fit`` drives its
+            progress bar with it, naming the family at work: the self-attacks can take far longer than the statistics pass).
 
     Returns:
         The successful adversarials and per-family counts.
@@ -143,6 +143,8 @@ def self_attacks(
         idx = (family == f).nonzero().flatten()
         for start in range(0, len(idx), batch_size):
             j = idx[start : start + batch_size]
+            if on_batch is not None:
+                on_batch(name, len(j))
             x = pixels[j]
             y = labels[j].to(x.device)
             e_inf, e_2 = linf[j].to(x.device, x.dtype), l2[j].to(x.device, x.dtype)
@@ -171,8 +173,6 @@ def self_attacks(
             # cw-l2 has no budget: the L2 size it reached
             budget = (adv - x).flatten(1).norm(dim=1).cpu() if name == "cw-l2" else (l2 if name.endswith("l2") else linf)[j]
             out_b.append(budget[ok.cpu()])
-            if on_batch is not None:
-                on_batch(name, len(j))
     if not out_x:  # no image to attack
         return SelfAttacks(pixels[:0], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), attempted, succeeded)
     return SelfAttacks(torch.cat(out_x), torch.cat(out_f), torch.cat(out_i), torch.cat(out_b), attempted, succeeded)
