@@ -12,6 +12,12 @@ source and feature, as the default self-attack guard does (the two differ only i
 an (H, F) matrix product), without paying for self-attacks on a CPU at 224x224.
 
     python benchmarks/model_families.py        # writes benchmarks/results/model-families.json
+
+With ``--compiled`` it measures, for each family, ``check`` over the forward with the eager maths and after
+``guard.compile_scoring()`` (the guard's maths after the pass compiled by ``torch.compile``), the two ratios
+interleaved with the same forward, plus the compile seconds and the largest score difference:
+
+    python benchmarks/model_families.py --compiled --out benchmarks/results/model-families-compiled.json
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--families", nargs="*", default=list(FAMILIES))
     ap.add_argument("--out", default="benchmarks/results/model-families.json")
+    ap.add_argument("--compiled", action="store_true", help="also time check after guard.compile_scoring()")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -47,7 +54,7 @@ def main() -> None:
     x = (torch.rand(4 * k, 3, args.size, args.size, generator=g) - mean) / std
     y = torch.arange(len(x)) % k
     command = f"python benchmarks/model_families.py --size {args.size} --batch {args.batch} --repeats {args.repeats}" + (
-        "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families))
+        "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families)) + (f" --compiled --out {args.out}" if args.compiled else "")
     out = {
         "command": command,
         "hfguard": hfguard.__version__,
@@ -75,6 +82,20 @@ def main() -> None:
             "fit_peak_rss_above_start_mb": peak, "fit_s_40_images": fit_s, "state_mb": size_mb,
             "layers": guard.layers, "feature_dims": guard.layout["dims"], "probes": guard.fit_report["probes"], "command": command,
         }
+        if args.compiled:
+            eager = guard.check(xb).score
+            t = time.perf_counter()
+            guard.compile_scoring()
+            compile_s = time.perf_counter() - t
+            compiled = relative_latency(lambda: model(xb), lambda: guard.check(xb), repeats=args.repeats, warmup=1)
+            out["families"][name].update({
+                "compile_s": compile_s,
+                "check_over_forward_compiled": compiled["ratio"], "forward_s_compiled_run": compiled["base_s"], "check_s_compiled": compiled["other_s"],
+                "compiled_max_score_difference_in_stds": float((guard.check(xb).score - eager).abs().max() / eager.std()),
+            })
+            guard.compile_scoring(False)
+            again = relative_latency(lambda: model(xb), lambda: guard.check(xb), repeats=args.repeats, warmup=1)
+            out["families"][name]["check_over_forward_eager_again"] = again["ratio"]
         print(name, json.dumps(out["families"][name]), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     if args.families != list(FAMILIES) and os.path.exists(args.out):  # a subset: update those entries of the file

@@ -10,6 +10,7 @@ A subclass sets ``model``, ``nonfinite``, ``input_range``, ``strict``, ``normali
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from hfguard.results import Verdict
 from hfguard.state import FittedState
 from hfguard.taps import capture, compiled_hint, no_autocast
 
-__all__ = ["ModelPass"]
+__all__ = ["ModelPass", "uses_cuda_graphs"]
 
 
 class ModelPass(FittedState):
@@ -72,24 +73,94 @@ class ModelPass(FittedState):
 
     def _features(self, x: Tensor, needed: set[int] | None = None) -> tuple[Tensor, list[Tensor | None]]:
         """ONE model pass: logits and the pooled features of the sources in ``needed`` (default: all)."""
-        n_layers = len(self.layers)
-        wanted = set(range(n_layers + 2)) if needed is None else needed
+        wanted = set(range(len(self.layers) + 2)) if needed is None else needed
+        logits, layer_feats = self._layer_features(x, wanted)
+        with no_autocast(x.device):
+            feats = layer_feats + [logits, self._spectral(x) if len(self.layers) + 1 in wanted else None]
+        return logits, feats
+
+    def _layer_features(self, x: Tensor, wanted: set[int]) -> tuple[Tensor, list[Tensor | None]]:
+        """ONE model pass: logits and the pooled features of the watched layers in ``wanted`` (None for the others)."""
         modules = [m for i, m in enumerate(self._watched_modules()) if i in wanted]
         with capture(modules, self.poolings) as store:
             logits = self._forward_model(x)
         missing = [n for n, _ in modules if n not in store]
         if missing:
             raise ModelError(f"layers {missing} did not run during the forward pass" + compiled_hint(self.model))
-        with no_autocast(x.device):
-            feats = [store.get(n) for n in self.layers] + [logits, self._spectral(x) if n_layers + 1 in wanted else None]
-        return logits, feats
+        return logits, [store.get(n) for n in self.layers]
 
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
-        logits, feats = self._features(x, self._features_needed())
-        with no_autocast(x.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
+        needed = self._features_needed()
+        compiled = getattr(self, "_compiled_scoring", None)
+        owner = getattr(self, "_compiled_owner", None)  # CUDA graph trees work only in the thread that made them
+        if (compiled is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (owner is not None and owner != threading.get_ident())):
+            logits, feats = self._features(x, needed)
+            return (logits, *self._scoring(feats))
+        logits, layer_feats = self._layer_features(x, needed)
+        score, origin = compiled(x, layer_feats, logits, len(self.layers) + 1 in needed)
+        return logits, score.clone(), origin.clone()  # under CUDA graphs ("reduce-overhead") the next call reuses their memory
+
+    def _scoring(self, feats: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+        """Score and origin from the sources' features (the watched layers', the logits, the spectrum's)."""
+        logits = feats[len(self.layers)]
+        with no_autocast(logits.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
             dists = self._source_distances(feats)
-            return logits, self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
+            return self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
+
+    def _scoring_from_pass(self, x: Tensor, layer_feats: list[Tensor | None], logits: Tensor, spectral: bool) -> tuple[Tensor, Tensor]:
+        """Everything ``check`` does after the model pass (the spectrum, the distances, the heads): what
+        :meth:`compile_scoring` compiles."""
+        with no_autocast(x.device):
+            spectrum = self._spectral(x) if spectral else None
+        return self._scoring([*layer_feats, logits, spectrum])
+
+    def compile_scoring(self, enabled: bool = True, **options: Any) -> "ModelPass":
+        """Compiles the guard's own work after the model pass (the HF spectrum, the class distances, the evidence
+        and the heads) with :func:`torch.compile`, for ``check`` and ``detect``; returns ``self``.
+
+        The wrapped model is not compiled (``torch.compile`` it yourself if you like: the guard works on compiled
+        models). Compilation happens now, on a small batch with a dynamic batch size, and takes tens of seconds; it
+        needs what :func:`torch.compile` needs (a C++ compiler on a CPU, Triton on a GPU). Calls that need a
+        gradient (``score`` under autograd, the attacks) and the ONNX export keep the eager maths, which give the
+        same scores up to rounding. ``options`` go to :func:`torch.compile` (e.g. ``mode="reduce-overhead"`` for
+        CUDA graphs on a GPU; torch's CUDA graph trees run only in the thread that recorded them, so under such a
+        mode calls from other threads take the eager maths). It is a setting of this Python object, not learned
+        state: ``save`` does not store it, a ``fit`` keeps it (compiling again for the new state), and
+        ``compile_scoring(False)`` turns it off.
+
+        Raises:
+            NotFittedError: before ``fit``.
+        """
+        if not enabled:
+            self._compile_options = self._compiled_scoring = self._compiled_owner = None
+            return self
+        self._require_fitted()
+        compiled = self._compile_now(dict(options))
+        self._compile_options, self._compiled_scoring = dict(options), compiled
+        self._compiled_owner = threading.get_ident() if uses_cuda_graphs(options) else None
+        return self
+
+    def _compile_now(self, options: dict[str, Any]) -> Any:
+        """``torch.compile`` of :meth:`_scoring_from_pass`, run once on two rows of zeros marked batch-dynamic."""
+        fn = torch.compile(self._scoring_from_pass, **options)
+        shape = tuple(self.layout["input_shape"])
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        x = torch.zeros((2, *shape), device=self.norm_mean.device, dtype=param.dtype if param is not None else torch.float32)
+        x = self.from_pixels(x.float()).to(x.dtype)
+        needed = self._features_needed()
+        with self._eval_model(), torch.no_grad():
+            logits, layer_feats = self._layer_features(x, needed)
+            args = [x, layer_feats, logits]
+            for t in [x, logits, *(f for f in layer_feats if f is not None)]:
+                torch._dynamo.mark_dynamic(t, 0)
+            fn(*args, len(self.layers) + 1 in needed)
+        return fn
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (pickle, ``copy.deepcopy``) leaves the compiled scoring behind: call :meth:`compile_scoring` on it again."""
+        return {**self.__dict__, "_compiled_scoring": None, "_compile_options": None, "_compiled_owner": None}
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))
@@ -99,3 +170,10 @@ class ModelPass(FittedState):
         z = torch.zeros(0, dtype=torch.long, device=x.device)
         b = torch.zeros(0, dtype=torch.bool, device=x.device)
         return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
+
+
+def uses_cuda_graphs(options: dict[str, Any]) -> bool:
+    """Whether ``torch.compile(**options)`` records CUDA graphs (on a GPU): ``mode`` "reduce-overhead" or
+    "max-autotune", or ``options={"triton.cudagraphs": True}``."""
+    inductor = options.get("options") or {}
+    return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs", False))
