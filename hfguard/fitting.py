@@ -480,10 +480,14 @@ def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any], h
 
 def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
     """Source features of (a content-hash sample of at most ``calibration_size``) calibration images."""
+    from tqdm.auto import tqdm
+
     res = Reservoir(guard.calibration_size)
     res.ensure_keys(_row_template(layout))
-    with guard._eval_model(), torch.no_grad():
-        for index, (x, y) in enumerate(iter_batches(data, guard.batch_size)):
+    batches = tqdm(iter_batches(data, guard.batch_size), total=batch_count_hint(data, guard.batch_size), desc="hfguard calibration data",
+                   disable=not guard.progress, leave=False)
+    with guard._eval_model(), torch.no_grad(), batches:
+        for index, (x, y) in enumerate(batches):
             if x.shape[0] == 0:
                 continue
             x = _clean_batch(guard, x, index, device)
@@ -706,13 +710,19 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
 
 
 def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     flip_rates: dict[float, float] = {}
     if guard.filter_sigma_setting == "auto":
+        # the images once, then once per candidate sigma: at 224x224 on a CPU minutes of forwards, so a bar of its own
+        bar = tqdm(total=len(images) * (1 + len(DEFAULT_SIGMAS)), desc="hfguard filter choice", unit="img", disable=not guard.progress, leave=False)
 
         def predict(p: Tensor) -> Tensor:
-            return guard._forward_model(_model_input(guard, p)).argmax(1)
+            pred = guard._forward_model(_model_input(guard, p)).argmax(1)
+            bar.update(len(p))
+            return pred
 
-        with guard._eval_model(), torch.no_grad():
+        with guard._eval_model(), torch.no_grad(), bar:
             sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, guard.max_filter_flip, guard.batch_size)
     else:
         sigma = float(guard.filter_sigma_setting)

@@ -92,7 +92,8 @@ class Guard(ModelPass):
             ``fit`` (e.g. to measure how the guard does on families it never generated).
         batch_size: batch size used when ``fit`` gets tensors.
         seed: seed of the held-out sampling.
-        progress: show progress bars during ``fit`` (the statistics pass, then the self-attacks, by image).
+        progress: show progress bars during ``fit`` (the statistics pass, the ``calibration_data`` pass, the
+            self-attacks and the filter choice, the last two by image).
         input_range: declared pixel range; pixels outside it (after undoing
             ``normalize``) warn, or raise under ``strict``.  ``None`` disables the check.
         strict: raise :class:`InputError` instead of warning for out-of-range pixels.

@@ -233,12 +233,15 @@ def test_skipping_rows_the_image_sample_cannot_keep_changes_nothing(digits_model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_progress_bars_cover_the_self_attacks(digits_model, digits, capsys):
+def test_progress_bars_cover_every_pass_over_images(digits_model, digits, capsys):
     """The self-attacks can outlast the statistics pass many times over (an hour for a resnet50 on a CPU,
-    benchmarks/self_attack_cost.py): they get a bar of their own, by image, naming the family at work."""
+    benchmarks/self_attack_cost.py): they get a bar of their own, by image, naming the family at work; so do the
+    pass over ``calibration_data`` and the filter choice (up to 512 images, nine times)."""
     opts = dict(attack_size=80, attack_families=["fgsm-linf", "boundary-linf"])
-    hfguard.protect(digits_model, progress=True, **opts).fit((digits.x_train, digits.y_train))
+    data, calibration = (digits.x_train[:900], digits.y_train[:900]), (digits.x_train[900:], digits.y_train[900:])
+    hfguard.protect(digits_model, progress=True, **opts).fit(data, calibration_data=calibration)
     err = capsys.readouterr().err
     assert "hfguard fit" in err and "hfguard self-attacks" in err and "img" in err and "boundary-linf" in err
-    hfguard.protect(digits_model, progress=False, **opts).fit((digits.x_train, digits.y_train))
+    assert "hfguard calibration data" in err and "hfguard filter choice" in err
+    hfguard.protect(digits_model, progress=False, **opts).fit(data, calibration_data=calibration)
     assert "hfguard" not in capsys.readouterr().err
