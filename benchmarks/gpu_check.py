@@ -81,6 +81,37 @@ def profile_table(f, cuda: bool) -> dict:
     }
 
 
+def cuda_script(script: str, default_out: str, parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, bool, str, dict]:
+    """The common start of a CUDA benchmark script: ``--out``, ``--repeats``, ``--smoke`` (tiny sizes on the CPU, to
+    check the script itself; writes nothing), the exit without CUDA, and the result dict's header.
+
+    Returns: the parsed arguments, whether CUDA is used, the device name and the header."""
+    ap = parser or argparse.ArgumentParser()
+    ap.add_argument("--out", default=default_out)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script itself; writes nothing")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit(f"{script} needs a CUDA device (or --smoke)")
+    warnings.simplefilter("ignore")
+    cuda = not args.smoke
+    torch.backends.cudnn.benchmark = True
+    out = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__, "hfguard": hfguard.__version__,
+           "command": f"python benchmarks/{script}", "sections_failed": {}}
+    return args, cuda, "cuda" if cuda else "cpu", out
+
+
+def write_results(out: dict, path: str, cuda: bool) -> None:
+    """Prints ``out``; with CUDA also writes it to ``path`` and, on the device machine, to ``$OUT`` (what comes back)."""
+    print(json.dumps(out, indent=1), flush=True)
+    if not cuda:
+        return
+    for p in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))] if os.environ.get("OUT") else []):
+        os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
+        with open(p, "w") as f:
+            json.dump(out, f, indent=2)
+
+
 def images(n: int, size: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.rand(n, 3, size, size, generator=g)
@@ -89,17 +120,7 @@ def images(n: int, size: int, k: int, device: str, seed: int) -> tuple[torch.Ten
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/gpu-check.json")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to check the script itself; writes nothing")
-    args = ap.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        sys.exit("gpu_check.py needs a CUDA device (or --smoke)")
-    warnings.simplefilter("ignore")
-    dev = "cpu" if args.smoke else "cuda"
-    torch.backends.cudnn.benchmark = True
-    out: dict = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__, "hfguard": hfguard.__version__, "command": "python benchmarks/gpu_check.py"}
+    args, _, dev, out = cuda_script("gpu_check.py", "benchmarks/results/gpu-check.json")
 
     # resnet50, 1000 classes, 6 clean images per class
     k, size = (50, 32) if args.smoke else (1000, 224)

@@ -1,5 +1,5 @@
 """Does ``compile_scoring`` keep its promises on a GPU? (issue 14; CUDA, one prepared run; the CPU half is tested
-in ``tests/test_compiled_scoring.py``)
+in ``tests/test_compiled.py``)
 
 On a random-weight ``mobilenet_v3_large`` made usable (10 classes, 224x224; speed and plumbing only), a guard
 fitted as ``model_families.py`` fits them is compiled with ``mode="reduce-overhead"`` (CUDA graphs) and with the
@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
 import threading
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import images  # noqa: E402
+from gpu_check import cuda_script, images, write_results  # noqa: E402
 
 
 def diff(a, b, spread: float) -> float:
@@ -50,19 +48,23 @@ def paths(guard, xs: dict[str, torch.Tensor], options: dict, spread: float) -> d
     for k, x in xs.items():
         v = guard.check(x)
         out[f"batch_{k}_max_score_difference_in_stds"] = diff(v.score, eager[k].score, spread)
+        out[f"batch_{k}_max_abs_score_difference"] = float((v.score - eager[k].score).abs().max())
         out[f"batch_{k}_origins_equal"] = bool(torch.equal(v.origin, eager[k].origin))
         out[f"batch_{k}_flags_equal"] = bool(torch.equal(v.flagged, eager[k].flagged))
         if kept is None:
             kept, kept_key = v, k
     out["first_verdict_still_its_own_after_later_calls_in_stds"] = diff(kept.score, eager[kept_key].score, spread)
     x = xs["64"]
-    want = guard.check(x).score
+    slices = [x[i * 16 : (i + 1) * 16] for i in range(4)]
+    c, guard._compiled = guard._compiled, None
+    want = [guard.check(s) for s in slices]  # serial, eager, on the same batches of 16 as the threads
+    guard._compiled = c
     got, errors = {}, []
 
     def work(i):
         try:
             for _ in range(5):
-                got[i] = guard.check(x[i * 16 : (i + 1) * 16]).score
+                got[i] = guard.check(slices[i])
         except Exception:  # noqa: BLE001 (recorded)
             errors.append(traceback.format_exc())
 
@@ -73,13 +75,16 @@ def paths(guard, xs: dict[str, torch.Tensor], options: dict, spread: float) -> d
         t.join()
     out["threads_errors"] = errors
     if not errors:
-        out["threads_max_score_difference_in_stds"] = diff(torch.cat([got[i] for i in range(4)]), want, spread)
+        out["threads_vs_serial_eager_same_batches_max_score_difference_in_stds"] = max(diff(got[i].score, want[i].score, spread) for i in range(4))
+        out["threads_vs_serial_eager_same_batches_max_abs_score_difference"] = max(float((got[i].score - want[i].score).abs().max()) for i in range(4))
+        out["threads_flags_equal"] = all(bool(torch.equal(got[i].flagged, want[i].flagged)) for i in range(4))
     with torch.autocast("cuda" if x.is_cuda else "cpu", dtype=torch.float16 if x.is_cuda else torch.bfloat16):
         compiled_ac = guard.check(x).score
-        c, guard._compiled_scoring = guard._compiled_scoring, None
+        c, guard._compiled = guard._compiled, None
         eager_ac = guard.check(x).score
-        guard._compiled_scoring = c
+        guard._compiled = c
     out["autocast_compiled_vs_eager_autocast_in_stds"] = diff(compiled_ac, eager_ac, spread)
+    out["autocast_compiled_vs_eager_autocast_max_abs"] = float((compiled_ac.float() - eager_ac.float()).abs().max())
     xg = x[:8].clone().requires_grad_(True)
     guard.score(xg).sum().backward()
     out["score_gradient_finite_nonzero"] = bool(torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0)
@@ -95,19 +100,10 @@ def paths(guard, xs: dict[str, torch.Tensor], options: dict, spread: float) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/gpu-compiled-paths.json")
-    ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--modes", nargs="*", default=["reduce_overhead", "default"], help="compile modes to run (GPU)")
     ap.add_argument("--no-half", action="store_true", help="skip the float16 model")
-    args = ap.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        sys.exit("gpu_compiled_paths.py needs a CUDA device (or --smoke)")
-    warnings.simplefilter("ignore")
-    cuda = not args.smoke
-    dev = "cuda" if cuda else "cpu"
+    args, cuda, dev, out = cuda_script("gpu_compiled_paths.py", "benchmarks/results/gpu-compiled-paths.json", ap)
     size, k = (32, 10) if args.smoke else (224, 10)
-    out: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__, "hfguard": hfguard.__version__,
-                 "command": "python benchmarks/gpu_compiled_paths.py", "sections_failed": {}}
     x, y = images(64, size, k, dev, 4)
     model = usable_random_model(random_model("mobilenet_v3_large", k, size).to(dev), x, y, k, batch_size=64)
     guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
@@ -116,6 +112,7 @@ def main() -> None:
     xs = {"64": xt, "7": xt[:7], "64_again": xt.flip(0), "1": xt[:1]}
     spread = float(guard.check(xt).score.std())
     out["clean_score_std"] = spread
+    out["threshold"] = guard.threshold
     modes = {"reduce_overhead": {"mode": "reduce-overhead"}, "default": {}} if cuda else {"default": {}}
     modes = {m: o for m, o in modes.items() if m in args.modes or not cuda}
     out["command"] += "".join([" --modes " + " ".join(args.modes)] if args.modes != ["reduce_overhead", "default"] else []) + (" --no-half" if args.no_half else "")
@@ -124,6 +121,7 @@ def main() -> None:
             out[name] = paths(guard, xs, options, spread)
         except Exception:  # noqa: BLE001 (recorded)
             out["sections_failed"][name] = traceback.format_exc()
+        write_results(out, args.out, cuda)  # each section as it ends
     try:  # a float16 copy of the model, its own guard fitted on it
         if args.no_half:
             raise StopIteration
@@ -137,13 +135,7 @@ def main() -> None:
         pass
     except Exception:  # noqa: BLE001 (recorded)
         out["sections_failed"]["half_model"] = traceback.format_exc()
-    print(json.dumps(out, indent=1))
-    if cuda:
-        for path in (args.out, os.path.join(os.environ.get("OUT", "/tmp"), os.path.basename(args.out))):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(out, f, indent=2)
-
+    write_results(out, args.out, cuda)
 
 if __name__ == "__main__":
     main()

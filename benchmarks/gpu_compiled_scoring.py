@@ -20,13 +20,9 @@ Each section is written to the JSON as soon as it ends, so a run cut short keeps
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +31,7 @@ import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import images, sync, timed_ratio  # noqa: E402
+from gpu_check import cuda_script, images, sync, timed_ratio, write_results  # noqa: E402
 
 MODES = {"compiled": {}, "compiled_reduce_overhead": {"mode": "reduce-overhead"}}
 
@@ -66,29 +62,10 @@ def compare(model, guard, batches: dict[int, torch.Tensor], repeats: int, cuda: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/gpu-compiled-scoring.json")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        sys.exit("gpu_compiled_scoring.py needs a CUDA device (or --smoke)")
-    warnings.simplefilter("ignore")
-    cuda = not args.smoke
-    dev = "cuda" if cuda else "cpu"
-    torch.backends.cudnn.benchmark = True
-    out: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__, "hfguard": hfguard.__version__,
-                 "command": "python benchmarks/gpu_compiled_scoring.py", "sections_failed": {}}
+    args, cuda, dev, out = cuda_script("gpu_compiled_scoring.py", "benchmarks/results/gpu-compiled-scoring.json")
 
     def write() -> None:
-        print(json.dumps(out, indent=1), flush=True)
-        if cuda:
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(out, f, indent=2)
-            if os.environ.get("OUT"):
-                with open(os.path.join(os.environ["OUT"], os.path.basename(args.out)), "w") as f:
-                    json.dump(out, f, indent=2)
+        write_results(out, args.out, cuda)
 
     if args.smoke:
         args.repeats = 2

@@ -15,14 +15,10 @@ host-side profile of the eager and the compiled ``check``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +27,7 @@ import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import images, profile_table, sync  # noqa: E402
+from gpu_check import cuda_script, images, profile_table, sync, write_results  # noqa: E402
 
 
 def medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -109,7 +105,7 @@ def parts(model, guard, xb, repeats: int, cuda: bool) -> dict:
         t = time.perf_counter()
         guard.compile_scoring(**({"mode": "reduce-overhead"} if cuda else {}))
         out["compile_seconds"] = time.perf_counter() - t
-        compiled = guard._compiled_scoring
+        compiled = guard._compiled.fn
         fns2 = {"bare_forward": fns["bare_forward"], "maths_compiled": lambda: compiled(xb, feats, logits, spectral),
                 "check_compiled": lambda: guard.check(xb), "check_eager_again": fns["check_eager"]}
         if cuda:
@@ -117,11 +113,11 @@ def parts(model, guard, xb, repeats: int, cuda: bool) -> dict:
     guard_check = guard.check  # the compiled one now; the eager "again" above uses the same guard: switch per call
     with torch.no_grad():
         def eager_check():
-            c, guard._compiled_scoring = guard._compiled_scoring, None
+            c, guard._compiled = guard._compiled, None
             try:
                 return guard_check(xb)
             finally:
-                guard._compiled_scoring = c
+                guard._compiled = c
         fns2["check_eager_again"] = eager_check
         out["compiled_ms"] = medians(fns2, repeats)
         out["profile_check_compiled"] = profile_table(lambda: guard.check(xb), cuda)
@@ -130,22 +126,10 @@ def parts(model, guard, xb, repeats: int, cuda: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/gpu-scoring-parts.json")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    if not torch.cuda.is_available() and not args.smoke:
-        sys.exit("gpu_scoring_parts.py needs a CUDA device (or --smoke)")
-    warnings.simplefilter("ignore")
-    cuda = not args.smoke
-    dev = "cuda" if cuda else "cpu"
-    torch.backends.cudnn.benchmark = True
+    args, cuda, dev, out = cuda_script("gpu_scoring_parts.py", "benchmarks/results/gpu-scoring-parts.json")
     size, k = (32, 10) if args.smoke else (224, 10)
     if args.smoke:
         args.repeats = 2
-    out: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "torch": torch.__version__, "hfguard": hfguard.__version__,
-                 "command": "python benchmarks/gpu_scoring_parts.py", "sections_failed": {}}
     xf, yf = images(40 if args.smoke else 64, size, k, dev, 4)
     for name in ("mobilenet_v3_large", "efficientnet_b0", "resnet50"):
         try:
@@ -156,12 +140,7 @@ def main() -> None:
         except Exception:
             out["sections_failed"][name] = traceback.format_exc()
         m = gf = None
-        print(json.dumps({name: {k: v for k, v in out.get(name, {}).items() if not k.startswith("profile")}}, indent=1), flush=True)
-        if cuda:
-            for path in (args.out, os.path.join(os.environ.get("OUT", "/tmp"), os.path.basename(args.out))):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump(out, f, indent=2)
+        write_results(out, args.out, cuda)
     print("failed:", out["sections_failed"])
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 import warnings
 from typing import Any
@@ -72,9 +71,7 @@ def fit_guard(guard: Any, data: Any, calibration_data: Any = None) -> Any:
         saved = _snapshot(guard)
         try:
             _fit(guard, data, calibration_data)
-            if getattr(guard, "_compile_options", None) is not None:  # compile_scoring() before: compile for the new state
-                guard._compiled_scoring = guard._compile_now(guard._compile_options)
-                guard._compiled_owner = threading.get_ident() if guard._compiled_owner is not None else None
+            guard._recompile_scoring()  # compile_scoring() before: compile for the new state
         except BaseException:
             _restore(guard, saved)
             raise
@@ -87,7 +84,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes", "banks")},
         "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "neighboured", "poolings", "fit_report", "_model_fingerprint")}
-        | {k: getattr(guard, k, None) for k in ("_compiled_scoring", "_compiled_owner")},
+        | {"_compiled": getattr(guard, "_compiled", None)},
     }
 
 

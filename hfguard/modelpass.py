@@ -10,7 +10,6 @@ A subclass sets ``model``, ``nonfinite``, ``input_range``, ``strict``, ``normali
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hfguard.compiled import CompiledScoring, compile_scoring
 from hfguard.errors import ModelError
 from hfguard.filters import lowpass
 from hfguard.inputs import check_images
@@ -26,7 +26,7 @@ from hfguard.results import Verdict
 from hfguard.state import FittedState
 from hfguard.taps import capture, compiled_hint, no_autocast
 
-__all__ = ["ModelPass", "uses_cuda_graphs"]
+__all__ = ["ModelPass"]
 
 
 class ModelPass(FittedState):
@@ -92,15 +92,27 @@ class ModelPass(FittedState):
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
         needed = self._features_needed()
-        compiled = getattr(self, "_compiled_scoring", None)
-        owner = getattr(self, "_compiled_owner", None)  # CUDA graph trees work only in the thread that made them
-        if (compiled is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or (owner is not None and owner != threading.get_ident())):
+        compiled = self._compiled_here()
+        if compiled is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             logits, feats = self._features(x, needed)
             return (logits, *self._scoring(feats))
         logits, layer_feats = self._layer_features(x, needed)
-        score, origin = compiled(x, layer_feats, logits, len(self.layers) + 1 in needed)
+        score, origin = compiled.fn(x, layer_feats, logits, len(self.layers) + 1 in needed)
         return logits, score.clone(), origin.clone()  # under CUDA graphs ("reduce-overhead") the next call reuses their memory
+
+    def _compiled_here(self) -> CompiledScoring | None:
+        """The compiled maths if this thread may run them (see :class:`hfguard.compiled.CompiledScoring`), else None."""
+        compiled = getattr(self, "_compiled", None)  # read once: another thread may compile or turn it off meanwhile
+        if compiled is None or compiled.usable_here():
+            return compiled
+        if not compiled.warned_thread:
+            compiled.warned_thread = True
+            warnings.warn(
+                f"compile_scoring({compiled.options}) records CUDA graphs, which torch runs only in the thread that compiled them "
+                f"({compiled.owner.name}); calls from other threads take the eager maths (same scores). Compile in the thread that checks",
+                stacklevel=4,
+            )
+        return None
 
     def _scoring(self, feats: list[Tensor | None]) -> tuple[Tensor, Tensor]:
         """Score and origin from the sources' features (the watched layers', the logits, the spectrum's)."""
@@ -121,46 +133,36 @@ class ModelPass(FittedState):
         and the heads) with :func:`torch.compile`, for ``check`` and ``detect``; returns ``self``.
 
         The wrapped model is not compiled (``torch.compile`` it yourself if you like: the guard works on compiled
-        models). Compilation happens now, on a small batch with a dynamic batch size, and takes tens of seconds; it
-        needs what :func:`torch.compile` needs (a C++ compiler on a CPU, Triton on a GPU). Calls that need a
-        gradient (``score`` under autograd, the attacks) and the ONNX export keep the eager maths, which give the
-        same scores up to rounding. ``options`` go to :func:`torch.compile` (e.g. ``mode="reduce-overhead"`` for
-        CUDA graphs on a GPU; torch's CUDA graph trees run only in the thread that recorded them, so under such a
-        mode calls from other threads take the eager maths). It is a setting of this Python object, not learned
-        state: ``save`` does not store it, a ``fit`` keeps it (compiling again for the new state), and
-        ``compile_scoring(False)`` turns it off.
+        models). Compilation happens now, on two rows with a dynamic batch size, and takes seconds to tens of
+        seconds. Calls that need a gradient (``score`` under autograd, the attacks) and the ONNX export keep the
+        eager maths, which give the same scores up to rounding. ``options`` go to :func:`torch.compile` (e.g.
+        ``mode="reduce-overhead"`` for CUDA graphs on a GPU; torch runs CUDA graph trees only in the thread that
+        recorded them, so under such a mode calls from other threads take the eager maths, with a warning). A batch
+        of one, an autocast region or another dtype or device compiles once more. It is a setting of this Python
+        object, not learned state: ``save`` does not store it and copies (pickle, ``deepcopy``) leave it behind; a
+        ``fit`` keeps it, compiling again for the new state (a fit whose compile fails fails as a whole and leaves
+        the guard as it was); ``compile_scoring(False)`` turns it off.
 
         Raises:
             NotFittedError: before ``fit``.
+            Whatever :func:`torch.compile` raises (an unknown backend or mode, no C++ compiler or Triton); the
+            guard is then left as it was.
         """
         if not enabled:
-            self._compile_options = self._compiled_scoring = self._compiled_owner = None
+            self._compiled = None
             return self
         self._require_fitted()
-        compiled = self._compile_now(dict(options))
-        self._compile_options, self._compiled_scoring = dict(options), compiled
-        self._compiled_owner = threading.get_ident() if uses_cuda_graphs(options) else None
+        self._compiled = compile_scoring(self, dict(options))
         return self
 
-    def _compile_now(self, options: dict[str, Any]) -> Any:
-        """``torch.compile`` of :meth:`_scoring_from_pass`, run once on two rows of zeros marked batch-dynamic."""
-        fn = torch.compile(self._scoring_from_pass, **options)
-        shape = tuple(self.layout["input_shape"])
-        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-        x = torch.zeros((2, *shape), device=self.norm_mean.device, dtype=param.dtype if param is not None else torch.float32)
-        x = self.from_pixels(x.float()).to(x.dtype)
-        needed = self._features_needed()
-        with self._eval_model(), torch.no_grad():
-            logits, layer_feats = self._layer_features(x, needed)
-            args = [x, layer_feats, logits]
-            for t in [x, logits, *(f for f in layer_feats if f is not None)]:
-                torch._dynamo.mark_dynamic(t, 0)
-            fn(*args, len(self.layers) + 1 in needed)
-        return fn
+    def _recompile_scoring(self) -> None:
+        """After a fit: compiles again, with the same options, if :meth:`compile_scoring` was on."""
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled = compile_scoring(self, self._compiled.options)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (pickle, ``copy.deepcopy``) leaves the compiled scoring behind: call :meth:`compile_scoring` on it again."""
-        return {**self.__dict__, "_compiled_scoring": None, "_compile_options": None, "_compiled_owner": None}
+        return {**self.__dict__, "_compiled": None}
 
     def _filtered_logits(self, x: Tensor) -> Tensor:
         return self._forward_model(self.from_pixels(lowpass(self.to_pixels(x), float(self.sigma_))).to(x.dtype))
@@ -171,9 +173,3 @@ class ModelPass(FittedState):
         b = torch.zeros(0, dtype=torch.bool, device=x.device)
         return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
 
-
-def uses_cuda_graphs(options: dict[str, Any]) -> bool:
-    """Whether ``torch.compile(**options)`` records CUDA graphs (on a GPU): ``mode`` "reduce-overhead" or
-    "max-autotune", or ``options={"triton.cudagraphs": True}``."""
-    inductor = options.get("options") or {}
-    return options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs", False))
