@@ -112,6 +112,15 @@ def write_results(out: dict, path: str, cuda: bool) -> None:
             json.dump(out, f, indent=2)
 
 
+def family_guard(name: str, x: torch.Tensor, y: torch.Tensor, k: int, size: int, dev: str, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, hfguard.Guard]:
+    """A random-weight torchvision ``name`` made usable on ``(x, y)`` (or ``model`` as given), and a guard fitted on
+    the same images as ``benchmarks/model_families.py`` fits them: every source computed, no self-attacks."""
+    m = model if model is not None else usable_random_model(random_model(name, k, size).to(dev), x, y, k, batch_size=64)
+    guard = hfguard.protect(m, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
+                            calibration="clean", score_features="all").fit((x, y))
+    return m, guard
+
+
 def images(n: int, size: int, k: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.rand(n, 3, size, size, generator=g)
@@ -213,9 +222,7 @@ def main() -> None:
     for name in FAMILIES:
         if FAMILIES[name]["min_size"] > size:  # (the smoke run's 32 px)
             continue
-        m = usable_random_model(random_model(name, k, size).to(dev), xf, yf, k, batch_size=64)
-        gf = hfguard.protect(m, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
-                             calibration="clean", score_features="all").fit((xf, yf))
+        m, gf = family_guard(name, xf, yf, k, size, dev)
         r = timed_ratio(lambda: m(xf), lambda: gf.check(xf), max(2, args.repeats // 2))
         out["families_check_over_forward_float32_batch64"][name] = {**r, "layers": gf.layers}
         print(name, r, flush=True)

@@ -29,11 +29,8 @@ from pathlib import Path
 
 import torch
 
-import hfguard
-from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import cuda_script, images, write_results  # noqa: E402
+from gpu_check import cuda_script, family_guard, images, write_results  # noqa: E402
 
 
 def diff(a, b, spread: float) -> float:
@@ -105,9 +102,7 @@ def main() -> None:
     args, cuda, dev, out = cuda_script("gpu_compiled_paths.py", "benchmarks/results/gpu-compiled-paths.json", ap)
     size, k = (32, 10) if args.smoke else (224, 10)
     x, y = images(64, size, k, dev, 4)
-    model = usable_random_model(random_model("mobilenet_v3_large", k, size).to(dev), x, y, k, batch_size=64)
-    guard = hfguard.protect(model, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
-                            calibration="clean", score_features="all").fit((x, y))
+    model, guard = family_guard("mobilenet_v3_large", x, y, k, size, dev)
     xt, _ = images(64, size, k, dev, 5)
     xs = {"64": xt, "7": xt[:7], "64_again": xt.flip(0), "1": xt[:1]}
     spread = float(guard.check(xt).score.std())
@@ -126,8 +121,7 @@ def main() -> None:
         if args.no_half:
             raise StopIteration
         half = copy.deepcopy(model).to(torch.float16 if cuda else torch.bfloat16)
-        gh = hfguard.protect(half, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
-                             calibration="clean", score_features="all").fit((x.to(next(half.parameters()).dtype), y))
+        _, gh = family_guard("mobilenet_v3_large", x.to(next(half.parameters()).dtype), y, k, size, dev, model=half)
         xh = xt.to(next(half.parameters()).dtype)
         spread_h = float(gh.check(xh).score.std())
         out["half_model"] = paths(gh, {"64": xh, "7": xh[:7], "64_again": xh.flip(0), "1": xh[:1]}, {"mode": "reduce-overhead"} if cuda else {}, spread_h)

@@ -31,7 +31,7 @@ import hfguard
 from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import cuda_script, images, sync, timed_ratio, write_results  # noqa: E402
+from gpu_check import cuda_script, family_guard, images, sync, timed_ratio, write_results  # noqa: E402
 
 MODES = {"compiled": {}, "compiled_reduce_overhead": {"mode": "reduce-overhead"}}
 
@@ -90,9 +90,7 @@ def main() -> None:
     xf, yf = images(40 if args.smoke else 64, size, k, dev, 4)
     for name in ("mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"):
         try:
-            m = usable_random_model(random_model(name, k, size).to(dev), xf, yf, k, batch_size=64)
-            gf = hfguard.protect(m, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
-                                 calibration="clean", score_features="all").fit((xf, yf))
+            m, gf = family_guard(name, xf, yf, k, size, dev)
             out[name] = {"layers": gf.layers, **compare(m, gf, {len(xf): xf}, max(2, args.repeats // 2), cuda)}
         except Exception:
             out["sections_failed"][name] = traceback.format_exc()

@@ -23,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-import hfguard
-from hfguard.bench.synthetic import IMAGENET_NORMALIZE, random_model, usable_random_model
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_check import cuda_script, images, profile_table, sync, write_results  # noqa: E402
+from gpu_check import cuda_script, family_guard, images, profile_table, sync, write_results  # noqa: E402
 
 
 def medians(fns: dict, repeats: int) -> dict[str, float]:
@@ -133,9 +130,7 @@ def main() -> None:
     xf, yf = images(40 if args.smoke else 64, size, k, dev, 4)
     for name in ("mobilenet_v3_large", "efficientnet_b0", "resnet50"):
         try:
-            m = usable_random_model(random_model(name, k, size).to(dev), xf, yf, k, batch_size=64)
-            gf = hfguard.protect(m, normalize=IMAGENET_NORMALIZE, input_range=(0, 1), progress=False, batch_size=64,
-                                 calibration="clean", score_features="all").fit((xf, yf))
+            m, gf = family_guard(name, xf, yf, k, size, dev)
             out[name] = {"layers": gf.layers, **parts(m, gf, xf, args.repeats, cuda)}
         except Exception:
             out["sections_failed"][name] = traceback.format_exc()
