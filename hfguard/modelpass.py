@@ -172,4 +172,3 @@ class ModelPass(FittedState):
         z = torch.zeros(0, dtype=torch.long, device=x.device)
         b = torch.zeros(0, dtype=torch.bool, device=x.device)
         return Verdict(x.new_zeros(0, k), x.new_zeros(0), b, b.clone(), z, z.clone())
-
