@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.batches import batch_count_hint, iter_batches
@@ -83,8 +84,8 @@ def _snapshot(guard: Any) -> dict[str, Any]:
     return {
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes", "banks")},
-        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "neighboured", "poolings", "fit_report", "_model_fingerprint")}
-        | {"_compiled": getattr(guard, "_compiled", None)},
+        "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "neighboured", "poolings", "fit_report", "_model_fingerprint",
+                                                 "_compiled")},
     }
 
 
@@ -199,8 +200,6 @@ def _head_families(families: list[str]) -> list[str]:
 
 
 def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     held = Reservoir(guard.calibration_size)
     images: Reservoir | None = None
@@ -477,8 +476,6 @@ def _drop_linear_probes(guard: Any, layout: dict[str, Any], probes: list[Any], h
 
 def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
     """Source features of (a content-hash sample of at most ``calibration_size``) calibration images."""
-    from tqdm.auto import tqdm
-
     res = Reservoir(guard.calibration_size)
     res.ensure_keys(_row_template(layout))
     batches = tqdm(iter_batches(data, guard.batch_size), total=batch_count_hint(data, guard.batch_size), desc="hfguard calibration data",
@@ -616,8 +613,6 @@ def _self_attack_heads(guard: Any, sample: dict[str, Tensor], z_clean: Tensor, m
     def model(p: Tensor) -> Tensor:
         return guard._forward_model(_model_input(guard, p)).float()
 
-    from tqdm.auto import tqdm
-
     # autograd.grad w.r.t. the input only (parameters get no .grad); on even if the caller disabled gradients
     with guard._eval_model(), torch.enable_grad(), tqdm(total=len(pixels), desc="hfguard self-attacks", unit="img", disable=not guard.progress,
                                                         leave=False) as bar:
@@ -707,8 +702,6 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
 
 
 def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     flip_rates: dict[float, float] = {}
     if guard.filter_sigma_setting == "auto":
         # the images once, then once per candidate sigma: at 224x224 on a CPU minutes of forwards, so a bar of its own

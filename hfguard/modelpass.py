@@ -33,6 +33,8 @@ class ModelPass(FittedState):
     """The wrapped model's pass with the guard's hooks, and the score of what it captured (see the module docstring)."""
 
     model: nn.Module
+    #: :meth:`compile_scoring`'s compiled maths, or None (a class default: guards pickled before 0.7.2 have none)
+    _compiled: CompiledScoring | None = None
 
     @contextlib.contextmanager
     def _eval_model(self) -> Iterator[None]:
@@ -75,9 +77,7 @@ class ModelPass(FittedState):
         """ONE model pass: logits and the pooled features of the sources in ``needed`` (default: all)."""
         wanted = set(range(len(self.layers) + 2)) if needed is None else needed
         logits, layer_feats = self._layer_features(x, wanted)
-        with no_autocast(x.device):
-            feats = layer_feats + [logits, self._spectral(x) if len(self.layers) + 1 in wanted else None]
-        return logits, feats
+        return logits, self._source_features(x, layer_feats, logits, len(self.layers) + 1 in wanted)
 
     def _layer_features(self, x: Tensor, wanted: set[int]) -> tuple[Tensor, list[Tensor | None]]:
         """ONE model pass: logits and the pooled features of the watched layers in ``wanted`` (None for the others)."""
@@ -92,17 +92,17 @@ class ModelPass(FittedState):
     def _evaluate(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass: logits, score and origin, computing only the sources the score uses."""
         needed = self._features_needed()
+        logits, layer_feats = self._layer_features(x, needed)
+        spectral = len(self.layers) + 1 in needed
         compiled = self._compiled_here()
         if compiled is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            logits, feats = self._features(x, needed)
-            return (logits, *self._scoring(feats))
-        logits, layer_feats = self._layer_features(x, needed)
-        score, origin = compiled.fn(x, layer_feats, logits, len(self.layers) + 1 in needed)
+            return (logits, *self._scoring_from_pass(x, layer_feats, logits, spectral))
+        score, origin = compiled.fn(x, layer_feats, logits, spectral)
         return logits, score.clone(), origin.clone()  # under CUDA graphs ("reduce-overhead") the next call reuses their memory
 
     def _compiled_here(self) -> CompiledScoring | None:
         """The compiled maths if this thread may run them (see :class:`hfguard.compiled.CompiledScoring`), else None."""
-        compiled = getattr(self, "_compiled", None)  # read once: another thread may compile or turn it off meanwhile
+        compiled = self._compiled  # read once: another thread may compile or turn it off meanwhile
         if compiled is None or compiled.usable_here():
             return compiled
         if not compiled.warned_thread:
@@ -114,19 +114,18 @@ class ModelPass(FittedState):
             )
         return None
 
-    def _scoring(self, feats: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-        """Score and origin from the sources' features (the watched layers', the logits, the spectrum's)."""
-        logits = feats[len(self.layers)]
-        with no_autocast(logits.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
-            dists = self._source_distances(feats)
-            return self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
+    def _source_features(self, x: Tensor, layer_feats: list[Tensor | None], logits: Tensor, spectral: bool) -> list[Tensor | None]:
+        """Every source's features (None where not needed): the watched layers', the logits, the spectrum's."""
+        with no_autocast(x.device):
+            return [*layer_feats, logits, self._spectral(x) if spectral else None]
 
     def _scoring_from_pass(self, x: Tensor, layer_feats: list[Tensor | None], logits: Tensor, spectral: bool) -> tuple[Tensor, Tensor]:
-        """Everything ``check`` does after the model pass (the spectrum, the distances, the heads): what
-        :meth:`compile_scoring` compiles."""
-        with no_autocast(x.device):
-            spectrum = self._spectral(x) if spectral else None
-        return self._scoring([*layer_feats, logits, spectrum])
+        """Score and origin from what the model pass captured: everything ``check`` does after it (the spectrum, the
+        distances, the evidence, the heads), and what :meth:`compile_scoring` compiles."""
+        feats = self._source_features(x, layer_feats, logits, spectral)
+        with no_autocast(x.device):  # the statistics' maths runs in the buffers' dtype even under a caller's autocast
+            dists = self._source_distances(feats)
+            return self._score_evidence(self._evidence(logits, dists), logits.argmax(1)), dists[0].argmin(1)
 
     def compile_scoring(self, enabled: bool = True, **options: Any) -> "ModelPass":
         """Compiles the guard's own work after the model pass (the HF spectrum, the class distances, the evidence
@@ -157,7 +156,7 @@ class ModelPass(FittedState):
 
     def _recompile_scoring(self) -> None:
         """After a fit: compiles again, with the same options, if :meth:`compile_scoring` was on."""
-        if getattr(self, "_compiled", None) is not None:
+        if self._compiled is not None:
             self._compiled = compile_scoring(self, self._compiled.options)
 
     def __getstate__(self) -> dict[str, Any]:
