@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hfguard.modelmode import eval_mode
 
-__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "detector_pgd", "orthogonal_pgd", "random_search", "square_linf"]
+__all__ = ["fgsm", "pgd", "boundary_pgd", "cw_l2", "margin_loss", "evasion_loss", "detector_pgd", "weighted_pgd", "orthogonal_pgd", "random_search", "square_linf"]
 
 Model = Callable[[Tensor], Tensor]
 
@@ -34,6 +34,7 @@ Model = Callable[[Tensor], Tensor]
 def _attack(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Checks an attack's labels and budget and runs it with an ``nn.Module`` model in eval mode (see the module note)."""
     sig = inspect.signature(fn)
+    first = next(iter(sig.parameters))
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Tensor:
@@ -50,7 +51,7 @@ def _attack(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
             eps = torch.as_tensor(bound.arguments["eps"])
             if bool((eps < 0).any()) or not bool(torch.isfinite(eps).all()):
                 raise ValueError(f"eps must be finite and non-negative, got {bound.arguments['eps']!r}")
-        model = bound.arguments["model"]
+        model = bound.arguments[first]  # "model", or weighted_pgd's "model_and_score"
         if isinstance(model, nn.Module):
             with eval_mode(model):
                 return fn(*bound.args, **bound.kwargs)
@@ -115,6 +116,7 @@ def pgd(
     lo: float = 0.0,
     hi: float = 1.0,
     loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    success: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Projected gradient descent (Madry et al., 2018) under an L-inf or L2 budget.
 
@@ -130,6 +132,10 @@ def pgd(
         seed: seed of the random start.
         loss_fn: ``loss_fn(logits, y, x_adv) -> (N,)`` loss to *maximise*;
             default cross-entropy (use it for detector-aware attacks).
+        success: ``success(logits, y, x_adv) -> (N,)`` bool, the attacker's goal (e.g. misclassified and not
+            flagged by a detector): per image the first iterate that reaches it (the start, a step or the last
+            one) is returned, else the last iterate, so an iterate that a later step would lose is kept (one
+            more forward pass, without gradient, checks the last iterate).
 
     Returns:
         Adversarial images (N, ...).
@@ -150,14 +156,42 @@ def pgd(
         x_adv = _project(x + noise, x, eps, norm, lo, hi)
     else:
         x_adv = x.clone()
+    first = _FirstSuccess(x_adv) if success is not None else None
     for _ in range(steps):
         xr = x_adv.clone().requires_grad_(True)
         logits = model(xr)
         loss = F.cross_entropy(logits, y, reduction="none") if loss_fn is None else loss_fn(logits, y, xr)
         g = _grad(loss.sum(), xr)
+        if first is not None:
+            with torch.no_grad():
+                first.offer(x_adv, success(logits.detach(), y, x_adv))
         step = g.sign() if norm == "inf" else _normalize_l2(g)
         x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi).detach()
-    return x_adv
+    if first is None:
+        return x_adv
+    with torch.no_grad():
+        first.offer(x_adv, success(model(x_adv), y, x_adv))
+    return first.result(x_adv)
+
+
+class _FirstSuccess:
+    """Per image, the first iterate offered with a True success (see :func:`pgd`'s ``success``)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.images = x.detach().clone()
+        self.done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def offer(self, x: Tensor, success: Tensor) -> None:
+        success = torch.as_tensor(success, device=self.done.device)
+        if success.shape != self.done.shape or success.dtype != torch.bool:
+            raise ValueError(f"success must give one bool per image ({self.done.shape[0]},), got {success.dtype} of shape {tuple(success.shape)}")
+        new = success & ~self.done
+        self.images[new] = x.detach()[new]
+        self.done |= new
+
+    def result(self, last: Tensor) -> Tensor:
+        """The first successful iterate of each image, the ``last`` one for the others."""
+        return torch.where(self.done.view(-1, *([1] * (last.dim() - 1))), self.images, last.detach())
 
 
 @_attack
@@ -250,6 +284,14 @@ def margin_loss(logits: Tensor, y: Tensor, kappa: float = float("inf")) -> Tenso
     return (other - logits.gather(1, y[:, None]).squeeze(1)).clamp(max=kappa)
 
 
+def evasion_loss(logits: Tensor, y: Tensor, score: Tensor, threshold: float, scale: float = 1.0, slack: float = 1e-3) -> Tensor:
+    """0 exactly when an image is misclassified (by a logit margin of at least ``slack``) and its detector ``score``
+    is below ``threshold`` (by at least ``slack * scale``); positive otherwise, the larger the farther (N,): the
+    objective of a detector-aware attacker (e.g. :func:`random_search`'s; ``evasion_loss(...) == 0`` is a
+    :func:`pgd` ``success``)."""
+    return F.relu(slack - margin_loss(logits, y)) + F.relu((score - threshold) / scale + slack)
+
+
 @_attack
 def detector_pgd(
     model: Model,
@@ -314,6 +356,72 @@ def detector_pgd(
     with torch.no_grad():
         best[~found] = x_adv[~found]
     return best.detach()
+
+
+@_attack
+def weighted_pgd(
+    model_and_score: Callable[[Tensor], tuple[Tensor, Tensor]],
+    x: Tensor,
+    y: Tensor,
+    eps: Budget,
+    *,
+    threshold: float,
+    scale: float = 1.0,
+    lam: float = 1.0,
+    factor: float = 2.0,
+    loss: str = "ce",
+    kappa: float = 5.0,
+    steps: int = 100,
+    step_size: float | None = None,
+    norm: str = "inf",
+    seed: int = 0,
+    lo: float = 0.0,
+    hi: float = 1.0,
+) -> Tensor:
+    """Weighted-sum detector-aware PGD with one weight per image, searched during the run.
+
+    Each step ascends ``cls - lam_i * (score - threshold) / scale`` (``cls``: cross-entropy, or the margin of
+    :func:`margin_loss` clipped at ``kappa``) and then updates each image's weight: times ``factor`` while the
+    image is misclassified but flagged (the score needs more weight), divided by ``factor`` while it is classified
+    correctly (the classifier loss needs more), unchanged once it evades; weights stay within ``[1e-4, 1e4]``. A
+    global ``lam`` sweep must pick one weight for every image; this adapts it per image in one run. Returns per
+    image the first iterate that evades (:func:`evasion_loss` is 0: misclassified and below the threshold, both
+    with a margin), else the last iterate.
+
+    Args:
+        model_and_score: ``x -> (logits, score)`` in one differentiable pass (e.g. ``guard.logits_and_score``).
+        threshold: the detector's threshold; ``scale``: the score's unit (e.g. its clean standard deviation).
+        lam: every image's starting weight; ``factor``: its multiplicative update (> 1).
+        eps, steps, step_size, norm, seed, lo, hi: as in :func:`pgd` (step size default ``2.5 * eps / (steps / 4)``,
+            random start at half the budget).
+    """
+    if loss not in ("ce", "margin") or norm not in ("inf", "2"):
+        raise ValueError(f"loss must be 'ce' or 'margin' and norm 'inf' or '2', got {loss!r}, {norm!r}")
+    if not (factor > 1.0 and lam > 0 and scale > 0):
+        raise ValueError(f"factor must be > 1, lam and scale > 0; got factor={factor!r}, lam={lam!r}, scale={scale!r}")
+    x = x.detach()
+    e = _per_image(eps, x)
+    alpha = step_size if step_size is not None else 2.5 * e / max(1, steps // 4)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e * 0.5
+    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
+    weight = torch.full((x.shape[0],), float(lam), device=x.device)
+    first = _FirstSuccess(x_adv)
+    for i in range(steps + 1):
+        xr = x_adv.clone().requires_grad_(True)
+        logits, s = model_and_score(xr)
+        z = (s - threshold) / scale
+        with torch.no_grad():
+            first.offer(x_adv, evasion_loss(logits, y, s, threshold, scale) == 0)
+            if i == steps:
+                break
+            wrong = logits.argmax(1) != y
+            weight = torch.where(wrong & (z >= 0), weight * factor, torch.where(wrong, weight, weight / factor)).clamp(1e-4, 1e4)
+        cls = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else margin_loss(logits, y, kappa)
+        g = _grad((cls - weight.to(z.dtype) * z).sum(), xr)
+        step = g.sign() if norm == "inf" else _normalize_l2(g)
+        x_adv = _project(x_adv + alpha * step, x, eps, norm, lo, hi).detach()
+    return first.result(x_adv)
 
 
 def orthogonal_pgd(

@@ -193,11 +193,23 @@ def test_random_search_keeps_the_best_candidate_and_stops_when_done(digits):
     assert hits == [len(x)]
 
 
+class _LogitsAndScore(torch.nn.Module):
+    """A model and a score in one module (``weighted_pgd`` takes such a callable; a module is run in eval mode)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        logits = self.model(z)
+        return logits, logits.logsumexp(1)
+
+
 def test_attacks_leave_a_model_in_training_mode_unchanged_and_take_any_integer_labels(digits):
     """Review: every attack ran a model in training mode as such: its BatchNorm statistics moved on every step."""
     import numpy as np
 
-    from hfguard.attacks import boundary_pgd, detector_pgd
+    from hfguard.attacks import boundary_pgd, detector_pgd, weighted_pgd
     from hfguard.data import small_resnet
 
     torch.manual_seed(0)
@@ -206,7 +218,8 @@ def test_attacks_leave_a_model_in_training_mode_unchanged_and_take_any_integer_l
     x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
     runs = [lambda t: fgsm(model, x, t, 0.1), lambda t: pgd(model, x, t, 0.1, steps=2), lambda t: pgd(model, x, t, 1.0, steps=2, norm="2"),
             lambda t: boundary_pgd(model, x, t, 0.1, steps=2), lambda t: cw_l2(model, x, t, steps=2), lambda t: square_linf(model, x, t, 0.1, queries=2),
-            lambda t: detector_pgd(model, lambda z: model(z).logsumexp(1), x, t, 0.1, threshold=0.0, steps=2)]
+            lambda t: detector_pgd(model, lambda z: model(z).logsumexp(1), x, t, 0.1, threshold=0.0, steps=2),
+            lambda t: weighted_pgd(_LogitsAndScore(model), x, t, 0.1, threshold=0.0, steps=2)]
     for run in runs:
         ref = run(y)
         for labels in (y.int(), y.tolist(), y.numpy().astype(np.int32)):
@@ -228,3 +241,60 @@ def test_pgd_with_a_custom_loss_takes_soft_targets(digits_model, digits):
     soft = torch.softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), 1)
     out = pgd(digits_model, x, soft, 0.1, steps=2, loss_fn=lambda logits, y, _x: -(y * logits.log_softmax(1)).sum(1))
     assert out.shape == x.shape and (out - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_pgd_success_keeps_the_first_successful_iterate_else_the_last(digits_model, digits):
+    """Per image the first iterate that reaches the goal is returned (a later step may lose it), else the last."""
+    x, y = digits.x_test[:30], digits.y_test[:30]
+    last = pgd(digits_model, x, y, 0.1, steps=6, seed=2)
+    never = pgd(digits_model, x, y, 0.1, steps=6, seed=2, success=lambda logits, yy, xa: torch.zeros(len(xa), dtype=torch.bool))
+    assert torch.equal(never, last)
+    start = pgd(digits_model, x, y, 0.1, steps=0, seed=2)  # the random start alone
+    always = pgd(digits_model, x, y, 0.1, steps=6, seed=2, success=lambda logits, yy, xa: torch.ones(len(xa), dtype=torch.bool))
+    assert torch.equal(always, start)
+    # the goal "misclassified at step k": each image keeps the iterate at which it first was, even if a later step undoes it
+    seen = []
+
+    def wrong(logits, yy, xa):
+        seen.append(xa.clone())
+        return logits.argmax(1) != yy
+
+    kept = pgd(digits_model, x, y, 0.1, steps=6, seed=2, success=wrong)
+    assert len(seen) == 7  # the start, five more iterates, and the last one
+    with torch.no_grad():
+        first = [next((i for i, it in enumerate(seen) if digits_model(it[r : r + 1]).argmax(1).item() != y[r]), None) for r in range(len(x))]
+    for r, i in enumerate(first):
+        assert torch.equal(kept[r], seen[i][r] if i is not None else last[r])
+    with pytest.raises(ValueError, match="one bool per image"):
+        pgd(digits_model, x, y, 0.1, steps=1, success=lambda logits, yy, xa: torch.zeros(3, dtype=torch.bool))
+
+
+def test_weighted_pgd_adapts_one_weight_per_image_and_evades_more_than_one_global_weight(fitted, digits):
+    from hfguard.attacks import evasion_loss, weighted_pgd
+
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    thr, scale = fitted.threshold, 1.0
+    with torch.no_grad():
+        right = fitted.model(x).argmax(1) == y
+
+    def evaded(adv):
+        with torch.no_grad():
+            logits, s = fitted.logits_and_score(adv)
+        return right & (evasion_loss(logits, y, s, thr, scale) == 0)
+
+    adv = weighted_pgd(fitted.logits_and_score, x, y, 0.15, threshold=thr, scale=scale, steps=40)
+    assert ((adv - x).abs().flatten(1).max(1).values <= 0.15 + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1
+    held = {}
+
+    def model(z):
+        logits, held["s"] = fitted.logits_and_score(z)
+        return logits
+
+    def fixed(lam):  # the same sum with one global weight
+        return pgd(model, x, y, 0.15, steps=40, loss_fn=lambda logits, yy, _z: torch.nn.functional.cross_entropy(logits, yy, reduction="none") - lam * (held["s"] - thr))
+
+    assert evaded(adv).sum() > max(evaded(fixed(lam)).sum() for lam in (0.1, 1.0, 10.0))
+    with pytest.raises(ValueError, match="factor"):
+        weighted_pgd(fitted.logits_and_score, x[:2], y[:2], 0.1, threshold=thr, factor=1.0)
+    with pytest.raises(ValueError, match="loss"):
+        weighted_pgd(fitted.logits_and_score, x[:2], y[:2], 0.1, threshold=thr, loss="hinge")

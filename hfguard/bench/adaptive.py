@@ -11,7 +11,9 @@ real score at its calibrated threshold (the twin score only steers the attack).
    one sample. For flag-only peers the deployment returns the model's logits,
    so this is PGD on the model.
 2. ``CE - lambda * score``: PGD maximising cross-entropy minus lambda times the
-   detector's score standardised on clean data, lambda swept.
+   detector's score standardised on clean data, lambda swept; and the same sum
+   with one lambda per image, adapted during the run
+   (:func:`hfguard.attacks.weighted_pgd`).
 3. ``orthogonal PGD`` (Bryniarski et al. 2022): steps on the classification
    loss until misclassified, then lowers the score with its gradient
    projected orthogonally to the classification gradient.
@@ -25,6 +27,9 @@ real score at its calibrated threshold (the twin score only steers the attack).
    no gradient attack did are reported as ``evaded_only_without_gradients``: the
    check for gradient masking (it should be about zero).
 
+Every attack returns, per image, its best iterate: the first one that is
+misclassified and below the threshold (by the real score in 1, by the attack's
+own differentiable twin of it, with a margin, in 2), else the last one.
 ``best of all (per image)`` counts an image as evaded when any attack above
 evaded on it: the number to quote as the detector's adaptive robustness.
 """
@@ -37,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hfguard.attacks import detector_pgd, orthogonal_pgd, pgd, random_search
+from hfguard.attacks import detector_pgd, evasion_loss, orthogonal_pgd, pgd, random_search, weighted_pgd
 from hfguard.bench.peers import Detector, HFGuardDetector
 from hfguard.filters import lowpass
 
-__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "trajectory_attack", "query_attack", "adaptive_suite"]
+__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "per_image_lambda_pgd", "trajectory_attack", "query_attack", "adaptive_suite"]
 
 
 def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, defended: bool = False) -> dict[str, float]:
@@ -60,14 +65,21 @@ def _union(results: dict[str, dict[str, Any]], n: int) -> dict[str, float]:
     return {"evasion_rate": float(evaded.sum() / max(1, n)), "misclassified_rate": float(wrong.sum() / max(1, n))}
 
 
-def pipeline_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
-    """PGD with true gradients on the deployed logits (hfguard: the filter policy)."""
+def _evades(detector: Detector, scale: float) -> Any:
+    """``pgd``'s ``success``: the iterate evades the deployment's real score and logits (:func:`_pipeline_loss` is 0)."""
+    return lambda _logits, y, xa: _pipeline_loss(detector, xa, y, scale) == 0
+
+
+def pipeline_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int, scale: float) -> Tensor:
+    """PGD with true gradients on the deployed logits (hfguard: the filter policy); per image the first iterate
+    that evades the real score, else the last."""
     target = detector.filter_policy() if isinstance(detector, HFGuardDetector) else detector.model
-    return pgd(target, x, y, eps, steps=steps)
+    return pgd(target, x, y, eps, steps=steps, success=_evades(detector, scale))
 
 
-def bpda_filter_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
-    """PGD through hfguard's filter policy with BPDA: the filter's forward, the identity's gradient."""
+def bpda_filter_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: float, steps: int, scale: float) -> Tensor:
+    """PGD through hfguard's filter policy with BPDA: the filter's forward, the identity's gradient (best iterate
+    as in :func:`pipeline_pgd`)."""
     guard, model = detector.guard, detector.model
     sigma = float(guard.sigma_)
 
@@ -77,11 +89,12 @@ def bpda_filter_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: float,
         xf = xr + (lowpass(xr, sigma) - xr).detach()
         return torch.where(flagged[:, None], model(xf), model(xr))
 
-    return pgd(defended, x, y, eps, steps=steps)
+    return pgd(defended, x, y, eps, steps=steps, success=_evades(detector, scale))
 
 
 def lambda_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int, lam: float, scale: float) -> Tensor:
-    """PGD on ``CE - lam * (score - threshold) / scale`` (one forward pass per step gives both terms)."""
+    """PGD on ``CE - lam * (score - threshold) / scale`` (one forward pass per step gives both terms); per image the
+    first iterate that evades the attack's own (twin) score, else the last."""
     held: dict[str, Tensor] = {}
 
     def model(xr: Tensor) -> Tensor:
@@ -91,7 +104,15 @@ def lambda_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int,
     def loss(logits: Tensor, yy: Tensor, _xr: Tensor) -> Tensor:
         return F.cross_entropy(logits, yy, reduction="none") - lam * (held["score"] - detector.threshold) / scale
 
-    return pgd(model, x, y, eps, steps=steps, loss_fn=loss)
+    def evades(logits: Tensor, yy: Tensor, _xa: Tensor) -> Tensor:  # the score of the same pass as ``logits``
+        return evasion_loss(logits, yy, held["score"].detach(), detector.threshold, scale) == 0
+
+    return pgd(model, x, y, eps, steps=steps, loss_fn=loss, success=evades)
+
+
+def per_image_lambda_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, steps: int, scale: float) -> Tensor:
+    """``CE - lambda_i * score`` with one lambda per image adapted during the run (:func:`hfguard.attacks.weighted_pgd`)."""
+    return weighted_pgd(detector.diff_both, x, y, eps, threshold=detector.threshold, scale=scale, steps=steps)
 
 
 def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
@@ -113,9 +134,7 @@ def _pipeline_loss(detector: Detector, xa: Tensor, y: Tensor, scale: float) -> T
     """Zero exactly when ``xa`` is misclassified and its real score is below the threshold; larger the farther it is."""
     with torch.no_grad():
         logits, scores = detector.deployed(xa)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).max(1).values
-    return F.relu(true - other + 1e-3) + F.relu((scores - detector.threshold) / scale + 1e-3)
+    return evasion_loss(logits, y, scores, detector.threshold, scale)
 
 
 def query_attack(detector: Detector, x: Tensor, y: Tensor, eps: float, queries: int, scale: float, seed: int = 0) -> Tensor:
@@ -147,18 +166,20 @@ def adaptive_suite(
         correct = model(x).argmax(1) == y
     res: dict[str, Any] = {"n_images": len(x), "n_correct": int(correct.sum()), "steps": steps, "detectors": {d.name: {} for d in detectors}}
     jobs = [(eps, d) for eps in eps_list for d in detectors]
-    bar = tqdm(total=len(jobs) * (4 + len(lambdas) + len(DETECTOR_PGD)), desc="adaptive attacks", disable=not progress, leave=False)
+    bar = tqdm(total=len(jobs) * (5 + len(lambdas) + len(DETECTOR_PGD)), desc="adaptive attacks", disable=not progress, leave=False)
     for eps in eps_list:
         xt = trajectory_attack(guard_detector.guard, x, y, eps, steps)
         for d in detectors:
             r: dict[str, Any] = {}
-            r["pipeline PGD"] = evasion(d, pipeline_pgd(d, x, y, eps, pgd_steps), y, correct, defended=True)
+            r["pipeline PGD"] = evasion(d, pipeline_pgd(d, x, y, eps, pgd_steps, scales[d.name]), y, correct, defended=True)
             if isinstance(d, HFGuardDetector):
-                r["pipeline PGD (BPDA through the filter)"] = evasion(d, bpda_filter_pgd(d, x, y, eps, pgd_steps), y, correct, defended=True)
+                r["pipeline PGD (BPDA through the filter)"] = evasion(d, bpda_filter_pgd(d, x, y, eps, pgd_steps, scales[d.name]), y, correct, defended=True)
             bar.update()
             for lam in lambdas:
                 r[f"CE - {lam:g} * score"] = evasion(d, lambda_pgd(d, x, y, eps, steps, lam, scales[d.name]), y, correct)
                 bar.update()
+            r["CE - lambda_i * score (lambda per image)"] = evasion(d, per_image_lambda_pgd(d, x, y, eps, steps, scales[d.name]), y, correct)
+            bar.update()
             r["orthogonal PGD"] = evasion(d, orthogonal_pgd(model, d.diff_score, x, y, eps, threshold=d.threshold, steps=steps), y, correct)
             bar.update()
             for name, (mode, loss, kappa) in DETECTOR_PGD.items():

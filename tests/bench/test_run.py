@@ -71,7 +71,7 @@ def test_crosscheck_and_adaptive_sections(bench_out):
     assert set(ad) == {"hfguard", run["strongest_baseline"]}
     eps = next(iter(ad["hfguard"]))
     assert {"pipeline PGD", "pipeline PGD (BPDA through the filter)", "orthogonal PGD", "feature trajectory", "selective PGD (CE)",
-            "orthogonal PGD (margin, kappa 5)", "selective PGD (margin, kappa 5)"} <= set(ad["hfguard"][eps])
+            "orthogonal PGD (margin, kappa 5)", "selective PGD (margin, kappa 5)", "CE - lambda_i * score (lambda per image)"} <= set(ad["hfguard"][eps])
     best = ad["hfguard"][eps]["best of all (per image)"]["evasion_rate"]
     assert best >= max(r["evasion_rate"] for k, r in ad["hfguard"][eps].items() if k != "best of all (per image)") - 1e-9
     assert any(k.startswith("CE - ") for k in ad["hfguard"][eps])
