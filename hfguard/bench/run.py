@@ -11,6 +11,7 @@ hfguard and the strongest peer adaptively. Writes ``<out>/<dataset>.json``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -93,6 +94,17 @@ def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor,
     return hf, ablations, peers, seconds
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, dtypes, shapes and bytes, in name order): two runs whose digests agree
+    attacked the same weights (a model retrained on another CPU differs), so their numbers compare."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str = "model", progress: bool = True) -> dict[str, Any]:
     """The whole comparison on one model; returns the result dict (tensors under private ``_`` keys)."""
     t_start = time.perf_counter()
@@ -109,6 +121,7 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     res: dict[str, Any] = {
         "arch": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": weights_digest(model),
         "clean_accuracy": float(correct.float().mean()),
         "n_fit": fit_end,
         "n_cal": cfg.n_cal,

@@ -225,7 +225,8 @@ def markdown(result: dict[str, Any]) -> str:
         run = {**run, "target_fpr": cfg["fpr"]}
         out += [
             "",
-            f"## {arch}: clean accuracy {run['clean_accuracy']:.3f} ({run['parameters']:,} parameters)",
+            f"## {arch}: clean accuracy {run['clean_accuracy']:.3f} ({run['parameters']:,} parameters"
+            + (f"; weights sha256 {run['weights_sha256'][:16]}" if "weights_sha256" in run else "") + ")",
             "",
             f"Fitted on {run['n_fit']} images; tested on the first {run['n_test']} test images (torchattacks on the first {cfg['n_cross']}); "
             f"hfguard watches {run['hfguard_layers']} and scores {run['hfguard_score_features']}. {run['seconds'] / 60:.1f} min.",

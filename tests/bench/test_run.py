@@ -152,3 +152,19 @@ def test_query_attack_searches_without_gradients_within_the_budget(digits_model,
     xb = query_attack(always, x, y, 0.3, queries=20, scale=1.0)
     ev = evasion(always, xb, y, torch.ones(len(y), dtype=torch.bool))
     assert ev["evasion_rate"] == 0.0
+
+
+def test_weights_digest_names_the_exact_weights(bench_out, digits_model):
+    """The run records a digest of the attacked model's state, so runs on other weights are told apart."""
+    import copy
+
+    from hfguard.bench.run import weights_digest
+
+    run = json.loads((bench_out / "digits.json").read_text())["runs"]["cnn"]
+    assert len(run["weights_sha256"]) == 64 and int(run["weights_sha256"], 16) >= 0
+    assert "weights sha256 " + run["weights_sha256"][:16] in (bench_out / "digits.md").read_text()
+    other = copy.deepcopy(digits_model)
+    assert weights_digest(other) == weights_digest(digits_model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(other) != weights_digest(digits_model)
