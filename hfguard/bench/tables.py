@@ -269,7 +269,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"### Adaptive attacks ({run['adaptive']['n_images']} images, {run['adaptive']['n_correct']} correctly classified; {run['adaptive']['steps']} steps): "
             f"hfguard vs the strongest peer, {run['strongest_baseline']}",
             "",
-            "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold.",
+            "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold. Each attack keeps, per image, "
+            "its first iterate that evades (else its last); the best of all counts an image evaded by any of them.",
             "",
             adaptive_table(run),
         ]
