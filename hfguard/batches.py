@@ -116,4 +116,7 @@ def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:
     if isinstance(data, Tensor) or _is_pair(data):
         n = data.shape[0] if isinstance(data, Tensor) else _as_tensor(data[0]).shape[0]
         return -(-n // batch_size)
-    return len(data) if hasattr(data, "__len__") else None
+    try:
+        return len(data)  # a DataLoader has __len__ even over an IterableDataset, where it raises TypeError
+    except TypeError:  # no length: a generator, a streaming loader
+        return None

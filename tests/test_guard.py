@@ -123,6 +123,27 @@ def test_dataloader_dicts_and_lists(digits_model, digits):
     assert torch.allclose(g1.score(x), g2.score(x))
 
 
+def test_dataloader_over_an_iterable_dataset_fits_like_the_tensors(digits_model, digits):
+    """Review: a DataLoader over an IterableDataset (streaming data) has ``__len__`` but raises TypeError from it;
+    ``fit`` asked it for a progress total (even with the bar off) and crashed."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __iter__(self):
+            yield from zip(self.x, self.y)
+
+    n = len(digits.x_train) - 300
+    xt, yt, xc, yc = digits.x_train[:n], digits.y_train[:n], digits.x_train[n:], digits.y_train[n:]
+    for progress in (False, True):
+        g = hfguard.protect(digits_model, calibration="clean", progress=progress, batch_size=64)
+        g.fit(torch.utils.data.DataLoader(Stream(xt, yt), batch_size=64), calibration_data=torch.utils.data.DataLoader(Stream(xc, yc), batch_size=64))
+        ref = hfguard.protect(digits_model, calibration="clean", progress=False, batch_size=64).fit((xt, yt), calibration_data=(xc, yc))
+        assert g.threshold == ref.threshold
+        assert torch.equal(g.score(digits.x_test[:10]), ref.score(digits.x_test[:10]))
+
+
 def test_fit_is_deterministic_and_refit_replaces(digits_model, digits):
     a = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
     b = hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
