@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,27 @@ def _plt():
     return plt
 
 
+def _pixel_model(guard: Any, like: Tensor) -> Callable[[Tensor], Tensor]:
+    """The wrapped model as a function of pixel images (the guard's ``from_pixels`` undone inside, in the dtype of
+    ``like``, the inputs the caller gave): the claims attack, filter and transform pixels, whatever the
+    model's input normalisation. Call it inside ``guard._eval_model()``."""
+    return lambda p: guard._forward_model(guard.from_pixels(p).to(like.dtype))
+
+
+def _inputs(guard: Any, pixels: Tensor, like: Tensor) -> Tensor:
+    """Pixel images back to what the guard takes (normalised when it was built with ``normalize``)."""
+    return guard.from_pixels(pixels).to(like.dtype)
+
+
+def _pixel_box(guard: Any, pixels: Tensor) -> tuple[float, float]:
+    """The pixel range attacks stay in: the guard's ``input_range``, else the range of the images given."""
+    return guard.input_range if guard.input_range is not None else (float(pixels.min()), float(pixels.max()))
+
+
 def claim_stability(guard: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """Claim 1: per layer, within/between-class dispersion ratio and nearest-expectation accuracy."""
-    with torch.no_grad():
+    """Claim 1: per layer, within/between-class dispersion ratio and nearest-expectation accuracy (``x`` as the
+    guard takes it)."""
+    with guard._eval_model(), torch.no_grad():
         _, feats = guard._features(x)
         insp = guard.inspect(x)
     k = guard.layout["num_classes"]
@@ -61,30 +80,37 @@ def claim_stability(guard: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
 
 
 def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 20) -> dict[str, Any]:
-    """Claim 2: per PGD iteration and layer, how often the nearest class is the final target."""
-    model = guard.model
-    snaps = [x]
-    x_adv = x
+    """Claim 2: per PGD iteration and layer, how often the nearest class is the final target (``x`` as the guard
+    takes it; PGD in pixel space, L-inf ``eps`` in pixel units)."""
+    with guard._eval_model():
+        return _trajectory(guard, x, y, eps, steps)
+
+
+def _trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) -> dict[str, Any]:
+    model, pixels = _pixel_model(guard, x), guard.to_pixels(x)
+    lo, hi = _pixel_box(guard, pixels)
+    snaps = [pixels]
+    p_adv = pixels
     alpha = 2.5 * eps / steps
     for _ in range(steps):  # PGD without random start, keeping every iterate
-        x_adv = pgd(model, x_adv, y, eps, steps=1, step_size=alpha, random_start=False)
-        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
-        snaps.append(x_adv)
+        p_adv = pgd(model, p_adv, y, eps, steps=1, step_size=alpha, random_start=False, lo=lo, hi=hi)
+        p_adv = (pixels + (p_adv - pixels).clamp(-eps, eps)).clamp(lo, hi)
+        snaps.append(p_adv)
     with torch.no_grad():
-        final = model(x_adv).argmax(1)
-        ok = (final != y) & (model(x).argmax(1) == y)
+        final = model(p_adv).argmax(1)
+        ok = (final != y) & (model(pixels).argmax(1) == y)
     if int(ok.sum()) == 0:
         return {"verdict": "not supported", "n_successful": 0, "reason": "PGD succeeded on no image"}
     target = final[ok]
     rates, origin_rates = [], []
     for s in snaps:
-        insp = guard.inspect(s[ok])
+        insp = guard.inspect(_inputs(guard, s[ok], x))
         rates.append((insp.nearest[:, :-1] == target[:, None]).float().mean(0).tolist())
         origin_rates.append((insp.nearest[:, :-1] == y[ok][:, None]).float().mean(0).tolist())
     last = np.array(rates[-1])
     majority = last > 0.5
     first_majority = int(np.argmax(majority)) if majority.any() else None
-    insp_final = guard.inspect(x_adv[ok])
+    insp_final = guard.inspect(_inputs(guard, p_adv[ok], x))
     per_image_cross = []
     for row in (insp_final.nearest[:, :-1] == target[:, None]).tolist():
         per_image_cross.append(row.index(True) if True in row else len(row))
@@ -109,9 +135,16 @@ def claim_trajectory(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int = 
 
 
 def claim_hf(guard: Any, x: Tensor, y: Tensor, eps: float, sigmas: tuple[float, ...] = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0)) -> dict[str, Any]:
-    """Claim 3: spectrum of the perturbation, match to class HF signatures, low- vs high-pass ablation."""
-    model = guard.model
-    x_adv = pgd(model, x, y, eps, steps=40)
+    """Claim 3: spectrum of the perturbation, match to class HF signatures, low- vs high-pass ablation (``x`` as
+    the guard takes it; the attack, the spectra and the filters in pixel space, L-inf ``eps`` in pixel units)."""
+    with guard._eval_model():
+        return _hf(guard, x, y, eps, sigmas)
+
+
+def _hf(guard: Any, x_in: Tensor, y: Tensor, eps: float, sigmas: tuple[float, ...]) -> dict[str, Any]:
+    model, x = _pixel_model(guard, x_in), guard.to_pixels(x_in)
+    lo, hi = _pixel_box(guard, x)
+    x_adv = pgd(model, x, y, eps, steps=40, lo=lo, hi=hi)
     with torch.no_grad():
         pred_c, pred_a = model(x).argmax(1), model(x_adv).argmax(1)
     ok = (pred_c == y) & (pred_a != y)
@@ -141,8 +174,8 @@ def claim_hf(guard: Any, x: Tensor, y: Tensor, eps: float, sigmas: tuple[float, 
     with torch.no_grad():
         for s in sigmas:
             lp = lowpass(delta, s)
-            low.append(float((model((xo + lp).clamp(0, 1)).argmax(1) != y[ok]).float().mean()))
-            high.append(float((model((xo + delta - lp).clamp(0, 1)).argmax(1) != y[ok]).float().mean()))
+            low.append(float((model((xo + lp).clamp(lo, hi)).argmax(1) != y[ok]).float().mean()))
+            high.append(float((model((xo + delta - lp).clamp(lo, hi)).argmax(1) != y[ok]).float().mean()))
     hf_dominant = np.mean(high) > np.mean(low)
     matches = match_rate > 2 * chance
     verdict = "supported" if (hf_dominant and matches) else ("partly supported" if (hf_dominant or matches) else "not supported")
@@ -299,7 +332,12 @@ def run_report(dataset: str = "digits", out: str = "hfguard-report", *, n: int |
 
 
 def report(guard: Any, x: Tensor, y: Tensor, out: str = "hfguard-report", *, eps: float = 0.1, name: str = "model", setup: str = "") -> dict[str, Any]:
-    """The three claims measured on a user's fitted guard and labelled clean images (pixels in [0, 1]).
+    """The three claims measured on a user's fitted guard and labelled clean images.
+
+    ``x`` is given as the guard takes it (normalised when the guard was built with ``normalize``); the claims
+    attack, filter and take spectra in pixel space (the guard's ``to_pixels``), with the L-inf budget ``eps`` in
+    pixel units and the attacks kept in the guard's ``input_range``. The model runs in eval mode and is handed
+    back with every submodule's own mode.
 
     Example:
         >>> from hfguard.report import report
