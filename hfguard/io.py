@@ -70,6 +70,12 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
         "neighbour_bank": guard.neighbour_bank,
         # what protect() was given ("auto", "all" or a list): a loaded guard fitted again chooses its features the same way
         "score_features_setting": guard.score_features_setting,
+        # the other settings a fit reads (0.7.3; files before it lack them and a loaded guard took the defaults): a loaded
+        # guard fitted again fits as the saved one did ("auto" filter sigma chosen again, same hold-out, seed and sizes)
+        "fit_settings": {
+            "layers": guard.layers_setting, "filter_sigma": guard.filter_sigma_setting, "max_filter_flip": guard.max_filter_flip,
+            "calibration_size": guard.calibration_size, "attack_size": guard.attack_size, "seed": guard.seed,
+        },
     }
     if guard._model_fingerprint is not None:  # the fitted model's logits on a fixed input (hfguard.fingerprint); load compares
         header["model_fingerprint"] = guard._model_fingerprint

@@ -70,6 +70,7 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
         "calibration": header.get("calibration", "clean"),
         "attack_families": header.get("attack_families", "auto"),
         "neighbour_bank": header.get("neighbour_bank", 0),  # before format 7: no banks
+        **header.get("fit_settings", {}),  # before 0.7.3: not saved (a refit used the defaults and the fitted sigma)
     }
     settings.update(overrides)
     guard = Guard(model, **settings)
@@ -112,7 +113,7 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
         if own[k].shape != v.shape:
             raise StateFileError(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     guard.load_state_dict(tensors, strict=False)
-    if "filter_sigma" in overrides:
+    if "filter_sigma" in overrides and overrides["filter_sigma"] != "auto":  # "auto": the fitted sigma now, chosen again by a refit
         guard.sigma_.fill_(float(overrides["filter_sigma"]))
     # what the file can tell of the fit (the full report, with its timings and self-attack counts, is not saved)
     guard.fit_report = {

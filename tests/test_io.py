@@ -395,3 +395,22 @@ def test_a_loaded_guard_reports_what_its_file_tells(saved, fitted, digits_model)
     assert rep["score_features"] == fitted.fit_report["score_features"]
     assert rep["threshold"] == pytest.approx(fitted.threshold)
     json.dumps(rep)
+
+
+def test_a_loaded_guard_keeps_every_fit_setting_and_refits_as_the_saved_one(digits_model, digits, tmp_path):
+    """Review: calibration_size, seed, max_filter_flip, attack_size and filter_sigma='auto' came back as defaults (and
+    as the fitted number), so a loaded guard fitted again gave another threshold; load(filter_sigma='auto') failed."""
+    opts = dict(calibration_size=150, seed=7, max_filter_flip=0.2, attack_size=200, filter_sigma="auto", progress=False)
+    data = (digits.x_train, digits.y_train)
+    g = hfguard.protect(digits_model, **opts).fit(data)
+    path = str(tmp_path / "g.safetensors")
+    g.save(path)
+    back = hfguard.load(path, digits_model, progress=False)
+    for name in ("calibration_size", "seed", "max_filter_flip", "attack_size", "filter_sigma_setting", "layers_setting"):
+        assert getattr(back, name) == getattr(g, name), name
+    assert float(back.sigma_) == float(g.sigma_)
+    again, ref = back.fit(data), hfguard.protect(digits_model, **opts).fit(data)
+    assert again.threshold == ref.threshold and float(again.sigma_) == float(ref.sigma_)
+    auto = hfguard.load(path, digits_model, filter_sigma="auto", progress=False)
+    assert auto.filter_sigma_setting == "auto" and float(auto.sigma_) == float(g.sigma_)
+    assert float(hfguard.load(path, digits_model, filter_sigma=0.7, progress=False).sigma_) == pytest.approx(0.7)
