@@ -11,6 +11,7 @@ selected with ``Where`` (a graph has no data-dependent batch split).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfguard.errors import InputError, ShapeError, StateFileError
+from hfguard.errors import ShapeError, StateFileError
+from hfguard.inputs import check_images
 from hfguard.modelmode import kept_modes
 from hfguard.results import Verdict
 
@@ -70,7 +72,10 @@ def export_onnx(guard: Any, path: str | os.PathLike, example_input: Tensor, *, o
     import onnx
 
     model = onnx.load(os.fspath(path))
-    for key, value in (("hfguard_policy", guard.policy), ("hfguard_nonfinite", guard.nonfinite)):
+    # what the guard's input check needs (0.7.3; files before it checked shape, dtype and NaN/Inf only)
+    checks = {"input_range": guard.input_range, "strict": guard.strict, "norm_mean": guard.norm_mean.flatten().tolist(),
+              "norm_std": guard.norm_std.flatten().tolist(), "normalized": guard.normalize is not None}
+    for key, value in (("hfguard_policy", guard.policy), ("hfguard_nonfinite", guard.nonfinite), ("hfguard_input_check", json.dumps(checks))):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, os.fspath(path))
@@ -93,7 +98,11 @@ class OnnxGuard:
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path if isinstance(path, bytes) else os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(path if isinstance(path, bytes) else os.fspath(path), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, Fail, ...): not an ONNX graph it can run
+            name = "the given bytes" if isinstance(path, bytes) else repr(os.fspath(path))
+            raise StateFileError(f"{name} is not an ONNX graph onnxruntime can load ({type(exc).__name__}: {exc}); export it with guard.export_onnx") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = tuple(inp.shape[1:])
@@ -102,27 +111,23 @@ class OnnxGuard:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.policy = meta.get("hfguard_policy", "flag")
         self.nonfinite = meta.get("hfguard_nonfinite", "raise")
+        checks = json.loads(meta.get("hfguard_input_check", "{}"))  # graphs exported before 0.7.3: no range check
+        self.input_range = tuple(checks["input_range"]) if checks.get("input_range") is not None else None
+        self.strict = bool(checks.get("strict", False))
+        self._norm = tuple(torch.tensor(checks.get(k, [v]), dtype=torch.float64).view(-1, 1, 1) for k, v in (("norm_mean", 0.0), ("norm_std", 1.0)))
+        self._normalized = bool(checks.get("normalized", False))
 
     def check(self, x: Tensor) -> Any:
-        if not isinstance(x, Tensor):
-            raise InputError(f"expected a torch.Tensor of images (N, C, H, W), got {type(x).__name__}")
-        if not x.dtype.is_floating_point:
-            raise InputError(f"expected floating-point images (e.g. float32 in [0, 1]), got dtype {x.dtype}")
-        if x.dim() != 4:
-            raise ShapeError(f"expected a 4-d batch of images (N, C, H, W), got a {x.dim()}-d tensor of shape {tuple(x.shape)}")
-        if tuple(x.shape[1:]) != self.input_shape:
+        """As :meth:`Guard.check`, input checks included (shape, dtype, NaN/Inf, the pixel range under ``strict``)."""
+        if isinstance(x, Tensor) and x.dim() == 4 and tuple(x.shape[1:]) != self.input_shape:
             raise ShapeError(f"this model takes images of shape (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}")
-        x = x.detach().cpu().to(self.input_dtype)
-        finite = torch.isfinite(x)
-        bad = None
-        if not bool(finite.all()):  # as Guard.check: raise, or zero the values, score the row inf and flag it
-            if self.nonfinite == "raise":
-                raise InputError(
-                    f"input contains NaN or Inf values ({int((~finite).sum())} of {x.numel()} entries); "
-                    "export a guard built with nonfinite='flag' to flag such rows instead"
-                )
-            bad = ~finite.flatten(1).all(1)
-            x = torch.where(finite, x, torch.zeros(()))
+        # the guard's own check: a float (N, C, H, W) tensor, cast to the graph's dtype with a warning; NaN/Inf raise or
+        # are zeroed (flag); pixels outside input_range warn, or raise under strict
+        x, bad = check_images(
+            x, expected_shape=self.input_shape, model_dtype=self.input_dtype, nonfinite=self.nonfinite, input_range=self.input_range,
+            strict=self.strict, norm_mean=self._norm[0], norm_std=self._norm[1], normalized=self._normalized,
+        )
+        x = x.detach().cpu()
         out = self.session.run(None, {self.input_name: x.contiguous().numpy()})
         logits, score, flagged, origin = (torch.from_numpy(o) for o in out)
         # the graph filtered what it flagged; rows with NaN/Inf are flagged on top (their logits are the zeroed image's)

@@ -114,3 +114,29 @@ def test_onnx_guard_errors_name_what_was_got(fitted, digits, tmp_path):
         og.check(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     with pytest.raises(hfguard.ShapeError, match="4-d"):
         og.check(torch.zeros(1, 8, 8))
+    (tmp_path / "garbage.onnx").write_bytes(b"not a protobuf at all" * 10)
+    with pytest.raises(hfguard.StateFileError, match="not an ONNX graph"):  # review: onnxruntime's InvalidProtobuf leaked
+        hfguard.OnnxGuard(str(tmp_path / "garbage.onnx"))
+
+
+def test_onnx_guard_checks_the_pixel_range_as_the_guard_does(digits_model, digits, tmp_path):
+    """Review: a strict guard refused pixels out of its input_range; its exported graph accepted them silently."""
+    from tests.conftest import Normalized
+
+    x = digits.x_test[:4]
+    for normalize, model, inputs in ((None, digits_model, x), (([0.3], [0.4]), Normalized(digits_model, 0.3, 0.4), (x - 0.3) / 0.4)):
+        for strict in (True, False):
+            g = hfguard.protect(model, calibration="clean", progress=False, strict=strict, normalize=normalize)
+            g.fit(((digits.x_train - 0.3) / 0.4 if normalize else digits.x_train, digits.y_train))
+            g.export_onnx(str(tmp_path / "g.onnx"), inputs[:2])
+            og = hfguard.OnnxGuard(str(tmp_path / "g.onnx"))
+            assert torch.equal(og.check(inputs).flagged, g.check(inputs).flagged)  # in range: no complaint
+            far = inputs * 255
+            if strict:
+                for run in (g.check, og.check):
+                    with pytest.raises(hfguard.InputError, match="pixel values should lie in"):
+                        run(far)
+            else:
+                for run in (g.check, og.check):
+                    with pytest.warns(UserWarning, match="pixel values should lie in"):
+                        run(far)
