@@ -329,9 +329,9 @@ def _clean_batch(guard: Any, x: Tensor, index: int, device: torch.device) -> Ten
     return x.to(device)
 
 
-def _checked_labels(y: Tensor, k: int, index: int) -> Tensor:
-    if bool((y < 0).any() or (y >= k).any()):
-        raise DataError(f"batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
+def _checked_labels(y: Tensor, k: int, index: int, what: str = "") -> Tensor:
+    if len(y) and bool((y < 0).any() or (y >= k).any()):
+        raise DataError(f"{what}batch {index}: labels must be in [0, {k - 1}] for a model with {k} outputs; got values from {int(y.min())} to {int(y.max())}")
     return y
 
 
@@ -489,7 +489,7 @@ def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: tor
                 raise DataError(f"calibration batch {index} has images of shape {tuple(x.shape[1:])}; the fit data had {tuple(layout['input_shape'])}")
             _, feats = guard._features(x)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
-            rows["y"] = (y if y is not None else torch.full((len(x),), -1)).cpu()
+            rows["y"] = (_checked_labels(y, layout["num_classes"], index, "calibration ") if y is not None else torch.full((len(x),), -1)).cpu()
             rows["priority"] = content_priority(guard.to_pixels(x), guard.seed + 7)
             res.offer(rows, rows["priority"])
     rows, _, _ = res.merged()
@@ -667,6 +667,10 @@ def family_heads(z_clean: Tensor, z_adv: Tensor, attacks: Any, families: list[st
     return torch.stack(weights), torch.tensor(biases, dtype=z_clean.dtype), pooled
 
 
+#: ``fit`` warns when the model agrees with the labels on fewer held-out fit images than this many times chance (or half)
+LABEL_AGREEMENT_OVER_CHANCE = 3.0
+
+
 def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] | None, ev_h: Tensor, pred_h: Tensor, scores_thr: Tensor, labelled: bool) -> dict[str, Any]:
     """Warnings and numbers on how far the threshold can be trusted."""
     out: dict[str, Any] = {}
@@ -680,6 +684,14 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
     if labelled:
         acc = float((pred_h == hold["y"].to(pred_h.device)).float().mean())
         out["held_out_fit_accuracy"] = acc
+        k = guard.layout["num_classes"]
+        if acc < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / k):
+            warnings.warn(
+                f"the model agrees with the labels on only {acc:.1%} of the held-out fit images ({k} classes: chance {1 / k:.1%}): the "
+                "labels may be wrong (shuffled, another class order) or the model untrained. The class statistics follow the labels, so "
+                "the guard learns little from them: check the labels, or fit without labels to use the model's predictions",
+                stacklevel=6,
+            )
         if calib is None and acc >= 0.99:
             warnings.warn(
                 f"the model classifies {acc:.1%} of the held-out fit images correctly: it may have memorised its training data, whose "
@@ -698,6 +710,13 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
             with torch.no_grad():
                 _, pred_c = _evidence_of_rows(guard, calib)
             out["calibration_accuracy"] = float((pred_c.cpu() == labels).float().mean())
+            k = guard.layout["num_classes"]
+            if out["calibration_accuracy"] < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / k):
+                warnings.warn(
+                    f"the model agrees with the calibration labels on only {out['calibration_accuracy']:.1%} of the calibration images "
+                    f"({k} classes: chance {1 / k:.1%}): check those labels (the threshold does not use them; the report's accuracy does)",
+                    stacklevel=6,
+                )
     return out
 
 

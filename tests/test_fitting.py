@@ -143,6 +143,26 @@ def test_a_failed_refit_leaves_the_fitted_guard_as_it_was(digits_model, digits):
         fresh.score(x)
 
 
+def test_labels_the_model_disagrees_with_warn_and_calibration_labels_are_range_checked(digits_model, digits):
+    """Review: shuffled labels fitted silently (held-out agreement 0.106 against 0.897 on the calibration images), and
+    calibration labels 20-29 of a 10-class model were accepted (calibration accuracy 0.0)."""
+    import warnings
+
+    n = len(digits.x_train) - 300
+    x, y, xc, yc = digits.x_train[:n], digits.y_train[:n], digits.x_train[n:], digits.y_train[n:]
+    shuffled = y[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match="agrees with the labels on only"):
+        g = hfguard.protect(digits_model, progress=False, calibration="clean").fit((x, shuffled), calibration_data=(xc, yc))
+    assert g.fit_report["held_out_fit_accuracy"] < 0.3 < g.fit_report["calibration_accuracy"]
+    with pytest.warns(UserWarning, match="agrees with the calibration labels on only"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((x, y), calibration_data=(xc, (yc + 3) % 10))
+    with warnings.catch_warnings():  # the right labels: no such warning
+        warnings.simplefilter("error", UserWarning)
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((x, y), calibration_data=(xc, yc))
+    with pytest.raises(hfguard.DataError, match="calibration batch 0: labels must be in"):
+        hfguard.protect(digits_model, progress=False, calibration="clean").fit((x, y), calibration_data=(xc, yc + 20))
+
+
 def test_small_threshold_sample_warns(digits_model, digits):
     with pytest.warns(UserWarning, match="threshold rests on"):
         hfguard.protect(digits_model, progress=False, calibration="clean").fit((digits.x_train[:400], digits.y_train[:400]))
