@@ -144,6 +144,18 @@ class FittedState(nn.Module):
         return [*self.sources, *(evidence.probe_name(self.layers[i]) for i in self.probed),
                 *(evidence.neighbour_name(self.sources[i]) for i in self.neighboured)]
 
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError (NotFittedError is one) makes Python fall back to __getattr__, where
+        # nn.Module would replace its error by a generic "has no attribute": call the property again so that its own
+        # error (e.g. NotFittedError for guard.threshold before fit) reaches the caller.
+        try:
+            return super().__getattr__(name)  # buffers, parameters, submodules: the common case, first
+        except AttributeError:
+            prop = getattr(type(self), name, None)
+            if isinstance(prop, property) and prop.fget is not None:
+                return prop.fget(self)
+            raise
+
     def _require_fitted(self) -> None:
         if self.layout is None:
             raise NotFittedError("This Guard instance is not fitted yet. Call 'fit' with clean data before using it.")

@@ -521,3 +521,12 @@ def test_out_of_memory_in_the_self_attacks_is_not_relabelled(digits_model, digit
     monkeypatch.setattr(fitting, "self_attacks", oom)
     with pytest.raises(torch.OutOfMemoryError):
         hfguard.protect(digits_model, progress=False).fit((digits.x_train, digits.y_train))
+
+
+def test_threshold_before_fit_is_a_not_fitted_error(digits_model):
+    """Review: nn.Module.__getattr__ replaced the property's NotFittedError by a generic AttributeError."""
+    g = hfguard.protect(digits_model, progress=False)
+    with pytest.raises(hfguard.NotFittedError, match="not fitted"):
+        g.threshold
+    with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+        g.no_such_thing
