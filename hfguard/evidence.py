@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from hfguard.errors import SettingsError
+
 __all__ = ["source_evidence", "margin_evidence", "feature_names", "parse_feature", "evidence_columns", "column_index", "probe_name",
            "neighbour_name"]
 
@@ -84,7 +86,7 @@ def parse_feature(name: str, sources: Sequence[str]) -> tuple[str, int]:
         return "margin", -1
     src, _, kind = name.rpartition(":")
     if kind not in _KINDS or src not in sources:
-        raise ValueError(f"unknown evidence feature {name!r}; expected one of {feature_names(sources)}")
+        raise SettingsError(f"unknown evidence feature {name!r} in score_features; expected one of {feature_names(sources)}")
     return kind, list(sources).index(src)
 
 

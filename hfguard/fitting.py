@@ -733,6 +733,13 @@ def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
 
         with guard._eval_model(), torch.no_grad(), bar:
             sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, guard.max_filter_flip, guard.batch_size)
+        if flip_rates[sigma] > guard.max_filter_flip:
+            warnings.warn(
+                f"every candidate filter sigma changes more clean predictions than max_filter_flip={guard.max_filter_flip} (the weakest, "
+                f"{sigma}, changes {flip_rates[sigma]:.1%}); it is used anyway: raise max_filter_flip, or pass filter_sigma=<number> "
+                "(filtered inputs are only those flagged under policy='filter')",
+                stacklevel=5,
+            )
     else:
         sigma = float(guard.filter_sigma_setting)
     guard.sigma_.fill_(sigma)

@@ -153,7 +153,7 @@ class Guard(ModelPass):
         validate_settings(
             policy=policy, fpr=fpr, layers=layers, filter_sigma=filter_sigma, calibration_size=calibration_size, score_features=score_features,
             calibration=calibration, attack_size=attack_size, attack_families=attack_families, nonfinite=nonfinite, input_range=input_range,
-            max_features=max_features, neighbour_bank=neighbour_bank,
+            max_features=max_features, neighbour_bank=neighbour_bank, max_filter_flip=max_filter_flip, batch_size=batch_size, seed=seed,
         )
         self.input_range = None if input_range is None else (float(input_range[0]), float(input_range[1]))
         self.strict = bool(strict)

@@ -265,3 +265,19 @@ def test_progress_bars_cover_every_pass_over_images(digits_model, digits, capsys
     assert "hfguard calibration data" in err and "hfguard filter choice" in err
     hfguard.protect(digits_model, progress=False, **opts).fit(data, calibration_data=calibration)
     assert "hfguard" not in capsys.readouterr().err
+
+
+def test_every_numeric_setting_is_checked_and_typos_are_settings_errors(digits_model, digits):
+    """Review: batch_size=0 divided by zero, -5 said 'fit got no data'; max_filter_flip, seed and calibration_size='many'
+    were not checked; a typo in score_features was a bare ValueError; no sigma within max_filter_flip went unsaid."""
+    bad = [dict(batch_size=0), dict(batch_size=-5), dict(batch_size=2.5), dict(seed=-1), dict(seed="7"), dict(max_filter_flip=-1.0),
+           dict(max_filter_flip=1.5), dict(calibration_size="many"), dict(attack_size=True), dict(fpr="0.05"), dict(max_features=3.7)]
+    for kw in bad:
+        name = next(iter(kw))
+        with pytest.raises(hfguard.SettingsError, match=name):
+            hfguard.protect(digits_model, **kw)
+    with pytest.raises(hfguard.SettingsError, match="unknown evidence feature 'margn'"):
+        hfguard.protect(digits_model, progress=False, calibration="clean", score_features=["margn"]).fit((digits.x_train, digits.y_train))
+    with pytest.warns(UserWarning, match="every candidate filter sigma changes more clean predictions than max_filter_flip=0.0"):
+        g = hfguard.protect(digits_model, progress=False, calibration="clean", max_filter_flip=0.0).fit((digits.x_train, digits.y_train))
+    assert g.fit_report["filter_flip_rates"][float(g.sigma_)] > 0
