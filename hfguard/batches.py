@@ -68,6 +68,11 @@ def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
     x, y = _as_tensor(x), _as_tensor(y)
     if not isinstance(x, Tensor):
         raise DataError(f"batch {index}: images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 3 and (y is None or not isinstance(y, Tensor) or y.dim() == 0):
+        raise DataError(
+            f"batch {index} is one image of shape {tuple(x.shape)}" + ("" if y is None else " and its label") + ": fit expects batches "
+            "(N, C, H, W) of images (with N labels); pass a DataLoader(dataset, batch_size=...) rather than the dataset's samples"
+        )
     if y is not None:
         if not isinstance(y, Tensor):
             try:
@@ -83,7 +88,8 @@ def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
 
 def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yields ``(x, y)`` batches (``y`` may be None) from a DataLoader, an iterable of
-    batches, an ``(x, y)`` pair of tensors, or a single tensor of images (NumPy arrays are taken as tensors).
+    batches, an ``(x, y)`` pair of tensors, a dict of the whole dataset (an image key and an optional label key, as
+    a batch dict), or a single tensor of images (NumPy arrays are taken as tensors).
 
     Raises:
         DataError: an item cannot be read as images (and labels).
@@ -93,6 +99,12 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
         for i in range(0, data.shape[0], batch_size):
             yield _check(data[i : i + batch_size], None, i // batch_size)
         return
+    if isinstance(data, Mapping) and any(k in data for k in _X_KEYS):  # the whole dataset as one dict of arrays
+        x, y = _split(data, 0)
+        if y is None:
+            yield from iter_batches(x, batch_size)
+            return
+        data = (x, y)
     if _is_pair(data):
         x, y = (_as_tensor(v) for v in data)
         try:
@@ -113,6 +125,8 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
 def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:
     """Number of batches ``iter_batches`` will yield, when it can be known without iterating (for progress bars)."""
     data = _as_tensor(data)
+    if isinstance(data, Mapping) and any(k in data for k in _X_KEYS):
+        data = _as_tensor(_split(data, 0)[0])
     if isinstance(data, Tensor) or _is_pair(data):
         n = data.shape[0] if isinstance(data, Tensor) else _as_tensor(data[0]).shape[0]
         return -(-n // batch_size)

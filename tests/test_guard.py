@@ -530,3 +530,19 @@ def test_threshold_before_fit_is_a_not_fitted_error(digits_model):
         g.threshold
     with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
         g.no_such_thing
+
+
+def test_a_dataset_dict_fits_and_samples_instead_of_batches_get_a_clear_error(digits_model, digits):
+    """Review: the whole dataset as a dict was read as batches of its keys ('batch 0 has type str'), and a list of
+    (image, label) samples got 'labels should be a 1-d tensor of 1 entries' (the 1 was the channel count)."""
+    x, y = digits.x_train, digits.y_train
+    ref = hfguard.protect(digits_model, progress=False, calibration="clean").fit((x, y))
+    for data in ({"pixel_values": x, "label": y}, {"image": x.numpy(), "labels": y.numpy()}):
+        g = hfguard.protect(digits_model, progress=False, calibration="clean").fit(data)
+        assert g.threshold == ref.threshold
+    unlabelled = hfguard.protect(digits_model, progress=False, calibration="clean").fit({"pixel_values": x})
+    assert unlabelled.fit_report.get("held_out_fit_accuracy") is None
+    with pytest.raises(hfguard.DataError, match=r"batch 0 is one image of shape \(1, 8, 8\) and its label: fit expects batches"):
+        hfguard.protect(digits_model, progress=False).fit([(x[i], int(y[i])) for i in range(50)])
+    with pytest.raises(hfguard.DataError, match="one image of shape"):
+        hfguard.protect(digits_model, progress=False).fit([x[i] for i in range(50)])
