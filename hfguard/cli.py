@@ -20,15 +20,19 @@ def run_demo(dataset: str = "digits", out: str = "hfguard-demo", *, n_test: int 
 
     import hfguard
     from hfguard.data import CALIBRATION_HOLDOUT, cached_model, load_dataset
+    from hfguard.errors import SettingsError
     from hfguard.evaluate import evaluate_guard, format_table, roc_plot, standard_attacks
 
     torch.manual_seed(0)
     split = load_dataset(dataset)
+    available = len(split.x_test)
+    n = n_test if n_test is not None else (available if dataset == "digits" else 1000)
+    if not 1 <= n <= available:  # checked before any training: 0 meant "all" and a negative count sliced from the end
+        raise SettingsError(f"n_test must be between 1 and the {available} test images of {dataset}, got {n}")
     model = cached_model(dataset, "cnn", progress=progress)
     # the documented workflow: fit on the model's training data, calibrate on a split it never trained on
     train, validation = split.holdout(CALIBRATION_HOLDOUT[dataset])
     guard = hfguard.protect(model, progress=progress).fit(train, calibration_data=validation)
-    n = n_test or (len(split.x_test) if dataset == "digits" else 1000)
     x, y = split.x_test[:n], split.y_test[:n]
     result = evaluate_guard(guard, x, y, standard_attacks(dataset, cw_steps=cw_steps, pgd_steps=pgd_steps), progress=progress)
     result["dataset"] = dataset
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
     rep.add_argument("--out", default="hfguard-report", help="folder for report.html, report.json and the figures")
     rep.add_argument("--n", type=int, default=None, help="test images (default: all for digits, 1000 for fashion-mnist)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
     bench = sub.add_parser("bench", help="hfguard next to real peer detectors under own, torchattacks and adaptive attacks: JSON, Markdown, plots (needs hfguard[bench])")
     bench.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"], help="digits is embedded; fashion-mnist needs the Debian package dataset-fashion-mnist")
     bench.add_argument("--out", default="benchmarks/results", help="folder for <dataset>.json, <dataset>.md and the plots")
@@ -91,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        from hfguard.errors import DatasetNotAvailableError
+        from hfguard.errors import DatasetNotAvailableError, SettingsError
 
         try:
             result = run_demo(args.dataset, args.out, n_test=args.n_test, progress=not args.quiet)
-        except DatasetNotAvailableError as exc:
+        except (DatasetNotAvailableError, SettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"hfguard demo on {args.dataset}: watched layers {result['layers']}, score uses {result['score_features']}")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         from hfguard.report import run_report
 
         try:
-            res = run_report(args.dataset, args.out, n=args.n, progress=True)
+            res = run_report(args.dataset, args.out, n=args.n, progress=not args.quiet)
         except (DatasetNotAvailableError, SettingsError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -30,3 +30,12 @@ def test_cli_reports_missing_fashion_mnist(tmp_path, monkeypatch, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "hfguard", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout
+
+
+def test_demo_refuses_a_test_count_it_cannot_honour(tmp_path, monkeypatch, capsys):
+    """Review: --n-test 0 attacked all 539 images and --n-test -530 attacked 9 (a slice from the end)."""
+    monkeypatch.setenv("HFGUARD_CACHE", str(tmp_path / "cache"))
+    for n in ("0", "-530", "100000"):
+        assert main(["demo", "--out", str(tmp_path / "d"), "--n-test", n, "--quiet"]) == 2
+        assert f"n_test must be between 1 and the 539 test images of digits, got {n}" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before any training
