@@ -381,9 +381,10 @@ def weighted_pgd(
     """Weighted-sum detector-aware PGD with one weight per image, searched during the run.
 
     Each step ascends ``cls - lam_i * (score - threshold) / scale`` (``cls``: cross-entropy, or the margin of
-    :func:`margin_loss` clipped at ``kappa``) and then updates each image's weight: times ``factor`` while the
-    image is misclassified but flagged (the score needs more weight), divided by ``factor`` while it is classified
-    correctly (the classifier loss needs more), unchanged once it evades; weights stay within ``[1e-4, 1e4]``. A
+    :func:`margin_loss` clipped at ``kappa``), with each image's weight first updated from the current iterate:
+    times ``factor`` while the image is misclassified but flagged (the score needs more weight), divided by
+    ``factor`` while it is classified correctly (the classifier loss needs more), unchanged while it evades; weights
+    stay within ``[1e-4, 1e4]``. A
     global ``lam`` sweep must pick one weight for every image; this adapts it per image in one run. Returns per
     image the first iterate that evades (:func:`evasion_loss` is 0: misclassified and below the threshold, both
     with a margin), else the last iterate.
@@ -392,8 +393,8 @@ def weighted_pgd(
         model_and_score: ``x -> (logits, score)`` in one differentiable pass (e.g. ``guard.logits_and_score``).
         threshold: the detector's threshold; ``scale``: the score's unit (e.g. its clean standard deviation).
         lam: every image's starting weight; ``factor``: its multiplicative update (> 1).
-        eps, steps, step_size, norm, seed, lo, hi: as in :func:`pgd` (step size default ``2.5 * eps / (steps / 4)``,
-            random start at half the budget).
+        eps, steps, step_size, norm, seed, lo, hi: as in :func:`pgd` (step size default ``2.5 * eps / (steps / 4)``;
+            L-inf: a random start within half the budget, L2: the clean image).
     """
     if loss not in ("ce", "margin") or norm not in ("inf", "2"):
         raise ValueError(f"loss must be 'ce' or 'margin' and norm 'inf' or '2', got {loss!r}, {norm!r}")
