@@ -68,11 +68,7 @@ def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
     x, y = _as_tensor(x), _as_tensor(y)
     if not isinstance(x, Tensor):
         raise DataError(f"batch {index}: images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 3 and (y is None or not isinstance(y, Tensor) or y.dim() == 0):
-        raise DataError(
-            f"batch {index} is one image of shape {tuple(x.shape)}" + ("" if y is None else " and its label") + ": fit expects batches "
-            "(N, C, H, W) of images (with N labels); pass a DataLoader(dataset, batch_size=...) rather than the dataset's samples"
-        )
+
     if y is not None:
         if not isinstance(y, Tensor):
             try:
@@ -119,7 +115,14 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
     if not isinstance(data, Iterable):
         raise DataError(f"fit expects a DataLoader, an iterable of batches or an (x, y) tensor pair; got {type(data).__name__}")
     for index, item in enumerate(data):
-        yield _check(*_split(item, index), index)
+        x, y = (_as_tensor(v) for v in _split(item, index))
+        if isinstance(x, Tensor) and x.dim() == 3 and (y is None or not isinstance(y, Tensor) or y.dim() == 0):
+            raise DataError(
+                f"batch {index} is one image of shape {tuple(x.shape)}" + ("" if y is None else " and its label") + ": fit expects batches "
+                "(N, C, H, W) of images (with N labels); pass a DataLoader(dataset, batch_size=...) rather than the dataset's samples "
+                "(or, for grayscale batches without a channel axis, x.unsqueeze(1))"
+            )
+        yield _check(x, y, index)
 
 
 def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:

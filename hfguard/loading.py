@@ -70,7 +70,8 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
         "calibration": header.get("calibration", "clean"),
         "attack_families": header.get("attack_families", "auto"),
         "neighbour_bank": header.get("neighbour_bank", 0),  # before format 7: no banks
-        **header.get("fit_settings", {}),  # before 0.7.3: not saved (a refit used the defaults and the fitted sigma)
+        # before 0.7.3 not saved (a refit used the defaults and the fitted sigma); keys a later version may add are skipped
+        **{k: v for k, v in header.get("fit_settings", {}).items() if k in known},
     }
     settings.update(overrides)
     guard = Guard(model, **settings)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hfguard.errors import ShapeError, StateFileError
+from hfguard.errors import StateFileError
 from hfguard.inputs import check_images
 from hfguard.modelmode import kept_modes
 from hfguard.results import Verdict
@@ -119,8 +119,6 @@ class OnnxGuard:
 
     def check(self, x: Tensor) -> Any:
         """As :meth:`Guard.check`, input checks included (shape, dtype, NaN/Inf, the pixel range under ``strict``)."""
-        if isinstance(x, Tensor) and x.dim() == 4 and tuple(x.shape[1:]) != self.input_shape:
-            raise ShapeError(f"this model takes images of shape (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}")
         # the guard's own check: a float (N, C, H, W) tensor, cast to the graph's dtype with a warning; NaN/Inf raise or
         # are zeroed (flag); pixels outside input_range warn, or raise under strict
         x, bad = check_images(

@@ -49,7 +49,8 @@ def _inputs(guard: Any, pixels: Tensor, like: Tensor) -> Tensor:
 
 
 def _pixel_box(guard: Any, pixels: Tensor) -> tuple[float, float]:
-    """The pixel range attacks stay in: the guard's ``input_range``, else the range of the images given."""
+    """The pixel range attacks stay in: the guard's ``input_range``, else (``input_range=None``, no declared range)
+    the range of the images given, as ``fit``'s self-attacks do."""
     return guard.input_range if guard.input_range is not None else (float(pixels.min()), float(pixels.max()))
 
 
@@ -336,7 +337,8 @@ def report(guard: Any, x: Tensor, y: Tensor, out: str = "hfguard-report", *, eps
 
     ``x`` is given as the guard takes it (normalised when the guard was built with ``normalize``); the claims
     attack, filter and take spectra in pixel space (the guard's ``to_pixels``), with the L-inf budget ``eps`` in
-    pixel units and the attacks kept in the guard's ``input_range``. The model runs in eval mode and is handed
+    pixel units and the attacks kept in the guard's ``input_range`` (with ``input_range=None``, in the range of
+    the images given). The model runs in eval mode and is handed
     back with every submodule's own mode.
 
     Example:

@@ -147,7 +147,8 @@ class FittedState(nn.Module):
     def __getattr__(self, name: str) -> Any:
         # A property that raises AttributeError (NotFittedError is one) makes Python fall back to __getattr__, where
         # nn.Module would replace its error by a generic "has no attribute": call the property again so that its own
-        # error (e.g. NotFittedError for guard.threshold before fit) reaches the caller.
+        # error (e.g. NotFittedError for guard.threshold before fit) reaches the caller. Its getter thus runs twice on
+        # that path: the properties here check _require_fitted before any side effect (a warning).
         try:
             return super().__getattr__(name)  # buffers, parameters, submodules: the common case, first
         except AttributeError:
@@ -211,6 +212,7 @@ class FittedState(nn.Module):
     @property
     def threshold_(self) -> Tensor:
         """Deprecated name of :attr:`calibrated_threshold` (before 0.2)."""
+        self._require_fitted()
         warnings.warn("guard.threshold_ is now guard.calibrated_threshold (or float(guard.threshold))", DeprecationWarning, stacklevel=2)
         return self.calibrated_threshold
 

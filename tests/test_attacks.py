@@ -290,8 +290,10 @@ def test_weighted_pgd_adapts_one_weight_per_image_and_evades_more_than_one_globa
         logits, held["s"] = fitted.logits_and_score(z)
         return logits
 
-    def fixed(lam):  # the same sum with one global weight
-        return pgd(model, x, y, 0.15, steps=40, loss_fn=lambda logits, yy, _z: torch.nn.functional.cross_entropy(logits, yy, reduction="none") - lam * (held["s"] - thr))
+    def fixed(lam):  # the same sum with one global weight, the same step size and the same first-evading-iterate bookkeeping
+        return pgd(model, x, y, 0.15, steps=40, step_size=2.5 * 0.15 / 10,
+                   loss_fn=lambda logits, yy, _z: torch.nn.functional.cross_entropy(logits, yy, reduction="none") - lam * (held["s"] - thr),
+                   success=lambda logits, yy, _z: evasion_loss(logits, yy, held["s"].detach(), thr, scale) == 0)
 
     assert evaded(adv).sum() > max(evaded(fixed(lam)).sum() for lam in (0.1, 1.0, 10.0))
     with pytest.raises(ValueError, match="factor"):

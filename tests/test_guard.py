@@ -530,6 +530,8 @@ def test_threshold_before_fit_is_a_not_fitted_error(digits_model):
         g.threshold
     with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
         g.no_such_thing
+    with pytest.raises(hfguard.NotFittedError):  # the deprecated name too (its warning comes after the check)
+        g.threshold_
 
 
 def test_a_dataset_dict_fits_and_samples_instead_of_batches_get_a_clear_error(digits_model, digits):
@@ -546,3 +548,6 @@ def test_a_dataset_dict_fits_and_samples_instead_of_batches_get_a_clear_error(di
         hfguard.protect(digits_model, progress=False).fit([(x[i], int(y[i])) for i in range(50)])
     with pytest.raises(hfguard.DataError, match="one image of shape"):
         hfguard.protect(digits_model, progress=False).fit([x[i] for i in range(50)])
+    for gray in (x[:, 0], {"pixel_values": x[:, 0], "label": y}):  # grayscale without a channel axis: the shape error, not "samples"
+        with pytest.raises(hfguard.ShapeError, match="4-d batch"):
+            hfguard.protect(digits_model, progress=False).fit(gray)

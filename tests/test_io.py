@@ -414,3 +414,10 @@ def test_a_loaded_guard_keeps_every_fit_setting_and_refits_as_the_saved_one(digi
     auto = hfguard.load(path, digits_model, filter_sigma="auto", progress=False)
     assert auto.filter_sigma_setting == "auto" and float(auto.sigma_) == float(g.sigma_)
     assert float(hfguard.load(path, digits_model, filter_sigma=0.7, progress=False).sigma_) == pytest.approx(0.7)
+    # a key that a later 0.7.x may add to fit_settings is skipped, not passed on to Guard() (a bare TypeError)
+    from hfguard.io import read_guard_file
+
+    header, tensors = read_guard_file(path)
+    header["fit_settings"]["some_later_setting"] = 3
+    write_old_file(tmp_path / "later.safetensors", header, tensors, header["format_version"])
+    assert hfguard.load(str(tmp_path / "later.safetensors"), digits_model, progress=False).seed == 7

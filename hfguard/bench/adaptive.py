@@ -27,9 +27,11 @@ real score at its calibrated threshold (the twin score only steers the attack).
    no gradient attack did are reported as ``evaded_only_without_gradients``: the
    check for gradient masking (it should be about zero).
 
-Every attack returns, per image, its best iterate: the first one that is
-misclassified and below the threshold (by the real score in 1, by the attack's
-own differentiable twin of it, with a margin, in 2), else the last one.
+Iterates kept per image: 1 keeps the first iterate that evades the real
+score and 2 the first that evades its differentiable twin (with a margin),
+else the last; 3 (and the selective variants) the misclassified iterate with
+the lowest twin score below the threshold; 5 its lowest objective; 4 ends at
+its last iterate (its images are shared by every detector).
 ``best of all (per image)`` counts an image as evaded when any attack above
 evaded on it: the number to quote as the detector's adaptive robustness.
 """

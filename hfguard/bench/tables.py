@@ -269,8 +269,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"### Adaptive attacks ({run['adaptive']['n_images']} images, {run['adaptive']['n_correct']} correctly classified; {run['adaptive']['steps']} steps): "
             f"hfguard vs the strongest peer, {run['strongest_baseline']}",
             "",
-            "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold. Each attack keeps, per image, "
-            "its first iterate that evades (else its last); the best of all counts an image evaded by any of them.",
+            "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold. Per image, the pipeline PGD "
+            "(and BPDA) keeps its first iterate that evades the real score, the weighted sums (CE - lambda * score) their first that evades "
+            "the attack's differentiable twin of the score with a margin, selective and orthogonal PGD the misclassified iterate with the "
+            "lowest twin score below the threshold, the query attack its lowest objective; the feature trajectory (the same images "
+            "for every detector) ends at its last iterate. The best of all counts an image evaded by any of them.",
             "",
             adaptive_table(run),
         ]
