@@ -292,6 +292,16 @@ def evasion_loss(logits: Tensor, y: Tensor, score: Tensor, threshold: float, sca
     return F.relu(slack - margin_loss(logits, y)) + F.relu((score - threshold) / scale + slack)
 
 
+def _detector_start(x: Tensor, eps: Budget, *, norm: str, steps: int, step_size: float | None, seed: int, lo: float, hi: float) -> tuple[Tensor, Any]:
+    """The detector-aware attacks' start and step: a seeded random start within half the L-inf budget (the clean
+    image under L2), and a step of ``2.5 * eps / (steps / 4)`` unless ``step_size`` is given."""
+    e = _per_image(eps, x)
+    alpha = step_size if step_size is not None else 2.5 * e / max(1, steps // 4)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e * 0.5
+    return _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi), alpha
+
+
 @_attack
 def detector_pgd(
     model: Model,
@@ -325,11 +335,7 @@ def detector_pgd(
     if mode not in ("orthogonal", "selective") or loss not in ("ce", "margin"):
         raise ValueError(f"mode must be 'orthogonal' or 'selective' and loss 'ce' or 'margin', got {mode!r}, {loss!r}")
     x = x.detach()
-    e = _per_image(eps, x)
-    alpha = step_size if step_size is not None else 2.5 * e / max(1, steps // 4)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e * 0.5
-    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
+    x_adv, alpha = _detector_start(x, eps, norm=norm, steps=steps, step_size=step_size, seed=seed, lo=lo, hi=hi)
     best = x_adv.clone()
     best_score = torch.full((x.shape[0],), float("inf"), device=x.device)
     view = (-1, *([1] * (x.dim() - 1)))
@@ -401,11 +407,7 @@ def weighted_pgd(
     if not (factor > 1.0 and lam > 0 and scale > 0):
         raise ValueError(f"factor must be > 1, lam and scale > 0; got factor={factor!r}, lam={lam!r}, scale={scale!r}")
     x = x.detach()
-    e = _per_image(eps, x)
-    alpha = step_size if step_size is not None else 2.5 * e / max(1, steps // 4)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    noise = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * e * 0.5
-    x_adv = _project(x + noise if norm == "inf" else x, x, eps, norm, lo, hi)
+    x_adv, alpha = _detector_start(x, eps, norm=norm, steps=steps, step_size=step_size, seed=seed, lo=lo, hi=hi)
     weight = torch.full((x.shape[0],), float(lam), device=x.device)
     first = _FirstSuccess(x_adv)
     for i in range(steps + 1):
