@@ -733,11 +733,11 @@ def _choose_filter(guard: Any, images: Tensor) -> dict[str, Any]:
 
         with guard._eval_model(), torch.no_grad(), bar:
             sigma, flip_rates = choose_sigma(predict, images, DEFAULT_SIGMAS, guard.max_filter_flip, guard.batch_size)
-        if flip_rates[sigma] > guard.max_filter_flip:
+        if flip_rates[sigma] > guard.max_filter_flip and guard.policy == "filter":  # under "flag" nothing is filtered
             warnings.warn(
                 f"every candidate filter sigma changes more clean predictions than max_filter_flip={guard.max_filter_flip} (the weakest, "
-                f"{sigma}, changes {flip_rates[sigma]:.1%}); it is used anyway: raise max_filter_flip, or pass filter_sigma=<number> "
-                "(filtered inputs are only those flagged under policy='filter')",
+                f"{sigma}, changes {flip_rates[sigma]:.1%}); it is used anyway on the inputs policy='filter' flags: raise "
+                "max_filter_flip, or pass filter_sigma=<number> (fit_report['filter_flip_rates'] has every candidate's rate)",
                 stacklevel=5,
             )
     else:
