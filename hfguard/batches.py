@@ -68,7 +68,6 @@ def _check(x: Any, y: Any, index: int) -> tuple[Tensor, Tensor | None]:
     x, y = _as_tensor(x), _as_tensor(y)
     if not isinstance(x, Tensor):
         raise DataError(f"batch {index}: images must be a torch.Tensor, got {type(x).__name__}")
-
     if y is not None:
         if not isinstance(y, Tensor):
             try:

@@ -714,7 +714,7 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
             if out["calibration_accuracy"] < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / k):
                 warnings.warn(
                     f"the model agrees with the calibration labels on only {out['calibration_accuracy']:.1%} of the calibration images "
-                    f"({k} classes: chance {1 / k:.1%}): check those labels (the threshold does not use them; the report's accuracy does)",
+                    f"({k} classes: chance {1 / k:.1%}): check those labels (the threshold does not use them; fit_report['calibration_accuracy'] does)",
                     stacklevel=6,
                 )
     return out
