@@ -45,6 +45,11 @@ def _is_pair(data: Any) -> bool:
     return isinstance(x, Tensor) and x.dim() >= 3 and not (isinstance(y, Tensor) and y.dim() >= 3)
 
 
+def _is_dataset_dict(data: Any) -> bool:
+    """The whole dataset as one dict of arrays (an image key and an optional label key, as a batch dict)."""
+    return isinstance(data, Mapping) and any(k in data for k in _X_KEYS)
+
+
 def _split(item: Any, index: int) -> tuple[Tensor, Tensor | None]:
     item = _as_tensor(item)
     if isinstance(item, Tensor):
@@ -94,7 +99,7 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
         for i in range(0, data.shape[0], batch_size):
             yield _check(data[i : i + batch_size], None, i // batch_size)
         return
-    if isinstance(data, Mapping) and any(k in data for k in _X_KEYS):  # the whole dataset as one dict of arrays
+    if _is_dataset_dict(data):
         x, y = _split(data, 0)
         if y is None:
             yield from iter_batches(x, batch_size)
@@ -127,7 +132,7 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Tensor, Ten
 def batch_count_hint(data: Any, batch_size: int = 256) -> int | None:
     """Number of batches ``iter_batches`` will yield, when it can be known without iterating (for progress bars)."""
     data = _as_tensor(data)
-    if isinstance(data, Mapping) and any(k in data for k in _X_KEYS):
+    if _is_dataset_dict(data):
         data = _as_tensor(_split(data, 0)[0])
     if isinstance(data, Tensor) or _is_pair(data):
         n = data.shape[0] if isinstance(data, Tensor) else _as_tensor(data[0]).shape[0]

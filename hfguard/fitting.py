@@ -671,6 +671,11 @@ def family_heads(z_clean: Tensor, z_adv: Tensor, attacks: Any, families: list[st
 LABEL_AGREEMENT_OVER_CHANCE = 3.0
 
 
+def _labels_look_wrong(agreement: float, num_classes: int) -> bool:
+    """Whether the model agrees with the labels on too few images for them to be its classes (see LABEL_AGREEMENT_OVER_CHANCE)."""
+    return agreement < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / num_classes)
+
+
 def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] | None, ev_h: Tensor, pred_h: Tensor, scores_thr: Tensor, labelled: bool) -> dict[str, Any]:
     """Warnings and numbers on how far the threshold can be trusted."""
     out: dict[str, Any] = {}
@@ -685,7 +690,7 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
         acc = float((pred_h == hold["y"].to(pred_h.device)).float().mean())
         out["held_out_fit_accuracy"] = acc
         k = guard.layout["num_classes"]
-        if acc < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / k):
+        if _labels_look_wrong(acc, k):
             warnings.warn(
                 f"the model agrees with the labels on only {acc:.1%} of the held-out fit images ({k} classes: chance {1 / k:.1%}): the "
                 "labels may be wrong (shuffled, another class order) or the model untrained. The class statistics follow the labels, so "
@@ -711,7 +716,7 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
                 _, pred_c = _evidence_of_rows(guard, calib)
             out["calibration_accuracy"] = float((pred_c.cpu() == labels).float().mean())
             k = guard.layout["num_classes"]
-            if out["calibration_accuracy"] < min(0.5, LABEL_AGREEMENT_OVER_CHANCE / k):
+            if _labels_look_wrong(out["calibration_accuracy"], k):
                 warnings.warn(
                     f"the model agrees with the calibration labels on only {out['calibration_accuracy']:.1%} of the calibration images "
                     f"({k} classes: chance {1 / k:.1%}): check those labels (the threshold does not use them; fit_report['calibration_accuracy'] does)",
