@@ -42,6 +42,9 @@ STUDIES = {
     },
     "size": {f"attack_size={n}": (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, n) for n in (2000, 1000, 500, 250)},
     "size-large": {f"attack_size={n}": (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, n) for n in (3000, 4000)},
+    "square-budget": {"square L-inf 0.01-0.15 (0.7.3)": (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, 2000, (0.01, 0.15)),
+                      "square L-inf 0.06-0.15": (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, 2000, (0.06, 0.15)),
+                      "square L-inf 0.06-0.15, attack_size=3000": (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, 3000, (0.06, 0.15))},
 }
 
 
@@ -60,21 +63,22 @@ def main() -> None:
     lines = [f"# Self-attack {study}: full fits on a validation split", "", f"`{result['command']}`; attacks on test images 5000-5999 "
              "(not the bench's 0-999); AUROC, and TPR / FPR at each guard's calibrated threshold; fit seconds of the whole fit "
              "(the self-attacks' share in brackets).", ""]
-    defaults = (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS)
+    defaults = (selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, selfattack.SQUARE_LINF_RANGE)
     for arch in archs:
         torch.manual_seed(0)
         model = cached_model("fashion-mnist", arch)
         adv = validation_attacks(model, xv, yv)
         adv["Square 0.1"] = square_validation_attack(model, xv, yv)
         rows = {}
-        for name, (queries, steps, size) in variants.items():
+        for name, (queries, steps, size, *square_range) in variants.items():
             selfattack.SQUARE_QUERIES, selfattack.CW_STEPS = queries, steps
+            selfattack.SQUARE_LINF_RANGE = square_range[0] if square_range else defaults[2]
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     g = hfguard.protect(model, progress=False, attack_size=size).fit(train, calibration_data=validation)
             finally:
-                selfattack.SQUARE_QUERIES, selfattack.CW_STEPS = defaults
+                selfattack.SQUARE_QUERIES, selfattack.CW_STEPS, selfattack.SQUARE_LINF_RANGE = defaults
             with torch.no_grad():
                 clean = g.score(xv)
                 scores = {k: g.score(v) for k, v in adv.items()}

@@ -1,6 +1,6 @@
 import torch
 
-from hfguard.selfattack import DEFAULT_FAMILIES, FAMILIES, REGIMES, resolve_families, self_attacks
+from hfguard.selfattack import DEFAULT_FAMILIES, FAMILIES, REGIMES, SQUARE_LINF_RANGE, resolve_families, self_attacks
 
 
 def test_every_family_is_tried_and_only_successes_are_kept(digits_model, digits):
@@ -28,6 +28,8 @@ def test_budgets_and_box_hold_per_image(digits_model, digits):
     size = torch.where(l2_rows, delta.norm(dim=1), delta.abs().amax(1))
     assert (size <= out.budget + 1e-5).all()
     assert (out.budget[~l2_rows] <= 0.15 + 1e-6).all() and (out.budget[~l2_rows] >= 0.01 - 1e-6).all()
+    square = out.family_mask("square-linf")  # the random search draws from its own, higher range
+    assert square.any() and (out.budget[square] >= SQUARE_LINF_RANGE[0] - 1e-6).all() and (out.budget[square] <= SQUARE_LINF_RANGE[1] + 1e-6).all()
     assert out.pixels.min() >= 0 and out.pixels.max() <= 1
     cw = out.family_mask("cw-l2")
     assert cw.any() and (out.budget[cw] > 0).all()  # CW has no budget: the L2 size it reached, never 0 for a success

@@ -35,7 +35,14 @@ def torchattacks_attacks(cfg: BenchConfig) -> dict[str, Run]:
     steps = cfg.pgd_steps
 
     def wrap(make: Callable[[nn.Module], Any]) -> Run:
-        return lambda m, x, y: make(m)(x, y).detach()
+        def run(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+            # torchattacks' PGD draws its random start from torch's global generator: seed it per batch (and give
+            # the caller's state back), so a row does not depend on what ran before it
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(0)
+                return make(m)(x, y).detach()
+
+        return run
 
     out: dict[str, Run] = {}
     for e in (cfg.eps_hi, cfg.eps_lo):

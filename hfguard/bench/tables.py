@@ -254,7 +254,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             "### Generalisation: attacks hfguard generated during fit vs the attacks it is tested on",
             "",
-            "Budgets of the self-attacks are random (L-inf 0.01-0.15, L2 proportional; CW has none), on training images; no test image is used. "
+            "Budgets of the self-attacks are random (L-inf 0.01-0.15, the random search 0.06-0.15, L2 proportional; CW has none), on training images; no test image is used. "
             f"APGD is never generated. The bench's CW ({cfg['cw_steps']} steps) is of the kind of the `cw-l2` family (hfguard's own "
             f"CW-L2, {CW_STEPS} steps) and torchattacks' Square ({cfg['square_queries']} queries) of the `square-linf` family "
             f"(hfguard's own random search with Square's proposals, {SQUARE_QUERIES} queries), when the fit generated them (second "
