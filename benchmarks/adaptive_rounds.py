@@ -11,8 +11,11 @@ of ``combiner_validation.py``. Evasion: misclassified and not flagged by the rea
 the bench's guard as fitted, its threshold set on the whole calibration split; later rounds set theirs on its second
 half (both at 5 %).
 
-Run:  python benchmarks/adaptive_rounds.py [--rounds 2] [--archs cnn resnet]
-Writes benchmarks/results/adaptive-rounds.{json,md}.
+``--attacks`` picks the detector-aware attacks (for the rounds and the evaluation alike); ``per-image lambda CE`` is
+:func:`hfguard.attacks.weighted_pgd` (0.7.3), the strongest single attack of the 0.7.3 bench on two of its four cells.
+
+Run:  python benchmarks/adaptive_rounds.py [--rounds 2] [--archs cnn resnet] [--attacks ...] [--tag NAME]
+Writes benchmarks/results/adaptive-rounds[-NAME].{json,md}.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from combiner_validation import validation_attacks, validation_split, write_resu
 
 import hfguard
 from hfguard import calibrate, combiner
-from hfguard.attacks import detector_pgd
+from hfguard.attacks import detector_pgd, weighted_pgd
 from hfguard.data import cached_model
 from hfguard.evaluate import auroc
 from hfguard.fitting import _evidence_of_pixels
 
 ATTACKS = {"orthogonal CE": ("orthogonal", "ce"), "selective CE": ("selective", "ce"),
-           "orthogonal margin": ("orthogonal", "margin"), "selective margin": ("selective", "margin")}
+           "orthogonal margin": ("orthogonal", "margin"), "selective margin": ("selective", "margin"),
+           # the weighted sum CE - lambda_i * (score - threshold) / scale, one weight per image (hfguard.attacks.weighted_pgd)
+           "per-image lambda CE": ("weighted", "ce")}
+#: the four detector-aware PGD variants of the committed run (``--attacks`` picks others)
+DEFAULT_ATTACKS = ["orthogonal CE", "selective CE", "orthogonal margin", "selective margin"]
 
 
 def z_of(g, pixels: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
@@ -57,11 +64,18 @@ def with_head(g, w: torch.Tensor, b: float, z_thr: torch.Tensor):  # noqa: ANN00
     return g2
 
 
-def attack(g, x: torch.Tensor, y: torch.Tensor, eps, steps: int, name: str, seed: int = 0) -> torch.Tensor:  # noqa: ANN001
+def attack(g, x: torch.Tensor, y: torch.Tensor, eps, steps: int, name: str, seed: int = 0, scale: float = 1.0) -> torch.Tensor:  # noqa: ANN001
+    """``scale``: the score's clean spread (the weighted sum's unit)."""
     mode, loss = ATTACKS[name]
     thr = float(g.calibrated_threshold)
-    return torch.cat([detector_pgd(g.model, g.score, x[i : i + 200], y[i : i + 200], eps if isinstance(eps, float) else eps[i : i + 200],
-                                   threshold=thr, mode=mode, loss=loss, steps=steps, seed=seed) for i in range(0, len(x), 200)])
+    out = []
+    for i in range(0, len(x), 200):
+        e = eps if isinstance(eps, float) else eps[i : i + 200]
+        if mode == "weighted":
+            out.append(weighted_pgd(g.logits_and_score, x[i : i + 200], y[i : i + 200], e, threshold=thr, scale=scale, loss=loss, steps=steps, seed=seed))
+        else:
+            out.append(detector_pgd(g.model, g.score, x[i : i + 200], y[i : i + 200], e, threshold=thr, mode=mode, loss=loss, steps=steps, seed=seed))
+    return torch.cat(out)
 
 
 def evasion(g, xa: torch.Tensor, y: torch.Tensor, correct: torch.Tensor) -> tuple[float, torch.Tensor]:  # noqa: ANN001
@@ -79,6 +93,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--eval-images", type=int, default=200)
     ap.add_argument("--eval-steps", type=int, default=100)
+    ap.add_argument("--attacks", nargs="*", default=DEFAULT_ATTACKS, choices=list(ATTACKS), help="detector-aware attacks, for the rounds and the evaluation")
+    ap.add_argument("--tag", default="", help="results file suffix (adaptive-rounds-TAG), so another study keeps the committed one")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -108,6 +124,8 @@ def main() -> None:
         guards, pool, rows = [g], [], {}
         for r in range(args.rounds + 1):
             cur = guards[-1]
+            with torch.no_grad():  # the score's clean spread: the weighted sum's unit
+                scale = float(combiner.head_score(zc_thr, cur.head_weight, cur.head_bias, cur.temperature).std())
             name = "bench default" if r == 0 else f"round {r}"
             with torch.no_grad():
                 thr = float(cur.calibrated_threshold)
@@ -116,19 +134,19 @@ def main() -> None:
                 row["clean FPR"] = float((sc > thr).float().mean())
             for eps in (0.03, 0.1):
                 best = torch.zeros_like(ok_e)
-                for a in ATTACKS:
-                    e, ev = evasion(cur, attack(cur, xe, ye, eps, args.eval_steps, a), ye, ok_e)
+                for a in args.attacks:
+                    e, ev = evasion(cur, attack(cur, xe, ye, eps, args.eval_steps, a, scale=scale), ye, ok_e)
                     row[f"eps {eps} {a}"] = e
                     best |= ev
-                row[f"eps {eps} best of the four"] = float(best.sum() / ok_e.sum())
+                row[f"eps {eps} best of all"] = float(best.sum() / ok_e.sum())
             rows[name] = row
             print(arch, name, {k: round(v, 3) for k, v in row.items()}, f"{time.time() - t0:.0f}s", flush=True)
             if r == args.rounds:
                 break
             # attack the current guard on fit-side images; every misclassified image joins the adaptive pool
             eps_t = 0.02 + 0.10 * torch.rand(len(xt), generator=gen)
-            for a in ATTACKS:
-                xa = attack(cur, xt, yt, eps_t, args.train_steps, a, seed=r + 1)
+            for a in args.attacks:
+                xa = attack(cur, xt, yt, eps_t, args.train_steps, a, seed=r + 1, scale=scale)
                 with torch.no_grad():
                     wrong = model(xa).argmax(1) != yt
                 pool.append(xa[wrong])
@@ -141,7 +159,7 @@ def main() -> None:
         md += [f"## {arch}", "", "| guard | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         md += [f"| {n} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for n, v in rows.items()]
         md.append("")
-    write_results("adaptive-rounds", result, md, t0)
+    write_results("adaptive-rounds" + (f"-{args.tag}" if args.tag else ""), result, md, t0)
 
 
 if __name__ == "__main__":

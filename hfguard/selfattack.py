@@ -55,7 +55,7 @@ LINF_RANGE = (0.01, 0.15)
 #: L-inf budgets of the ``square-linf`` family (fraction of the pixel range). Its lower end is higher than the gradient
 #: families': 200 queries rarely succeed below 0.06, so those images only cost queries. On a validation split
 #: (``benchmarks/self_attack_strength.py --study square-budget``) 0.06-0.15 instead of 0.01-0.15 lifted the ResNet's
-#: Square AUROC from 0.982 to 0.988 (successes 184 -> 249 of 333) and cut its self-attacks from 31 to 26 s; the CNN's rows moved by 0.001.
+#: Square AUROC from 0.982 to 0.988 (successes 184 -> 249 of 300) and cut its self-attacks from 31 to 26 s; the CNN's rows moved by 0.001.
 SQUARE_LINF_RANGE = (0.06, 0.15)
 #: queries of the ``square-linf`` family per image (each one forward pass of the images not yet misclassified)
 SQUARE_QUERIES = 200
