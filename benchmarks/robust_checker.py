@@ -53,11 +53,24 @@ ATTACKS = {"orthogonal CE": ("orthogonal", "ce"), "selective CE": ("selective", 
 JOINT = "joint targeted (model and checker to the runner-up, minus the score)"
 
 
-def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int) -> tuple[torch.nn.Module, float]:
-    """:func:`fast_adversarial_training`, trained once per setting and cached as safetensors (with its training time)."""
+#: names the training recipe in the cache key: change it whenever :func:`fast_adversarial_training` changes
+RECIPE = "fgsm-rs step 1.25 eps, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
+
+
+def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, float, bool]:
+    """:func:`fast_adversarial_training`, trained once per setting and cached as safetensors with its training time.
+
+    The file name carries a digest of the recipe, the seed and the training images and labels, so a change to any of
+    them trains afresh. Returns ``(checker, training_seconds, loaded_from_cache)``.
+    """
+    import hashlib
+
     from safetensors.torch import load_file, safe_open, save_file
 
-    path = cache_dir() / f"robust-checker-fashion-mnist-eps{eps:g}-e{epochs}-n{len(x)}.safetensors"
+    h = hashlib.sha256(f"{RECIPE}|eps={eps!r}|epochs={epochs}|seed={seed}".encode())
+    h.update(x.contiguous().numpy().tobytes())
+    h.update(y.contiguous().numpy().tobytes())
+    path = cache_dir() / f"robust-checker-fashion-mnist-eps{eps:g}-e{epochs}-{h.hexdigest()[:16]}.safetensors"
     if path.exists():
         net = small_cnn(1, 10, 28)
         net.load_state_dict(load_file(str(path)))
@@ -65,13 +78,13 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int) ->
             seconds = float(f.metadata()["training_seconds"])
         for p in net.parameters():
             p.requires_grad_(False)
-        return net.eval(), seconds
+        return net.eval(), seconds, True
     t = time.time()
-    net = fast_adversarial_training(x, y, eps, epochs)
+    net = fast_adversarial_training(x, y, eps, epochs, seed)
     seconds = time.time() - t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"training_seconds": f"{seconds:.1f}"})
-    return net, seconds
+    return net, seconds, False
 
 
 def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0) -> torch.nn.Module:
@@ -222,13 +235,14 @@ def main() -> None:
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
-    checker, train_seconds = cached_checker(train[0], train[1], args.train_eps, args.epochs)
+    checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs)
     combined = Combined(guard, checker, calibration[0])
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
     info = {"checker_clean_accuracy": float((pred_c == yv).float().mean()), "model_clean_accuracy": float((pred_m == yv).float().mean()),
-            "agreement": float((pred_c == pred_m).float().mean()), "checker_training_seconds": train_seconds}
+            "agreement": float((pred_c == pred_m).float().mean()), "checker_training_seconds": train_seconds,
+            "checker_loaded_from_cache": cached}
     xr, yr = xv[:500], yv[:500]
     for e in (0.1, 0.03):  # the checker's own robust accuracy (PGD 40 steps on the checker)
         info[f"checker_robust_accuracy_pgd_{e}"] = float((batched(checker, pgd(checker, xr, yr, e, steps=40)).argmax(1) == yr).float().mean())
