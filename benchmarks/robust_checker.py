@@ -111,24 +111,33 @@ def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epoc
 
 
 class Combined:
-    """hfguard's score and the checker's disagreement, each in units of its clean tail, combined by their maximum."""
+    """hfguard's score and the checker's disagreement, each in units of its clean tail, combined by their maximum.
 
-    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor) -> None:  # noqa: ANN001
+    ``per_class``: the checker term's units (median and 99th percentile on the calibration split) are taken per class
+    the model predicts, so a class the two networks rarely dispute gets a tight tail of its own.
+    """
+
+    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False) -> None:  # noqa: ANN001
         self.guard, self.checker = guard, checker
         with torch.no_grad():
-            sg, sa = self._terms(x_cal)
-        self.units = [(float(s.median()), float(s.quantile(0.99) - s.median())) for s in (sg, sa)]
+            sg, sa, pred = self._terms(x_cal)
+        self.unit_g = (float(sg.median()), float(sg.quantile(0.99) - sg.median()))
+        n_classes = int(pred.max()) + 1 if per_class else 1
+        key = pred if per_class else torch.zeros_like(pred)
+        med = torch.stack([sa[key == c].median() for c in range(n_classes)])
+        self.unit_a = (med, torch.stack([sa[key == c].quantile(0.99) for c in range(n_classes)]) - med, per_class)
         with torch.no_grad():
             self.threshold = float(self.score(x_cal).quantile(0.95))
 
-    def _terms(self, x: torch.Tensor, logits_and_score=None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    def _terms(self, x: torch.Tensor, logits_and_score=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
         logits, sg = logits_and_score if logits_and_score is not None else self.guard.logits_and_score(x)
-        sa = F.cross_entropy(self.checker(x), logits.argmax(1), reduction="none")
-        return sg, sa
+        pred = logits.argmax(1)
+        return sg, F.cross_entropy(self.checker(x), pred, reduction="none"), pred
 
-    def _combine(self, sg: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
-        (mg, ug), (ma, ua) = self.units
-        return torch.maximum((sg - mg) / ug, (sa - ma) / ua)
+    def _combine(self, sg: torch.Tensor, sa: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        (mg, ug), (ma, ua, per_class) = self.unit_g, self.unit_a
+        k = pred if per_class else torch.zeros_like(pred)
+        return torch.maximum((sg - mg) / ug, (sa - ma[k]) / ua[k].clamp_min(1e-6))
 
     def logits_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = self.guard.logits_and_score(x)
@@ -226,6 +235,7 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=2, help="--stress: extra seeds of the two strongest attacks")
     ap.add_argument("--restart-steps", type=int, default=300)
     ap.add_argument("--queries", type=int, default=1000, help="--stress: queries of the gradient-free attacks")
+    ap.add_argument("--per-class-units", action="store_true", help="the checker term's clean-tail units per predicted class")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
@@ -236,7 +246,7 @@ def main() -> None:
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs)
-    combined = Combined(guard, checker, calibration[0])
+    combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
