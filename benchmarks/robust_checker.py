@@ -24,10 +24,11 @@ pushed to the model's runner-up class from the first step while the combined sco
 and the gradient-free query check (random search with Square's proposals on "misclassified and not flagged", 1000
 queries; what it evades on while no gradient attack did is the masking signal). It also measures the checker's own
 robust accuracy under Square (1000 queries) beside PGD-40: a checker that masks its gradients would fall far lower.
-The checker is trained once per setting and cached under the user cache directory.
+The checker is trained once per setting and cached under the user cache directory. ``--per-class-units`` takes
+the checker term's clean-tail units per class the model predicts; ``--combined-only`` skips hfguard alone.
 
-Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--arch cnn] [--joint | --stress]
-Writes benchmarks/results/robust-checker[-joint|-stress].{json,md}.
+Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--arch cnn] [--per-class-units] [--combined-only] [--joint | --stress] [--tag T]
+Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
 from __future__ import annotations
