@@ -122,11 +122,11 @@ class Combined:
         self.guard, self.checker = guard, checker
         with torch.no_grad():
             sg, sa, pred = self._terms(x_cal)
+        self.per_class = per_class
         self.unit_g = (float(sg.median()), float(sg.quantile(0.99) - sg.median()))
-        n_classes = int(pred.max()) + 1 if per_class else 1
-        key = pred if per_class else torch.zeros_like(pred)
-        med = torch.stack([sa[key == c].median() for c in range(n_classes)])
-        self.unit_a = (med, torch.stack([sa[key == c].quantile(0.99) for c in range(n_classes)]) - med, per_class)
+        key = self._key(pred)
+        med = torch.stack([sa[key == c].median() for c in range(int(key.max()) + 1)])
+        self.unit_a = (med, torch.stack([sa[key == c].quantile(0.99) for c in range(len(med))]) - med)
         with torch.no_grad():
             self.threshold = float(self.score(x_cal).quantile(0.95))
 
@@ -135,9 +135,13 @@ class Combined:
         pred = logits.argmax(1)
         return sg, F.cross_entropy(self.checker(x), pred, reduction="none"), pred
 
+    def _key(self, pred: torch.Tensor) -> torch.Tensor:
+        """Which clean tail each image's checker term is measured against: its predicted class, or one shared tail."""
+        return pred if self.per_class else torch.zeros_like(pred)
+
     def _combine(self, sg: torch.Tensor, sa: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        (mg, ug), (ma, ua, per_class) = self.unit_g, self.unit_a
-        k = pred if per_class else torch.zeros_like(pred)
+        (mg, ug), (ma, ua) = self.unit_g, self.unit_a
+        k = self._key(pred)
         return torch.maximum((sg - mg) / ug, (sa - ma[k]) / ua[k].clamp_min(1e-6))
 
     def logits_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +163,7 @@ def batched(fn, x: torch.Tensor, n: int = 500) -> torch.Tensor:  # noqa: ANN001
         return torch.cat([fn(x[i : i + n]) for i in range(0, len(x), n)])
 
 
-def _evaded(det, model: torch.nn.Module, xa: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def _evaded(det, xa: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
     with torch.no_grad():
         logits, s = det.logits_and_score(xa)
     return ok & (logits.argmax(1) != y) & (s <= det.threshold)
@@ -175,7 +179,7 @@ def adaptive_masks(det, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     """Per attack, which correctly classified images it evades on (misclassified and not flagged)."""
     with torch.no_grad():
         ok = model(x).argmax(1) == y
-    out = {name: _evaded(det, model, _one(det, model, x, y, eps, steps, scale, mode, loss), y, ok) for name, (mode, loss) in ATTACKS.items()}
+    out = {name: _evaded(det, _one(det, model, x, y, eps, steps, scale, mode, loss), y, ok) for name, (mode, loss) in ATTACKS.items()}
     if joint and isinstance(det, Combined):
         with torch.no_grad():
             lg = model(x)
@@ -188,7 +192,7 @@ def adaptive_masks(det, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
             with torch.no_grad():
                 return (logits.argmax(1) != y) & (det.score(xr) <= det.threshold)
 
-        out[JOINT] = _evaded(det, model, pgd(model, x, t, eps, steps=steps, loss_fn=loss, success=evaded), y, ok)
+        out[JOINT] = _evaded(det, pgd(model, x, t, eps, steps=steps, loss_fn=loss, success=evaded), y, ok)
     return ok, out
 
 
@@ -208,7 +212,7 @@ def stress(det, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     for seed in range(1, args.restarts + 1):
         for name in ("selective margin", "per-image lambda CE"):
             mode, loss = ATTACKS[name]
-            masks[f"{name}, {args.restart_steps} steps, seed {seed}"] = _evaded(det, model, _one(det, model, x, y, eps, args.restart_steps, scale, mode, loss, seed), y, ok)
+            masks[f"{name}, {args.restart_steps} steps, seed {seed}"] = _evaded(det, _one(det, model, x, y, eps, args.restart_steps, scale, mode, loss, seed), y, ok)
     white_box = torch.stack(list(masks.values())).any(0)
 
     def objective(cand: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -217,7 +221,7 @@ def stress(det, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
         return evasion_loss(logits, y[rows], s, det.threshold, scale)
 
     query = f"query attack (gradient-free, {args.queries} queries)"
-    masks[query] = _evaded(det, model, random_search(objective, x, eps, args.queries), y, ok)
+    masks[query] = _evaded(det, random_search(objective, x, eps, args.queries), y, ok)
     out = rates(ok, masks)
     out["evaded only without gradients"] = float((masks[query] & ~white_box).sum() / ok.sum())
     return out
