@@ -26,8 +26,11 @@ queries; what it evades on while no gradient attack did is the masking signal). 
 robust accuracy under Square (1000 queries) beside PGD-40: a checker that masks its gradients would fall far lower.
 The checker is trained once per setting and cached under the user cache directory. ``--per-class-units`` takes
 the checker term's clean-tail units per class the model predicts; ``--combined-only`` skips hfguard alone.
+``--train-steps K`` trains the checker with PGD-K (Madry et al. 2018) instead of FGSM with a random start, and
+``--trades BETA`` with TRADES (Zhang et al. 2019, K steps on the KL term). ``--arch resnet`` wraps the small ResNet
+instead; the checker (trained on the data, not on the model) is the same.
 
-Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--arch cnn] [--per-class-units] [--combined-only] [--joint | --stress] [--tag T]
+Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -56,9 +59,15 @@ JOINT = "joint targeted (model and checker to the runner-up, minus the score)"
 
 #: names the training recipe in the cache key: change it whenever :func:`fast_adversarial_training` changes
 RECIPE = "fgsm-rs step 1.25 eps, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
+#: ``--train-steps K`` (K > 1): the attack in training is PGD with K steps of 2.5 eps / K from a random start
+PGD_RECIPE = "pgd-{k} step 2.5 eps/k random start, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
+#: ``--trades BETA``: TRADES (Zhang et al. 2019): K steps maximise KL(checker(x) || checker(x')) from x + 0.001 N(0, 1),
+#: loss = CE(checker(x), y) + BETA KL
+TRADES_RECIPE = "trades beta {beta} pgd-{k} on KL step 2.5 eps/k start 0.001 randn, Adam 1e-3, batch 128, small_cnn, v1"
 
 
-def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0) -> tuple[torch.nn.Module, float, bool]:
+def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
+                   trades: float = 0.0) -> tuple[torch.nn.Module, float, bool]:
     """:func:`fast_adversarial_training`, trained once per setting and cached as safetensors with its training time.
 
     The file name carries a digest of the recipe, the seed and the training images and labels, so a change to any of
@@ -68,10 +77,12 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
 
     from safetensors.torch import load_file, safe_open, save_file
 
-    h = hashlib.sha256(f"{RECIPE}|eps={eps!r}|epochs={epochs}|seed={seed}".encode())
+    recipe = TRADES_RECIPE.format(beta=trades, k=steps) if trades else RECIPE if steps == 1 else PGD_RECIPE.format(k=steps)
+    h = hashlib.sha256(f"{recipe}|eps={eps!r}|epochs={epochs}|seed={seed}".encode())
     h.update(x.contiguous().numpy().tobytes())
     h.update(y.contiguous().numpy().tobytes())
-    path = cache_dir() / f"robust-checker-fashion-mnist-eps{eps:g}-e{epochs}-{h.hexdigest()[:16]}.safetensors"
+    kind = f"-trades{trades:g}-k{steps}" if trades else "" if steps == 1 else f"-pgd{steps}"
+    path = cache_dir() / f"robust-checker-fashion-mnist-eps{eps:g}-e{epochs}{kind}-{h.hexdigest()[:16]}.safetensors"
     if path.exists():
         net = small_cnn(1, 10, 28)
         net.load_state_dict(load_file(str(path)))
@@ -81,15 +92,18 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
             p.requires_grad_(False)
         return net.eval(), seconds, True
     t = time.time()
-    net = fast_adversarial_training(x, y, eps, epochs, seed)
+    net = trades_training(x, y, eps, epochs, seed, steps, trades) if trades else fast_adversarial_training(x, y, eps, epochs, seed, steps)
     seconds = time.time() - t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"training_seconds": f"{seconds:.1f}"})
     return net, seconds, False
 
 
-def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0) -> torch.nn.Module:
-    """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3."""
+def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1) -> torch.nn.Module:
+    """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3.
+
+    ``steps`` > 1: PGD with that many steps of 2.5 eps / steps from the same random start (Madry et al. 2018).
+    """
     torch.manual_seed(seed)
     net = small_cnn(1, 10, 28)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -100,11 +114,45 @@ def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epoc
         for i in range(0, len(x), 128):
             xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
             delta = (torch.rand(xb.shape, generator=gen) * 2 - 1) * eps
-            xr = (xb + delta).clamp(0, 1).requires_grad_(True)
-            g = torch.autograd.grad(F.cross_entropy(net(xr), yb), xr)[0]
-            xa = (xb + (xr.detach() - xb + 1.25 * eps * g.sign()).clamp(-eps, eps)).clamp(0, 1)
+            xa = (xb + delta).clamp(0, 1)
+            step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
+            for _ in range(steps):
+                xr = xa.requires_grad_(True)
+                g = torch.autograd.grad(F.cross_entropy(net(xr), yb), xr)[0]
+                xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
             opt.zero_grad()
             (0.5 * F.cross_entropy(net(xb), yb) + 0.5 * F.cross_entropy(net(xa), yb)).backward()
+            opt.step()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.eval()
+
+
+def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int, steps: int, beta: float) -> torch.nn.Module:
+    """TRADES: ``steps`` sign steps of 2.5 eps / steps on KL(checker(x) || checker(x')), loss = CE + beta KL, Adam 1e-3."""
+    torch.manual_seed(seed)
+    net = small_cnn(1, 10, 28)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    step = 2.5 * eps / steps
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 128):
+            xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
+            net.eval()
+            with torch.no_grad():
+                p_clean = F.softmax(net(xb), 1)
+            xa = (xb + 0.001 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+            for _ in range(steps):
+                xr = xa.requires_grad_(True)
+                kl = F.kl_div(F.log_softmax(net(xr), 1), p_clean, reduction="sum")
+                g = torch.autograd.grad(kl, xr)[0]
+                xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
+            net.train()
+            opt.zero_grad()
+            logits = net(xb)
+            kl = F.kl_div(F.log_softmax(net(xa), 1), F.softmax(logits, 1), reduction="batchmean")
+            (F.cross_entropy(logits, yb) + beta * kl).backward()
             opt.step()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -232,6 +280,8 @@ def main() -> None:
     ap.add_argument("--arch", default="cnn")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--train-eps", type=float, default=0.1)
+    ap.add_argument("--train-steps", type=int, default=1, help="1: FGSM with a random start; K > 1: PGD-K adversarial training")
+    ap.add_argument("--trades", type=float, default=0.0, help="BETA > 0: TRADES training with --train-steps steps on the KL term")
     ap.add_argument("--eval-images", type=int, default=200)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--joint", action="store_true", help="add the joint targeted attack, score only the combined detector (adaptive attacks only)")
@@ -250,13 +300,18 @@ def main() -> None:
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
-    checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs)
+    checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
     info = {"checker_clean_accuracy": float((pred_c == yv).float().mean()), "model_clean_accuracy": float((pred_m == yv).float().mean()),
-            "agreement": float((pred_c == pred_m).float().mean()), "checker_training_seconds": train_seconds,
+            "agreement": float((pred_c == pred_m).float().mean()),
+            # an attacker who moves the model to the checker's own wrong answer needs no attack on the checker at all
+            "checker_wrong_where_model_right": float(((pred_c != yv) & (pred_m == yv)).sum() / (pred_m == yv).sum()),
+            "checker_wrong_where_model_right_adaptive_images": float(((pred_c != yv) & (pred_m == yv))[: args.eval_images].sum()
+                                                                       / (pred_m == yv)[: args.eval_images].sum()),
+            "checker_training_seconds": train_seconds,
             "checker_loaded_from_cache": cached}
     xr, yr = xv[:500], yv[:500]
     for e in (0.1, 0.03):  # the checker's own robust accuracy (PGD 40 steps on the checker)
