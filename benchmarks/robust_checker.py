@@ -162,12 +162,14 @@ def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, s
 class Combined:
     """hfguard's score and the checker's disagreement, each in units of its clean tail, combined by their maximum.
 
+    ``term``: ``"ce"``, the checker's cross-entropy on the model's answer, or ``"gap"``, its top logit minus its logit
+    for the model's answer (the attacker must make the model's wrong answer the checker's top, not only likely).
     ``per_class``: the checker term's units (median and 99th percentile on the calibration split) are taken per class
     the model predicts, so a class the two networks rarely dispute gets a tight tail of its own.
     """
 
-    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False) -> None:  # noqa: ANN001
-        self.guard, self.checker = guard, checker
+    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False, term: str = "ce") -> None:  # noqa: ANN001
+        self.guard, self.checker, self.term = guard, checker, term
         with torch.no_grad():
             sg, sa, pred = self._terms(x_cal)
         self.per_class = per_class
@@ -181,7 +183,10 @@ class Combined:
     def _terms(self, x: torch.Tensor, logits_and_score=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
         logits, sg = logits_and_score if logits_and_score is not None else self.guard.logits_and_score(x)
         pred = logits.argmax(1)
-        return sg, F.cross_entropy(self.checker(x), pred, reduction="none"), pred
+        c = self.checker(x)
+        if self.term == "gap":  # the checker's top logit over its logit for the model's answer: 0 when it agrees
+            return sg, c.max(1).values - c.gather(1, pred[:, None])[:, 0], pred
+        return sg, F.cross_entropy(c, pred, reduction="none"), pred
 
     def _key(self, pred: torch.Tensor) -> torch.Tensor:
         """Which clean tail each image's checker term is measured against: its predicted class, or one shared tail."""
@@ -291,6 +296,8 @@ def main() -> None:
     ap.add_argument("--restart-steps", type=int, default=300)
     ap.add_argument("--queries", type=int, default=1000, help="--stress: queries of the gradient-free attacks")
     ap.add_argument("--per-class-units", action="store_true", help="the checker term's clean-tail units per predicted class")
+    ap.add_argument("--checker-term", choices=("ce", "gap"), default="ce", help="the checker's cross-entropy on the model's answer, "
+                    "or its top logit minus its logit for that answer")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
@@ -301,7 +308,7 @@ def main() -> None:
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
-    combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units)
+    combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
