@@ -164,16 +164,19 @@ class Combined:
 
     ``term``: ``"ce"``, the checker's cross-entropy on the model's answer, or ``"gap"``, its top logit minus its logit
     for the model's answer (the attacker must make the model's wrong answer the checker's top, not only likely).
+    ``guard_quantile``: the clean quantile that is one unit of hfguard's term; above 0.99 it leaves the checker term
+    more of the false-alarm budget.
     ``per_class``: the checker term's units (median and 99th percentile on the calibration split) are taken per class
     the model predicts, so a class the two networks rarely dispute gets a tight tail of its own.
     """
 
-    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False, term: str = "ce") -> None:  # noqa: ANN001
+    def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False, term: str = "ce",
+                 guard_quantile: float = 0.99) -> None:  # noqa: ANN001
         self.guard, self.checker, self.term = guard, checker, term
         with torch.no_grad():
             sg, sa, pred = self._terms(x_cal)
         self.per_class = per_class
-        self.unit_g = (float(sg.median()), float(sg.quantile(0.99) - sg.median()))
+        self.unit_g = (float(sg.median()), float(sg.quantile(guard_quantile) - sg.median()))
         key = self._key(pred)
         med = torch.stack([sa[key == c].median() for c in range(int(key.max()) + 1)])
         self.unit_a = (med, torch.stack([sa[key == c].quantile(0.99) for c in range(len(med))]) - med)
@@ -298,6 +301,7 @@ def main() -> None:
     ap.add_argument("--per-class-units", action="store_true", help="the checker term's clean-tail units per predicted class")
     ap.add_argument("--checker-term", choices=("ce", "gap"), default="ce", help="the checker's cross-entropy on the model's answer, "
                     "or its top logit minus its logit for that answer")
+    ap.add_argument("--guard-quantile", type=float, default=0.99, help="the clean quantile that is one unit of hfguard's term")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
@@ -308,7 +312,8 @@ def main() -> None:
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
-    combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term)
+    combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,
+                        guard_quantile=args.guard_quantile)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
