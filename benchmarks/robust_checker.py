@@ -4,16 +4,18 @@ Every evidence source of hfguard reads the undefended model's own activations, w
 adding heads trained on detector-aware attacks moved the CNN's best-of-four evasion at eps 0.1 only from 0.944 to
 0.910 (``benchmarks/adaptive_rounds.py``). Tramer (ICML 2022) ties robust detection at eps to robust classification at
 eps/2, and the one defence family that has survived adaptive evaluations is adversarial training. So this prototype
-trains a small *checker* CNN with fast adversarial training (FGSM with a random start, Wong et al. 2020, half clean
-and half adversarial loss) on the training split (fit-side data only: the user's clean images and attacks generated
-on them), and adds one evidence term: the checker's cross-entropy on the label the wrapped model predicts (high when
+trains a small *checker* CNN adversarially (by default fast adversarial training: FGSM with a random start, Wong et
+al. 2020, half clean and half adversarial loss; the options below change it, and each result's "Settings" line says
+which ran) on the training split (fit-side data only: the user's clean images and attacks generated on them), and
+adds one evidence term: by default the checker's cross-entropy on the label the wrapped model predicts (high when
 the checker does not back the model's answer). Each term is put in units of its clean tail on the calibration split
-((s - median) / (q99 - median)), the combined score is their maximum, and its threshold is the 0.95 quantile there.
+((s - median) / (q - median), q the 99th percentile by default), the combined score is their maximum, and its
+threshold is the 0.95 quantile there.
 
 Scored on Fashion-MNIST test images 5000-5999 (the bench reports on 0-999): standard attacks' AUROC and the clean
 FPR on all 1000, and detector-aware attacks on the first 200 (100 steps; orthogonal and selective PGD with CE,
 selective with the margin loss, and the per-image weighted sum of :func:`hfguard.attacks.weighted_pgd`), each run
-against the detector it is scored on, with its true gradient (both terms are differentiable); evasion = misclassified
+against the detector it is scored on, with its true gradient (both terms are differentiable; the ``gap`` term only almost everywhere); evasion = misclassified
 by the wrapped model and not flagged; the best of the four per image. Cost: the checker is one more forward pass of
 a network as large as the wrapped CNN here, so ``check`` would cost about twice the bare forward: it could only be an
 option, never the default.
@@ -26,11 +28,15 @@ queries; what it evades on while no gradient attack did is the masking signal). 
 robust accuracy under Square (1000 queries) beside PGD-40: a checker that masks its gradients would fall far lower.
 The checker is trained once per setting and cached under the user cache directory. ``--per-class-units`` takes
 the checker term's clean-tail units per class the model predicts; ``--combined-only`` skips hfguard alone.
-``--train-steps K`` trains the checker with PGD-K (Madry et al. 2018) instead of FGSM with a random start, and
-``--trades BETA`` with TRADES (Zhang et al. 2019, K steps on the KL term). ``--arch resnet`` wraps the small ResNet
-instead; the checker (trained on the data, not on the model) is the same.
+``--train-steps K`` trains the checker with PGD-K (as Madry et al. 2018, but with the same half clean loss) instead
+of FGSM with a random start, and ``--trades BETA`` with TRADES (Zhang et al. 2019, K > 1 steps on the KL term).
+``--checker-term gap`` replaces the cross-entropy by the checker's top logit minus its logit for the model's answer
+(flat where the two agree); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
+it leaves the checker term more of the false-alarm budget). ``--arch resnet`` wraps the small ResNet instead; the
+checker (trained on the data, not on the model) is the same.
 
-Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units] [--combined-only] [--joint | --stress] [--tag T]
+Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
+      [--checker-term ce|gap] [--guard-quantile 0.99] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -66,6 +72,10 @@ PGD_RECIPE = "pgd-{k} step 2.5 eps/k random start, half clean half adversarial C
 TRADES_RECIPE = "trades beta {beta} pgd-{k} on KL step 2.5 eps/k start 0.001 randn, Adam 1e-3, batch 128, small_cnn, v1"
 
 
+def _recipe(steps: int, trades: float) -> str:
+    return TRADES_RECIPE.format(beta=trades, k=steps) if trades else RECIPE if steps == 1 else PGD_RECIPE.format(k=steps)
+
+
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
                    trades: float = 0.0) -> tuple[torch.nn.Module, float, bool]:
     """:func:`fast_adversarial_training`, trained once per setting and cached as safetensors with its training time.
@@ -77,7 +87,7 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
 
     from safetensors.torch import load_file, safe_open, save_file
 
-    recipe = TRADES_RECIPE.format(beta=trades, k=steps) if trades else RECIPE if steps == 1 else PGD_RECIPE.format(k=steps)
+    recipe = _recipe(steps, trades)
     h = hashlib.sha256(f"{recipe}|eps={eps!r}|epochs={epochs}|seed={seed}".encode())
     h.update(x.contiguous().numpy().tobytes())
     h.update(y.contiguous().numpy().tobytes())
@@ -102,7 +112,8 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
 def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1) -> torch.nn.Module:
     """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3.
 
-    ``steps`` > 1: PGD with that many steps of 2.5 eps / steps from the same random start (Madry et al. 2018).
+    ``steps`` > 1: PGD with that many steps of 2.5 eps / steps from the same random start (Madry et al.'s attack; the
+    loss keeps its clean half).
     """
     torch.manual_seed(seed)
     net = small_cnn(1, 10, 28)
@@ -305,6 +316,8 @@ def main() -> None:
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
+    if args.trades and args.train_steps < 2:
+        ap.error("--trades needs --train-steps K with K > 1 (one step on the KL term is FGSM)")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     t0 = time.time()
@@ -319,7 +332,8 @@ def main() -> None:
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
     info = {"checker_clean_accuracy": float((pred_c == yv).float().mean()), "model_clean_accuracy": float((pred_m == yv).float().mean()),
             "agreement": float((pred_c == pred_m).float().mean()),
-            # an attacker who moves the model to the checker's own wrong answer needs no attack on the checker at all
+            # where the checker is already wrong, moving the model to its answer may need little attack on the checker
+            # (hfguard's term still applies, and the checker's answer can change under the perturbation)
             "checker_wrong_where_model_right": float(((pred_c != yv) & (pred_m == yv)).sum() / (pred_m == yv).sum()),
             "checker_wrong_where_model_right_adaptive_images": float(((pred_c != yv) & (pred_m == yv))[: args.eval_images].sum()
                                                                        / (pred_m == yv)[: args.eval_images].sum()),
@@ -362,6 +376,9 @@ def main() -> None:
     cols = list(next(iter(rows.values())))
     md = ["# A robust checker beside hfguard (issue 12, idea 2; validation split)", "", f"Command: `{command}`. "
           + __doc__.split("\n\n")[1].replace("\n", " ") + " " + __doc__.split("\n\n")[2].replace("\n", " "), "",
+          f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
+          f"checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
+          f"{args.guard_quantile:g}; {args.arch}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",
           "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     if len(rows) == 1:  # one detector: a column of measures reads better than a row of twenty-five
