@@ -63,7 +63,7 @@ ATTACKS = {"orthogonal CE": ("orthogonal", "ce"), "selective CE": ("selective", 
 JOINT = "joint targeted (model and checker to the runner-up, minus the score)"
 
 
-#: names the training recipe in the cache key: change it whenever :func:`fast_adversarial_training` changes
+#: name the training recipes in the cache key: change them whenever the training functions change
 RECIPE = "fgsm-rs step 1.25 eps, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
 #: ``--train-steps K`` (K > 1): the attack in training is PGD with K steps of 2.5 eps / K from a random start
 PGD_RECIPE = "pgd-{k} step 2.5 eps/k random start, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
@@ -78,7 +78,8 @@ def _recipe(steps: int, trades: float) -> str:
 
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
                    trades: float = 0.0) -> tuple[torch.nn.Module, float, bool]:
-    """:func:`fast_adversarial_training`, trained once per setting and cached as safetensors with its training time.
+    """:func:`fast_adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per setting and
+    cached as safetensors with its training time.
 
     The file name carries a digest of the recipe, the seed and the training images and labels, so a change to any of
     them trains afresh. Returns ``(checker, training_seconds, loaded_from_cache)``.
