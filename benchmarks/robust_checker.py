@@ -110,6 +110,15 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
     return net, seconds, False
 
 
+def _sign_steps(loss_of, xb: torch.Tensor, xa: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:  # noqa: ANN001
+    """``steps`` signed-gradient ascent steps on ``loss_of`` from ``xa``, each projected to the eps-ball around ``xb`` and [0, 1]."""
+    for _ in range(steps):
+        xr = xa.requires_grad_(True)
+        g = torch.autograd.grad(loss_of(xr), xr)[0]
+        xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
+    return xa
+
+
 def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1) -> torch.nn.Module:
     """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3.
 
@@ -126,12 +135,8 @@ def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epoc
         for i in range(0, len(x), 128):
             xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
             delta = (torch.rand(xb.shape, generator=gen) * 2 - 1) * eps
-            xa = (xb + delta).clamp(0, 1)
             step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
-            for _ in range(steps):
-                xr = xa.requires_grad_(True)
-                g = torch.autograd.grad(F.cross_entropy(net(xr), yb), xr)[0]
-                xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
+            xa = _sign_steps(lambda xr: F.cross_entropy(net(xr), yb), xb, (xb + delta).clamp(0, 1), eps, step, steps)  # noqa: B023
             opt.zero_grad()
             (0.5 * F.cross_entropy(net(xb), yb) + 0.5 * F.cross_entropy(net(xa), yb)).backward()
             opt.step()
@@ -154,12 +159,8 @@ def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, s
             net.eval()
             with torch.no_grad():
                 p_clean = F.softmax(net(xb), 1)
-            xa = (xb + 0.001 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
-            for _ in range(steps):
-                xr = xa.requires_grad_(True)
-                kl = F.kl_div(F.log_softmax(net(xr), 1), p_clean, reduction="sum")
-                g = torch.autograd.grad(kl, xr)[0]
-                xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
+            start = (xb + 0.001 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+            xa = _sign_steps(lambda xr: F.kl_div(F.log_softmax(net(xr), 1), p_clean, reduction="sum"), xb, start, eps, step, steps)  # noqa: B023
             net.train()
             opt.zero_grad()
             logits = net(xb)
