@@ -30,11 +30,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hfguard' has no attribute {name!r}")
 
 
-def load(path, model, *, verify_model: bool = True, **overrides) -> Guard:
-    """Loads a guard saved with :meth:`Guard.save` around ``model`` (see :func:`hfguard.loading.load_guard`)."""
+def load(path, model, *, verify_model: bool = True, checker=None, **overrides) -> Guard:
+    """Loads a guard saved with :meth:`Guard.save` around ``model`` (and ``checker``, if it was fitted with one; see
+    :func:`hfguard.loading.load_guard`)."""
     from hfguard.loading import load_guard
 
-    return load_guard(path, model, verify_model=verify_model, **overrides)
+    return load_guard(path, model, verify_model=verify_model, checker=checker, **overrides)
 
 
 __all__ = [

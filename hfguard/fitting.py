@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from hfguard import calibrate, combiner, evidence, spectrum
 from hfguard.batches import batch_count_hint, iter_batches
+from hfguard.checker import CHECKER_QUANTILE, GUARD_QUANTILE, MIN_CLASS_ROWS, checker_term, class_tail_units, tail_units
 from hfguard.distributed import agree_on
 from hfguard.errors import DataError, ModelError, SettingsError
 from hfguard.evidence import LOGITS, SPECTRUM
@@ -85,7 +86,7 @@ def _snapshot(guard: Any) -> dict[str, Any]:
         "buffers": dict(guard._buffers),
         "modules": {k: guard._modules.get(k) for k in ("gaussians", "probes", "banks")},
         "attrs": {k: getattr(guard, k) for k in ("layout", "score_columns", "layers", "probed", "neighboured", "poolings", "fit_report", "_model_fingerprint",
-                                                 "_compiled")},
+                                                 "_checker_fingerprint", "_compiled")},
     }
 
 
@@ -191,6 +192,7 @@ def choose_layout(guard: Any, x: Tensor) -> dict[str, Any]:
         "spectral_tile": tile,
         "spectral_grid": list(grid),
         "hf_index": spectrum.hf_block_mask(grid).nonzero().flatten().tolist(),
+        "checker": guard._checker() is not None,
     }
 
 
@@ -226,6 +228,8 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
                 y = _checked_labels(y.to(x.device), layout["num_classes"], index)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
             rows["y"] = y.cpu()
+            if layout["checker"]:
+                rows["checker"] = guard._forward_checker(x).float().cpu()
             pixels = guard.to_pixels(x)
             priority = content_priority(pixels, guard.seed)
             rows["priority"] = priority
@@ -277,6 +281,8 @@ def _fit(guard: Any, data: Any, calibration_data: Any) -> None:
     )
     guard.fit_report = report
     guard._model_fingerprint = fitted_fingerprint(guard.model, guard, tuple(layout["input_shape"]))
+    net = guard._checker()
+    guard._checker_fingerprint = None if net is None else fitted_fingerprint(net, guard, tuple(layout["input_shape"]))
     logger.info("hfguard fitted: threshold %.4f, filter sigma %.2f", float(guard.calibrated_threshold), float(guard.sigma_))
 
 
@@ -289,6 +295,8 @@ def _row_template(layout: dict[str, Any]) -> dict[str, Tensor]:
     rows = {f"source{i}": torch.zeros(0, d) for i, d in enumerate(_source_dims(layout))}
     rows["y"] = torch.zeros(0, dtype=torch.long)
     rows["priority"] = torch.zeros(0, dtype=torch.float64)
+    if layout.get("checker", False):  # the checker's logits (hfguard.checker): its term needs the model's prediction too
+        rows["checker"] = torch.zeros(0, layout["num_classes"])
     return rows
 
 
@@ -489,6 +497,8 @@ def _calibration_rows(guard: Any, data: Any, layout: dict[str, Any], device: tor
                 raise DataError(f"calibration batch {index} has images of shape {tuple(x.shape[1:])}; the fit data had {tuple(layout['input_shape'])}")
             _, feats = guard._features(x)
             rows = {f"source{i}": f.float().cpu() for i, f in enumerate(feats)}
+            if layout["checker"]:
+                rows["checker"] = guard._forward_checker(x).float().cpu()
             rows["y"] = (_checked_labels(y, layout["num_classes"], index, "calibration ") if y is not None else torch.full((len(x),), -1)).cpu()
             rows["priority"] = content_priority(guard.to_pixels(x), guard.seed + 7)
             res.offer(rows, rows["priority"])
@@ -539,6 +549,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         fit_idx, thr_idx = perm[: n // 2], perm[n // 2 :]
         ev_fit, pred_fit = ev_h[fit_idx], pred_h[fit_idx]
         ev_thr, pred_thr = ev_h[thr_idx], pred_h[thr_idx]
+        checker_thr = hold["checker"][thr_idx] if layout["checker"] else None
         mean, std = calibrate.fit_standardizer(ev_fit, pred_fit, k)
     else:
         # the heads' clean rows: the fit hold-out (images of the kind the self-attacks start from); the standardiser: the
@@ -546,6 +557,7 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         # new one's), shrunk towards the hold-out's statistics where a class has few (benchmarks/standardiser_source.py)
         ev_fit, pred_fit = ev_h, pred_h
         ev_thr, pred_thr = _evidence_of_rows(guard, calib)
+        checker_thr = calib["checker"] if layout["checker"] else None
         mean, std = calibrate.fit_standardizer(ev_thr, pred_thr, k, prior=calibrate.fit_standardizer(ev_fit, pred_fit, k))
     guard.evidence_mean.copy_(mean)
     guard.evidence_std.copy_(std)
@@ -563,6 +575,10 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
     guard.head_bias.copy_(bias)
     with torch.no_grad():
         scores_thr = guard._score_evidence(ev_thr, pred_thr)
+    if checker_thr is not None:
+        report["checker"] = _set_checker_units(guard, scores_thr, checker_thr.to(scores_thr.device), pred_thr)
+        with torch.no_grad():
+            scores_thr = guard._with_checker(scores_thr, checker_thr.to(scores_thr.device), pred_thr)
     guard.calibrated_threshold.fill_(calibrate.threshold_at_fpr(scores_thr, guard.fpr))
     report.update(_diagnostics(guard, hold, calib, ev_h, pred_h, scores_thr, labelled))
     t = time.perf_counter()
@@ -577,6 +593,21 @@ def _calibrate(guard: Any, layout: dict[str, Any], hold: dict[str, Tensor], cali
         seconds=seconds,
     )
     return report
+
+
+def _set_checker_units(guard: Any, scores: Tensor, checker_logits: Tensor, pred: Tensor) -> dict[str, Any]:
+    """Sets both terms' clean-tail units (:mod:`hfguard.checker`) on the threshold's clean rows; returns the report."""
+    k = guard.layout["num_classes"]
+    term = checker_term(checker_logits, pred)
+    g_med, g_unit = tail_units(scores, GUARD_QUANTILE)
+    c_med, c_unit, pooled = class_tail_units(term, pred.to(term.device), k)
+    guard.guard_median.fill_(g_med)
+    guard.guard_unit.fill_(g_unit)
+    guard.checker_median.copy_(c_med)
+    guard.checker_unit.copy_(c_unit)
+    agree = float((checker_logits.argmax(1) == pred).float().mean())
+    return {"agreement_with_model": agree, "classes_on_pooled_tail": pooled, "guard_quantile": GUARD_QUANTILE, "checker_quantile": CHECKER_QUANTILE,
+            "min_class_rows": MIN_CLASS_ROWS}
 
 
 def _require_input_gradient(model: Any, pixels: Tensor) -> None:
@@ -707,6 +738,8 @@ def _diagnostics(guard: Any, hold: dict[str, Tensor], calib: dict[str, Tensor] |
     if calib is not None:
         with torch.no_grad():
             scores_fit = guard._score_evidence(ev_h, pred_h)
+            if guard.layout.get("checker", False):
+                scores_fit = guard._with_checker(scores_fit, hold["checker"].to(scores_fit.device), pred_h)
         thr_fit = calibrate.threshold_at_fpr(scores_fit, guard.fpr)
         # what a threshold set on the fit data would have flagged on the calibration images
         out["fpr_if_calibrated_on_fit_data"] = float((scores_thr > thr_fit).float().mean())

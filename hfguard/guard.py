@@ -97,6 +97,11 @@ class Guard(ModelPass):
         input_range: declared pixel range; pixels outside it (after undoing
             ``normalize``) warn, or raise under ``strict``.  ``None`` disables the check.
         strict: raise :class:`InputError` instead of warning for out-of-range pixels.
+        checker: an optional second classifier over the same inputs and classes, ideally adversarially trained
+            (:func:`hfguard.checker.adversarial_training`): the score becomes the larger of the guard's own and the
+            checker's cross-entropy on the model's answer, each in units of its clean tail (:mod:`hfguard.checker`).
+            Harder to evade for an attacker who knows the defence, for one more forward pass of the checker per
+            ``check``. Its weights are not saved: pass it again to :func:`hfguard.load`.
         nonfinite: ``"raise"`` (default) for NaN/Inf inputs, or ``"flag"``: such
             rows get score ``inf`` and are flagged by ``check``/``detect`` (their
             values are zeroed first; under ``policy="filter"`` their logits are
@@ -129,9 +134,14 @@ class Guard(ModelPass):
         input_range: tuple[float, float] | None = (0.0, 1.0),
         strict: bool = False,
         nonfinite: str = "raise",
+        checker: nn.Module | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"protect() expects a torch.nn.Module, got {type(model).__name__}")
+        if checker is not None and not isinstance(checker, nn.Module):
+            raise ModelError(f"checker= expects a torch.nn.Module returning (N, K) logits, got {type(checker).__name__}")
+        if checker is not None and checker is model:
+            raise ModelError("checker= is the wrapped model itself; a checker must be a separate network (ideally adversarially trained)")
         if isinstance(model, torch.jit.ScriptModule):
             raise ModelError(
                 f"protect() got a TorchScript module ({type(model).__name__}): TorchScript runs no forward hooks, so the guard cannot "
@@ -159,6 +169,7 @@ class Guard(ModelPass):
         self.strict = bool(strict)
         self.nonfinite = nonfinite
         self.model = model
+        self.register_module("checker", checker)
         self.score_features_setting = score_features if isinstance(score_features, str) else list(score_features)
         self.calibration = calibration
         self.attack_size = int(attack_size)
@@ -179,8 +190,8 @@ class Guard(ModelPass):
         self.normalize = None if normalize is None else (mean.tolist(), std.tolist())
 
     def guard_state(self) -> dict[str, Tensor]:
-        """The guard's own learned tensors (``state_dict`` without the wrapped model's weights)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+        """The guard's own learned tensors (``state_dict`` without the wrapped model's or the checker's weights)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] not in ("model", "checker")}
 
     # ------------------------------------------------------------------- fit
     def fit(self, data: Any, *, calibration_data: Any = None) -> "Guard":

@@ -21,13 +21,14 @@ from hfguard.errors import StateFileError
 
 __all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "READABLE_VERSIONS", "LOAD_OVERRIDES"]
 
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 #: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score;
 #: formats 1-2 name the threshold tensor ``threshold_``; format 3 assumes one class token in every token layer;
 #: formats 1-4 have no linear probes; format 6 has the same tensors as 5, but its header may name self-attack
 #: families that 0.5 does not know, so 0.5 must refuse it by its version rather than fail on the settings;
-#: formats 1-6 have no nearest-neighbour banks)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+#: formats 1-6 have no nearest-neighbour banks; formats 1-7 no checker network's units, and 0.7 must refuse a file
+#: with them by its version)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: settings a loaded guard may change; the others are baked into the learned state
 LOAD_OVERRIDES = ("policy", "filter_sigma", "input_range", "strict", "nonfinite", "progress", "batch_size")
 _KEY = "hfguard"
@@ -79,6 +80,8 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
     }
     if guard._model_fingerprint is not None:  # the fitted model's logits on a fixed input (hfguard.fingerprint); load compares
         header["model_fingerprint"] = guard._model_fingerprint
+    if getattr(guard, "_checker_fingerprint", None) is not None:  # the same for the checker network (its weights are not saved)
+        header["checker_fingerprint"] = guard._checker_fingerprint
     meta = {_KEY: json.dumps(header, sort_keys=True), "digest": _digest(header, tensors)}
     parent = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(parent):

@@ -20,7 +20,7 @@ from hfguard.taps import discover_layers
 __all__ = ["load_guard"]
 
 
-def load_guard(path: str | os.PathLike, model: nn.Module, *, verify_model: bool = True, **overrides: Any) -> Any:
+def load_guard(path: str | os.PathLike, model: nn.Module, *, verify_model: bool = True, checker: nn.Module | None = None, **overrides: Any) -> Any:
     """Loads a guard saved by :meth:`Guard.save` around ``model``.
 
     Args:
@@ -28,7 +28,9 @@ def load_guard(path: str | os.PathLike, model: nn.Module, *, verify_model: bool 
         model: the same classifier the guard was fitted on (same weights: its logits on a fixed probe input are
             compared with those recorded at fit time, :mod:`hfguard.fingerprint`; a float16/bfloat16 copy passes).
         verify_model: False skips that comparison (a model changed on purpose, e.g. quantised; the guard's
-            statistics then describe the original).
+            statistics then describe the original), and the checker's.
+        checker: the checker network the guard was fitted with (:mod:`hfguard.checker`), whose weights the file does
+            not hold; required for such a file, refused for one fitted without it. Checked like ``model``.
         overrides: settings to change: any of ``LOAD_OVERRIDES`` (e.g. ``policy="filter"``,
             ``filter_sigma=0.8``). Settings that shaped the learned state (``fpr``, ``layers``,
             ``normalize``, ...) can only change by fitting again.
@@ -36,17 +38,24 @@ def load_guard(path: str | os.PathLike, model: nn.Module, *, verify_model: bool 
     Raises:
         SettingsError: an unknown override, or one that cannot be honoured without fitting again (a ``ValueError``).
         StateFileError: missing, truncated, tampered with or foreign file.
-        ModelMismatchError: ``model`` does not have the saved layers with the saved shapes, or has other weights.
+        ModelMismatchError: ``model`` does not have the saved layers with the saved shapes, or has other weights; the
+            file needs a checker and none was given, or ``checker`` has other weights than the fitted one.
+        SettingsError: a ``checker`` for a file fitted without one.
     """
     # outside any caller's inference_mode: the buffers must stay usable by gradients (score().backward(), export)
     with torch.inference_mode(False):
-        return _load(path, model, overrides, verify_model)
+        return _load(path, model, overrides, verify_model, checker)
 
 
-def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], verify_model: bool) -> Any:
+def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], verify_model: bool, checker: nn.Module | None) -> Any:
     header, tensors = read_guard_file(path)
     layout = header["spec"]  # the header key keeps its format-1 name
-    known = set(inspect.signature(Guard.__init__).parameters) - {"self", "model"}
+    known = set(inspect.signature(Guard.__init__).parameters) - {"self", "model", "checker"}
+    if layout.get("checker", False) and checker is None:
+        raise ModelMismatchError(f"{os.fspath(path)!r} was fitted with a checker network, whose weights a guard file does not hold: "
+                                 "pass it as hfguard.load(path, model, checker=net)")
+    if checker is not None and not layout.get("checker", False):
+        raise SettingsError(f"{os.fspath(path)!r} was fitted without a checker network; fit again with protect(model, checker=net) to use one")
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise SettingsError(f"load() got unknown setting(s) {unknown}; settings load() can change: {list(LOAD_OVERRIDES)}")
@@ -74,7 +83,7 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
         **{k: v for k, v in header.get("fit_settings", {}).items() if k in known},
     }
     settings.update(overrides)
-    guard = Guard(model, **settings)
+    guard = Guard(model, checker=checker, **settings)
     named = dict(model.named_modules())
     missing = [n for n in layout["layers"] if n not in named]
     if missing:
@@ -102,6 +111,16 @@ def _load(path: str | os.PathLike, model: nn.Module, overrides: dict[str, Any], 
                 "(e.g. quantised it) and accept statistics of the original"
             )
         guard._model_fingerprint = saved_print
+    saved_checker = header.get("checker_fingerprint")
+    if checker is not None and saved_checker is not None:
+        off = fingerprint_distance(saved_checker, model_fingerprint(checker, guard, tuple(layout["input_shape"]), header["input_range"]))
+        if verify_model and off > TOLERANCE:
+            raise ModelMismatchError(
+                f"this checker's logits on a fixed probe input differ from those of the checker the guard was fitted with by up to {off:.3g} "
+                f"times their spread (tolerance {TOLERANCE}): it has other weights, and the guard's checker units do not describe it. "
+                "Pass the checker the guard was fitted with, or fit again"
+            )
+        guard._checker_fingerprint = saved_checker
     guard._allocate(layout)
     own = guard.guard_state()
     if header["format_version"] < 3 and "threshold_" in tensors:  # renamed in format 3

@@ -39,7 +39,8 @@ class ModelPass(FittedState):
     @contextlib.contextmanager
     def _eval_model(self) -> Iterator[None]:
         """Runs the model in eval mode and restores its mode afterwards, even on error or under threads (:mod:`hfguard.modelmode`)."""
-        with eval_mode(self.model) as flipped:
+        net = self._checker()
+        with eval_mode(self.model) as flipped, eval_mode(net) if net is not None else contextlib.nullcontext():
             if flipped and not self._warned_train:
                 self._warned_train = True
                 warnings.warn("the wrapped model (or one of its submodules) is in training mode; hfguard evaluates it in eval mode and restores every mode afterwards", stacklevel=4)
@@ -96,9 +97,29 @@ class ModelPass(FittedState):
         spectral = len(self.layers) + 1 in needed
         compiled = self._compiled_here()
         if compiled is None or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            return (logits, *self._scoring_from_pass(x, layer_feats, logits, spectral))
-        score, origin = compiled.fn(x, layer_feats, logits, spectral)
-        return logits, score.clone(), origin.clone()  # under CUDA graphs ("reduce-overhead") the next call reuses their memory
+            score, origin = self._scoring_from_pass(x, layer_feats, logits, spectral)
+        else:
+            score, origin = compiled.fn(x, layer_feats, logits, spectral)
+            score, origin = score.clone(), origin.clone()  # under CUDA graphs ("reduce-overhead") the next call reuses their memory
+        if self.layout.get("checker", False):
+            score = self._with_checker(score, self._forward_checker(x), logits.argmax(1))
+        return logits, score, origin
+
+    def _checker(self) -> nn.Module | None:
+        """The checker network (:mod:`hfguard.checker`), or None (also for guards pickled before 0.8, which have no slot)."""
+        return self._modules.get("checker")
+
+    def _forward_checker(self, x: Tensor) -> Tensor:
+        """The checker's logits (N, K) on the model's inputs (:mod:`hfguard.checker`)."""
+        net = self._checker()
+        if net is None:
+            raise ModelError("this guard was fitted with a checker network and has none now; pass checker= to hfguard.load (or fit again without one)")
+        out = net(x)
+        k = self.layout["num_classes"]
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape != (x.shape[0], k):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ModelError(f"the checker must return logits of shape (N, K) = ({x.shape[0]}, {k}) like the model; got {got}")
+        return out
 
     def _compiled_here(self) -> CompiledScoring | None:
         """The compiled maths if this thread may run them (see :class:`hfguard.compiled.CompiledScoring`), else None."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hfguard import calibrate, combiner, evidence, spectrum
+from hfguard.checker import checker_term, combined_score
 from hfguard.errors import NotFittedError
 from hfguard.evidence import LOGITS, SPECTRUM
 from hfguard.neighbours import NeighbourBank
@@ -86,6 +87,8 @@ class FittedState(nn.Module):
 
     #: the fitted model's fingerprint (hfguard.fingerprint); a class default, so guards pickled before 0.6.2 have one
     _model_fingerprint: list[float] | None = None
+    #: the checker network's fingerprint (hfguard.checker); a class default, so guards pickled before 0.8 have none
+    _checker_fingerprint: list[float] | None = None
     #: sources with a nearest-neighbour bank; a class default, so guards pickled before 0.7 have none
     neighboured: list[int] = []  # noqa: RUF012 (never mutated: fit and load assign a new list)
 
@@ -97,7 +100,7 @@ class FittedState(nn.Module):
             # the guard's own statistics never go below float32 (.half() / .to(torch.float16) is meant for the model:
             # a float16 threshold or whitening overflows or loses digits); the model's features are cast up to them.
             # The originals are kept and moved, not cast back (a round trip through float16 would have rounded them).
-            own = [(mod, key, buf) for name, mod in self.named_modules() if name != "model" and not name.startswith("model.")
+            own = [(mod, key, buf) for name, mod in self.named_modules() if name.split(".")[0] not in ("model", "checker")
                    for key, buf in mod._buffers.items() if buf is not None and buf.is_floating_point() and buf.dtype not in low]
             out = super()._apply(*args, **kwargs)
             for mod, key, buf in own:
@@ -120,6 +123,7 @@ class FittedState(nn.Module):
         self._hf_without_dc = False
         self._grouped: bool | None = None  # see _source_distances
         self._model_fingerprint: list[float] | None = None  # set by fit and load (hfguard.fingerprint)
+        self._checker_fingerprint: list[float] | None = None  # the same for a checker network
 
     @property
     def fitted(self) -> bool:
@@ -201,6 +205,14 @@ class FittedState(nn.Module):
         self.register_buffer("head_bias", bias)
         self.register_buffer("calibrated_threshold", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
+        if layout.get("checker", False):  # a checker network's term (hfguard.checker): both terms' clean-tail units
+            self.register_buffer("guard_median", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("guard_unit", torch.ones((), dtype=torch.float64))
+            self.register_buffer("checker_median", torch.zeros(k, dtype=torch.float64))
+            self.register_buffer("checker_unit", torch.ones(k, dtype=torch.float64))
+        else:
+            for name in ("guard_median", "guard_unit", "checker_median", "checker_unit"):  # a refit without a checker drops them
+                self._buffers.pop(name, None)
         self.layout = layout
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 (torch's signature)
@@ -287,6 +299,11 @@ class FittedState(nn.Module):
     def _evidence(self, logits: Tensor, dists: dict[int, Tensor]) -> Tensor:
         """The planned evidence columns (N, F) from the logits and the sources' distances."""
         return evidence.evidence_columns(self.score_columns, dists, logits.to(self.evidence_mean.dtype), index=self.evidence_index)
+
+    def _with_checker(self, score: Tensor, checker_logits: Tensor, pred: Tensor) -> Tensor:
+        """The guard's score (N,) and the checker's logits -> the combined score (:func:`hfguard.checker.combined_score`)."""
+        term = checker_term(checker_logits, pred)
+        return combined_score(score, term, pred, self.guard_median, self.guard_unit, self.checker_median, self.checker_unit)
 
     def _score_evidence(self, ev: Tensor, pred: Tensor) -> Tensor:
         """Evidence (N, F) of inputs predicted ``pred`` -> class-standardised z -> combiner heads -> score (N,)."""

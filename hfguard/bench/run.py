@@ -60,12 +60,35 @@ ABLATIONS = {
 }
 
 
+#: the name of hfguard fitted with the bench's robust checker (``cfg.checker``)
+WITH_CHECKER = "hfguard + robust checker"
+
+
+def fit_checker_variant(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig, progress: bool = True) -> tuple[P.HFGuardDetector, dict[str, Any]]:
+    """hfguard with the bench's robust checker (:mod:`hfguard.bench.checker`), fitted like hfguard; and the checker's facts."""
+    from hfguard.bench.checker import cached_checker
+
+    net, train_s, cached = cached_checker(cfg.dataset, x_fit, y_fit, eps=cfg.eps_hi, epochs=cfg.checker_epochs, steps=cfg.checker_steps, progress=progress)
+    det = P.HFGuardDetector(model, fpr=cfg.fpr, checker=net)
+    det.name = WITH_CHECKER
+    how = "FGSM with a random start" if cfg.checker_steps == 1 else f"PGD-{cfg.checker_steps}"
+    det.implementation = f"hfguard (checker: the small CNN, {how} adversarial training at eps {cfg.eps_hi:g}, {cfg.checker_epochs} epochs, on the fit images)"
+    det.trained_on = "clean images (+ attacks it generates on them in fit); the checker: adversarial training on the same images"
+    det.fit(x_fit, y_fit, x_cal)
+    info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.eps_hi,
+            **det.guard.fit_report.get("checker", {})}
+    return det, info
+
+
 def fit_detectors(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig) -> tuple[P.HFGuardDetector, list[P.Detector], list[P.Detector], dict[str, float]]:
-    """hfguard, its ablations and every peer fitted on ``(x_fit, y_fit)``; thresholds calibrated on ``x_cal``; fit seconds."""
+    """hfguard, its ablations and every peer fitted on ``(x_fit, y_fit)``; thresholds calibrated on ``x_cal``; fit seconds.
+    Without ``cfg.peers``: hfguard alone (no ablations, no peers)."""
     seconds: dict[str, float] = {}
     hf = P.HFGuardDetector(model, fpr=cfg.fpr)
     seconds[hf.name] = _timed(lambda: hf.fit(x_fit, y_fit, x_cal))[1]
     ablations: list[P.Detector] = []
+    if not cfg.peers:
+        return hf, ablations, [], seconds
     for name, options in ABLATIONS.items():
         ab = P.HFGuardDetector(model, fpr=cfg.fpr, **options)
         ab.name = name
@@ -129,7 +152,17 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     }
     logger.info("[%s] fitting detectors on %d clean images", arch, fit_end)
     hf, ablations, peers, fit_seconds = fit_detectors(model, x_fit, y_fit, x_cal, cfg)
-    detectors: list[P.Detector] = [hf, *ablations, *peers]
+    variants: list[P.Detector] = []
+    if cfg.checker:
+        t = time.perf_counter()
+        hc, res["checker"] = fit_checker_variant(model, x_fit, y_fit, x_cal, cfg, progress)
+        fit_seconds[hc.name] = time.perf_counter() - t - (0.0 if res["checker"]["loaded_from_cache"] else res["checker"]["training_seconds"])
+        with torch.no_grad():
+            checker_pred = torch.cat([hc.guard.checker(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+            model_pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+        res["checker"].update(test_accuracy=float((checker_pred == y).float().mean()), test_agreement_with_model=float((checker_pred == model_pred).float().mean()))
+        variants.append(hc)
+    detectors: list[P.Detector] = [hf, *variants, *ablations, *peers]
     res["inference_pass_fit_data_s"] = _inference_pass(model, x_fit)
     res["hfguard_layers"] = hf.guard.layers
     res["hfguard_score_features"] = hf.guard.fit_report["score_features"]
@@ -168,13 +201,13 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
             entry["attacks"][name] = attack_metrics(d, clean, a["x"], a["ok"], y[: len(a["x"])], bootstrap=cfg.bootstrap)
         res["detectors"][d.name] = entry
     res["latency_batch"] = len(xb)
-    res["strongest_baseline"] = strongest_baseline(res, [d.name for d in peers], exclude=(f"FGSM eps={cfg.eps_hi}",))
-
-    logger.info("[%s] adaptive attacks on %d images against hfguard and %s", arch, cfg.n_adaptive, res["strongest_baseline"])
-    best = next(d for d in peers if d.name == res["strongest_baseline"])
-    scales = {d.name: float(d.score_all(x_cal[:2000]).std()) for d in (hf, best)}
+    res["strongest_baseline"] = strongest_baseline(res, [d.name for d in peers], exclude=(f"FGSM eps={cfg.eps_hi}",)) if peers else None
+    # without peers, a run with the checker attacks only that variant (hfguard alone is the main bench's)
+    targets = [hf, *variants, *(d for d in peers if d.name == res["strongest_baseline"])] if peers else (variants or [hf])
+    logger.info("[%s] adaptive attacks on %d images against %s", arch, cfg.n_adaptive, ", ".join(d.name for d in targets))
+    scales = {d.name: float(d.score_all(x_cal[:2000]).std()) for d in targets}
     res["adaptive"] = adaptive_suite(
-        [hf, best], hf, x[: cfg.n_adaptive], y[: cfg.n_adaptive], list(cfg.adaptive_eps),
+        targets, hf, x[: cfg.n_adaptive], y[: cfg.n_adaptive], list(cfg.adaptive_eps),
         steps=cfg.adaptive_steps, pgd_steps=cfg.pgd_steps, lambdas=list(cfg.lambdas), scales=scales, queries=cfg.adaptive_queries, progress=progress,
     )
     res["seconds"] = time.perf_counter() - t_start
@@ -219,8 +252,9 @@ def strongest_baseline(res: dict[str, Any], names: list[str], exclude: tuple[str
 
 
 def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs: tuple[str, ...] | None = None, cfg: BenchConfig | None = None,
-              progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Runs the benchmark for every architecture of ``dataset`` and writes JSON, Markdown and plots under ``out``."""
+              progress: bool = True, command: str | None = None, tag: str = "") -> dict[str, Any]:
+    """Runs the benchmark for every architecture of ``dataset`` and writes JSON, Markdown and plots under ``out``
+    (named ``<dataset>-<tag>`` when a ``tag`` is given)."""
     cfg = cfg or preset(dataset)
     if archs:
         cfg = replace(cfg, archs=tuple(archs))
@@ -239,17 +273,18 @@ def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs
     }
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{dataset}-{tag}" if tag else dataset
     for arch in cfg.archs:
         # the model never trains on the n_cal images every detector calibrates its threshold on
         model, train_s = _timed(lambda arch=arch: cached_model(dataset, arch, progress=progress, holdout=cfg.n_cal))
         run = bench_model(model, split, cfg, arch=arch, progress=progress)
         run["model_load_or_train_s"] = train_s
         result["runs"][arch] = run
-        save_scores(run, out_dir / f"{dataset}-{arch}-scores.npz")
-        draw(run, dataset, arch, out_dir)
+        save_scores(run, out_dir / f"{stem}-{arch}-scores.npz")
+        draw(run, stem, arch, out_dir)
     result["seconds"] = time.perf_counter() - t0
-    (out_dir / f"{dataset}.json").write_text(json.dumps(jsonable(result), indent=2))
-    (out_dir / f"{dataset}.md").write_text(markdown(result))
+    (out_dir / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=2))
+    (out_dir / f"{stem}.md").write_text(markdown(result))
     return result
 
 
@@ -270,21 +305,22 @@ def save_scores(run: dict[str, Any], path: Path) -> None:
     np.savez_compressed(path, **arrays)
 
 
-def replot(dataset: str, out: str = "benchmarks/results") -> None:
+def replot(dataset: str, out: str = "benchmarks/results", *, stem: str | None = None) -> None:
     """Redraws the plots from the committed ``<dataset>.json`` and ``<dataset>-<arch>-scores.npz`` (no pickle), and
     rewrites ``<dataset>.md`` from the JSON (the tables are a function of it: a change to their layout needs no rerun)."""
     import numpy as np
 
     out_dir = Path(out)
-    result = json.loads((out_dir / f"{dataset}.json").read_text())
-    (out_dir / f"{dataset}.md").write_text(markdown(result))
+    stem = stem or dataset
+    result = json.loads((out_dir / f"{stem}.json").read_text())
+    (out_dir / f"{stem}.md").write_text(markdown(result))
     for arch, run in result["runs"].items():
-        with np.load(out_dir / f"{dataset}-{arch}-scores.npz", allow_pickle=False) as z:
+        with np.load(out_dir / f"{stem}-{arch}-scores.npz", allow_pickle=False) as z:
             for det, d in run["detectors"].items():
                 d["_clean_scores"] = torch.from_numpy(z[f"clean|{det}"])
                 for att, m in d["attacks"].items():
                     m["_scores"] = torch.from_numpy(z[f"{att}|{det}"])
-        draw(run, dataset, arch, out_dir)
+        draw(run, stem, arch, out_dir)
 
 
 def _versions() -> dict[str, str]:

@@ -267,7 +267,8 @@ def markdown(result: dict[str, Any]) -> str:
             crosscheck_table(run),
             "",
             f"### Adaptive attacks ({run['adaptive']['n_images']} images, {run['adaptive']['n_correct']} correctly classified; {run['adaptive']['steps']} steps): "
-            f"hfguard vs the strongest peer, {run['strongest_baseline']}",
+            + (f"hfguard vs the strongest peer, {run['strongest_baseline']}" if run.get("strongest_baseline") else
+               ", ".join(run["adaptive"]["detectors"]) + " (no peers in this run)"),
             "",
             "Evasion = misclassified by the defended pipeline and not flagged by the real score at its threshold. Per image, the pipeline PGD "
             "(and BPDA) keeps its first iterate that evades the real score, the weighted sums (CE - lambda * score) their first that evades "
