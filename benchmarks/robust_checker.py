@@ -53,6 +53,7 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
+from hfguard.checker import adversarial_training, sign_steps
 from hfguard.data import cache_dir, cached_model, small_cnn
 from hfguard.evaluate import auroc
 
@@ -110,39 +111,14 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
     return net, seconds, False
 
 
-def _sign_steps(loss_of, xb: torch.Tensor, xa: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:  # noqa: ANN001
-    """``steps`` signed-gradient ascent steps on ``loss_of`` from ``xa``, each projected to the eps-ball around ``xb`` and [0, 1]."""
-    for _ in range(steps):
-        xr = xa.requires_grad_(True)
-        g = torch.autograd.grad(loss_of(xr), xr)[0]
-        xa = (xb + (xr.detach() - xb + step * g.sign()).clamp(-eps, eps)).clamp(0, 1)
-    return xa
-
-
 def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1) -> torch.nn.Module:
     """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3.
 
     ``steps`` > 1: PGD with that many steps of 2.5 eps / steps from the same random start (Madry et al.'s attack; the
-    loss keeps its clean half).
+    loss keeps its clean half). The library's :func:`hfguard.checker.adversarial_training` since 0.8 (same weights).
     """
     torch.manual_seed(seed)
-    net = small_cnn(1, 10, 28)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        net.train()
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 128):
-            xb, yb = x[perm[i : i + 128]], y[perm[i : i + 128]]
-            delta = (torch.rand(xb.shape, generator=gen) * 2 - 1) * eps
-            step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
-            xa = _sign_steps(lambda xr: F.cross_entropy(net(xr), yb), xb, (xb + delta).clamp(0, 1), eps, step, steps)  # noqa: B023
-            opt.zero_grad()
-            (0.5 * F.cross_entropy(net(xb), yb) + 0.5 * F.cross_entropy(net(xa), yb)).backward()
-            opt.step()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.eval()
+    return adversarial_training(small_cnn(1, 10, 28), x, y, eps=eps, epochs=epochs, steps=steps, seed=seed)
 
 
 def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int, steps: int, beta: float) -> torch.nn.Module:
@@ -160,7 +136,7 @@ def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, s
             with torch.no_grad():
                 p_clean = F.softmax(net(xb), 1)
             start = (xb + 0.001 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
-            xa = _sign_steps(lambda xr: F.kl_div(F.log_softmax(net(xr), 1), p_clean, reduction="sum"), xb, start, eps, step, steps)  # noqa: B023
+            xa = sign_steps(lambda xr: F.kl_div(F.log_softmax(net(xr), 1), p_clean, reduction="sum"), xb, start, eps, step, steps)  # noqa: B023
             net.train()
             opt.zero_grad()
             logits = net(xb)

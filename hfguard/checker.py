@@ -91,7 +91,7 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
         normalize: ``(mean, std)`` per channel, as given to :func:`hfguard.protect`: the net gets ``(x - mean) / std``.
 
     Returns:
-        ``net`` in eval mode with ``requires_grad`` off (a checker is only attacked, never trained, by the guard).
+        ``net`` in eval mode with ``requires_grad`` off and no ``.grad`` (a checker is only attacked, never trained, by the guard).
     """
     if x.dim() != 4 or len(x) != len(y):
         raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -120,6 +120,7 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
             opt.step()
     for p in net.parameters():
         p.requires_grad_(False)
+        p.grad = None
     return net.eval()
 
 

@@ -22,15 +22,19 @@ real score at its calibrated threshold (the twin score only steers the attack).
    expectations under hfguard's fitted Gaussians: the attack the paper's
    theory suggests. The same images are scored by every detector.
 
-5. ``query attack``: a gradient-free random search (Square attack's proposals) on
+5. ``joint targeted PGD`` (only for a guard with a checker network, :mod:`hfguard.checker`): at each image's
+   runner-up class, both networks pushed there from the first step while the combined score is lowered
+   (maximise ``-CE(model, t) - CE(checker, t) - score``); the first iterate that evades the real score.
+
+6. ``query attack``: a gradient-free random search (Square attack's proposals) on
    "misclassified and real score below the threshold"; images it evades on where
    no gradient attack did are reported as ``evaded_only_without_gradients``: the
    check for gradient masking (it should be about zero).
 
-Iterates kept per image: 1 keeps the first iterate that evades the real
+Iterates kept per image: 1 and 5 keep the first iterate that evades the real
 score and 2 the first that evades its differentiable twin (with a margin),
 else the last; 3 (and the selective variants) the misclassified iterate with
-the lowest twin score below the threshold; 5 its lowest objective; 4 ends at
+the lowest twin score below the threshold; 6 its lowest objective; 4 ends at
 its last iterate (its images are shared by every detector).
 ``best of all (per image)`` counts an image as evaded when any attack above
 evaded on it: the number to quote as the detector's adaptive robustness.
@@ -48,7 +52,8 @@ from hfguard.attacks import detector_pgd, evasion_loss, orthogonal_pgd, pgd, ran
 from hfguard.bench.peers import Detector, HFGuardDetector
 from hfguard.filters import lowpass
 
-__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "per_image_lambda_pgd", "trajectory_attack", "query_attack", "adaptive_suite"]
+__all__ = ["evasion", "pipeline_pgd", "bpda_filter_pgd", "lambda_pgd", "per_image_lambda_pgd", "trajectory_attack", "joint_targeted_pgd", "query_attack",
+           "adaptive_suite"]
 
 
 def evasion(detector: Detector, x_adv: Tensor, y: Tensor, correct: Tensor, *, defended: bool = False) -> dict[str, float]:
@@ -132,6 +137,31 @@ def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) 
     return pgd(guard.model, x, y, eps, steps=steps, loss_fn=loss)
 
 
+#: the checker-aware attack's name in the results
+JOINT = "joint targeted PGD (model and checker to the runner-up, minus the score)"
+
+
+def joint_targeted_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: float, steps: int, scale: float) -> Tensor:
+    """For a guard with a checker network: PGD maximising ``-CE(model, t) - CE(checker, t) - score`` at each image's
+    runner-up class ``t``, so that the checker backs the model's wrong answer from the first step; per image the
+    first iterate that evades the real score, else the last."""
+    guard = detector.guard
+    net = guard._checker()
+    with torch.no_grad():
+        logits = guard.model(x)
+        target = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).argmax(1)
+    held: dict[str, Tensor] = {}
+
+    def model(xr: Tensor) -> Tensor:
+        out, held["score"] = guard.logits_and_score(xr)
+        return out
+
+    def loss(out: Tensor, t: Tensor, xr: Tensor) -> Tensor:
+        return -F.cross_entropy(out, t, reduction="none") - F.cross_entropy(net(xr), t, reduction="none") - held["score"]
+
+    return pgd(model, x, target, eps, steps=steps, loss_fn=loss, success=lambda _o, _t, xa: _pipeline_loss(detector, xa, y, scale) == 0)
+
+
 def _pipeline_loss(detector: Detector, xa: Tensor, y: Tensor, scale: float) -> Tensor:
     """Zero exactly when ``xa`` is misclassified and its real score is below the threshold; larger the farther it is."""
     with torch.no_grad():
@@ -189,6 +219,8 @@ def adaptive_suite(
                 r[name] = evasion(d, xa, y, correct)
                 bar.update()
             r["feature trajectory"] = evasion(d, xt, y, correct)
+            if isinstance(d, HFGuardDetector) and d.guard._checker() is not None:
+                r[JOINT] = evasion(d, joint_targeted_pgd(d, x, y, eps, steps, scales[d.name]), y, correct)
             if queries:
                 white_box = torch.stack([v["_evaded"] for v in r.values()]).any(0)
                 q = evasion(d, query_attack(d, x, y, eps, queries, scales[d.name]), y, correct)

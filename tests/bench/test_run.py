@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hfguard.bench import preset
-from hfguard.bench.adaptive import trajectory_attack
+from hfguard.bench.adaptive import JOINT, trajectory_attack
 from hfguard.bench.peers import HFGuardDetector
 from hfguard.cli import main
 
@@ -168,3 +168,22 @@ def test_weights_digest_names_the_exact_weights(bench_out, digits_model):
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1e-6
     assert weights_digest(other) != weights_digest(digits_model)
+
+
+def test_the_checker_variant_alone_is_fitted_reported_and_attacked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HFGUARD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["bench", "--dataset", "digits", "--tiny", "--quiet", "--checker", "--no-peers", "--tag", "chk", "--out", str(out)]) == 0
+    result = json.loads((out / "digits-chk.json").read_text())
+    run = result["runs"]["cnn"]
+    assert set(run["detectors"]) == {"hfguard", "hfguard + robust checker"}  # no peers, no ablations
+    assert list(run["adaptive"]["detectors"]) == ["hfguard + robust checker"] and run["strongest_baseline"] is None
+    eps = next(iter(run["adaptive"]["detectors"]["hfguard + robust checker"].values()))
+    assert JOINT in eps and 0 <= eps[JOINT]["evasion_rate"] <= eps["best of all (per image)"]["evasion_rate"]  # the checker-aware attack ran
+    assert run["checker"]["loaded_from_cache"] is False and run["checker"]["training_seconds"] > 0
+    assert 0 <= run["checker"]["test_agreement_with_model"] <= 1
+    assert (out / "digits-chk-cnn-roc.png").exists() and "no peers in this run" in (out / "digits-chk.md").read_text()
+    # the second run finds the trained checker in the cache
+    assert main(["bench", "--dataset", "digits", "--tiny", "--quiet", "--checker", "--no-peers", "--tag", "chk", "--out", str(out)]) == 0
+    assert json.loads((out / "digits-chk.json").read_text())["runs"]["cnn"]["checker"]["loaded_from_cache"] is True
+    assert main(["bench", "--dataset", "digits", "--replot", "--tag", "chk", "--out", str(out)]) == 0
