@@ -69,11 +69,12 @@ def class_tail_units(values: Tensor, pred: Tensor, num_classes: int, quantile: f
 
 def combined_score(guard_score: Tensor, term: Tensor, pred: Tensor, guard_median: Tensor, guard_unit: Tensor, checker_median: Tensor,
                    checker_unit: Tensor) -> Tensor:
-    """(N,) the larger of the guard's score and the checker's term, each in units of its clean tail."""
+    """(N,) the larger of the guard's score and the checker's term, each in units of its clean tail (in the dtype of
+    ``guard_score``)."""
     dtype = checker_median.dtype
     g = (guard_score.to(dtype) - guard_median) / guard_unit
     c = (term.to(dtype) - checker_median[pred]) / checker_unit[pred]
-    return torch.maximum(g, c)
+    return torch.maximum(g, c).to(guard_score.dtype)
 
 
 def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, epochs: int = 6, steps: int = 5, batch_size: int = 128,
@@ -100,7 +101,7 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     if normalize is None:
         mean = std = None
     else:
-        mean, std = (torch.as_tensor(v, dtype=x.dtype).view(1, -1, 1, 1) for v in normalize)
+        mean, std = (torch.as_tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in normalize)
 
     def forward(pixels: Tensor) -> Tensor:
         return net(pixels if mean is None else (pixels - mean) / std)
@@ -110,10 +111,10 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
     for _ in tqdm(range(epochs), desc="checker adversarial training (epochs)", disable=not progress, leave=False):
         net.train()
-        perm = torch.randperm(len(x), generator=gen)
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
         for i in range(0, len(x), batch_size):
             xb, yb = x[perm[i : i + batch_size]], y[perm[i : i + batch_size]]
-            delta = (torch.rand(xb.shape, generator=gen) * 2 - 1) * eps
+            delta = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * eps).to(xb.device)  # drawn on the CPU: the same start on any device
             xa = sign_steps(lambda xr: F.cross_entropy(forward(xr), yb), xb, (xb + delta).clamp(0, 1), eps, step, steps)  # noqa: B023
             opt.zero_grad()
             (0.5 * F.cross_entropy(forward(xb), yb) + 0.5 * F.cross_entropy(forward(xa), yb)).backward()

@@ -323,7 +323,8 @@ def _agree(guard: Any, layout: dict[str, Any] | None, sums: SourceSums | None, i
     if not seen:
         raise DataError("fit got no data: the loader or iterable yielded no images" + (" on any rank" if len(layouts) > 1 else ""))
     if any(s != seen[0] for s in seen):
-        raise DataError("the ranks of a distributed fit chose different layers or saw different image sizes; every rank must wrap the same model and data format")
+        raise DataError("the ranks of a distributed fit chose different layers, saw different image sizes or differ in having a checker network; every rank must "
+                        "wrap the same model (and checker) and data format")
     if layout is None:
         layout = seen[0]
         sums, images = _start(guard, layout, held, device)

@@ -19,9 +19,11 @@ from torch import Tensor
 
 from hfguard.errors import StateFileError
 
-__all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "READABLE_VERSIONS", "LOAD_OVERRIDES"]
+__all__ = ["save_guard", "read_guard_file", "FORMAT_VERSION", "FORMAT_WITHOUT_CHECKER", "READABLE_VERSIONS", "LOAD_OVERRIDES"]
 
 FORMAT_VERSION = 8
+#: what a guard without a checker network writes: its file is a format-7 file, which 0.7 still reads
+FORMAT_WITHOUT_CHECKER = 7
 #: older formats this version still reads (format 1: no combiner heads, i.e. the clean-only score;
 #: formats 1-2 name the threshold tensor ``threshold_``; format 3 assumes one class token in every token layer;
 #: formats 1-4 have no linear probes; format 6 has the same tensors as 5, but its header may name self-attack
@@ -54,7 +56,7 @@ def save_guard(guard: Any, path: str | os.PathLike) -> None:
     guard._require_fitted()
     tensors = {k: v.detach().cpu().contiguous() for k, v in guard.guard_state().items()}
     header = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if guard.layout.get("checker", False) else FORMAT_WITHOUT_CHECKER,
         "hfguard_version": __version__,
         "spec": guard.layout,
         "policy": guard.policy,

@@ -40,10 +40,11 @@ class ModelPass(FittedState):
     def _eval_model(self) -> Iterator[None]:
         """Runs the model in eval mode and restores its mode afterwards, even on error or under threads (:mod:`hfguard.modelmode`)."""
         net = self._checker()
-        with eval_mode(self.model) as flipped, eval_mode(net) if net is not None else contextlib.nullcontext():
-            if flipped and not self._warned_train:
+        with eval_mode(self.model) as flipped, eval_mode(net) if net is not None else contextlib.nullcontext() as flipped_checker:
+            if (flipped or flipped_checker) and not self._warned_train:
                 self._warned_train = True
-                warnings.warn("the wrapped model (or one of its submodules) is in training mode; hfguard evaluates it in eval mode and restores every mode afterwards", stacklevel=4)
+                what = "the wrapped model (or one of its submodules)" if flipped else "the checker network (or one of its submodules)"
+                warnings.warn(f"{what} is in training mode; hfguard evaluates it in eval mode and restores every mode afterwards", stacklevel=4)
             yield
 
     def _watched_modules(self) -> list[tuple[str, nn.Module]]:
@@ -114,7 +115,8 @@ class ModelPass(FittedState):
         net = self._checker()
         if net is None:
             raise ModelError("this guard was fitted with a checker network and has none now; pass checker= to hfguard.load (or fit again without one)")
-        out = net(x)
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), x.dtype)
+        out = net(x.to(dtype))  # a float32 checker beside a float16 model (or the other way) gets its own dtype
         k = self.layout["num_classes"]
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape != (x.shape[0], k):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

@@ -206,10 +206,10 @@ class FittedState(nn.Module):
         self.register_buffer("calibrated_threshold", torch.zeros(()))
         self.register_buffer("sigma_", torch.zeros(()))
         if layout.get("checker", False):  # a checker network's term (hfguard.checker): both terms' clean-tail units
-            self.register_buffer("guard_median", torch.zeros((), dtype=torch.float64))
-            self.register_buffer("guard_unit", torch.ones((), dtype=torch.float64))
-            self.register_buffer("checker_median", torch.zeros(k, dtype=torch.float64))
-            self.register_buffer("checker_unit", torch.ones(k, dtype=torch.float64))
+            self.register_buffer("guard_median", torch.zeros(()))
+            self.register_buffer("guard_unit", torch.ones(()))
+            self.register_buffer("checker_median", torch.zeros(k))
+            self.register_buffer("checker_unit", torch.ones(k))
         else:
             for name in ("guard_median", "guard_unit", "checker_median", "checker_unit"):  # a refit without a checker drops them
                 self._buffers.pop(name, None)

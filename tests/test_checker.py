@@ -76,17 +76,18 @@ def test_the_score_sees_the_checker_and_is_differentiable_through_it(checked, fi
     assert all(p.grad is None for p in checker.parameters())
 
 
-def test_check_leaves_the_checker_as_it_was(checked, digits, checker):
-    checker.train()
-    try:
-        before = model_state(checker)
-        eval_scores = checked.check(digits.x_test[:8]).score  # the checker runs in eval mode
-        checker.eval()
-        assert torch.equal(eval_scores, checked.check(digits.x_test[:8]).score)
-        checker.train()
-        assert_same_state(before, model_state(checker))
-    finally:
-        checker.eval()
+def test_check_runs_the_checker_in_eval_mode_and_leaves_it_as_it_was(digits_model, digits, checker):
+    dropped = nn.Sequential(checker, nn.Dropout(0.5)).eval()  # random in training mode: eval mode is visible in the scores
+    guard = hfguard.protect(digits_model, progress=False, checker=dropped, calibration="clean").fit((digits.x_train, digits.y_train))
+    x = digits.x_test[:32]
+    reference = guard.check(x).score
+    dropped.train()
+    before = model_state(dropped)
+    with pytest.warns(UserWarning, match="checker network .* is in training mode"):
+        scores = guard.check(x).score
+    assert torch.equal(scores, reference)
+    assert_same_state(before, model_state(dropped))
+    assert dropped.training
 
 
 def test_save_and_load_need_the_same_checker(checked, digits, digits_model, checker, tmp_path):
@@ -102,6 +103,20 @@ def test_save_and_load_need_the_same_checker(checked, digits, digits_model, chec
     with pytest.raises(ModelMismatchError, match="checker's logits"):
         hfguard.load(path, digits_model, checker=other)
     hfguard.load(path, digits_model, checker=other, verify_model=False)  # changed on purpose: accepted
+    from hfguard.io import FORMAT_VERSION, read_guard_file
+
+    assert read_guard_file(path)[0]["format_version"] == FORMAT_VERSION == 8  # 0.7 refuses it by its version
+
+
+def test_a_half_precision_model_beside_a_float32_checker(checked, digits, digits_model, checker, tmp_path):
+    import copy
+
+    path = tmp_path / "g.safetensors"
+    checked.save(path)
+    half = hfguard.load(path, copy.deepcopy(digits_model).half(), checker=checker)
+    v, ref = half.check(digits.x_test.half()), checked.check(digits.x_test)
+    assert v.score.dtype == ref.score.dtype == torch.float32  # the score keeps the guard's dtype
+    assert float((v.flagged == ref.flagged).float().mean()) > 0.97
 
 
 def test_a_file_without_a_checker_refuses_one(saved_plain, digits_model, checker):

@@ -221,6 +221,8 @@ def adaptive_suite(
             r["feature trajectory"] = evasion(d, xt, y, correct)
             if isinstance(d, HFGuardDetector) and d.guard._checker() is not None:
                 r[JOINT] = evasion(d, joint_targeted_pgd(d, x, y, eps, steps, scales[d.name]), y, correct)
+                bar.total += 1
+                bar.update()
             if queries:
                 white_box = torch.stack([v["_evaded"] for v in r.values()]).any(0)
                 q = evasion(d, query_attack(d, x, y, eps, queries, scales[d.name]), y, correct)

@@ -37,19 +37,20 @@ def cached_checker(dataset: str, x: Tensor, y: Tensor, *, eps: float, epochs: in
     h.update(y.contiguous().numpy().tobytes())
     kind = "" if steps == 1 else f"-pgd{steps}"
     path = cache_dir() / f"robust-checker-{dataset}-eps{eps:g}-e{epochs}{kind}-{h.hexdigest()[:16]}.safetensors"
-    net = small_cnn(c, k, side)
     if path.exists():
+        net = small_cnn(c, k, side)
         net.load_state_dict(load_file(str(path)))
         with safe_open(str(path), framework="pt") as f:
             seconds = float(f.metadata()["training_seconds"])
         for p in net.parameters():
             p.requires_grad_(False)
         return net.eval(), seconds, True
-    torch.manual_seed(seed)
-    net = small_cnn(c, k, side)  # seeded as the measured recipe was
-    t = time.perf_counter()
-    adversarial_training(net, x, y, eps=eps, epochs=epochs, steps=steps, seed=seed, progress=progress)
-    seconds = time.perf_counter() - t
+    with torch.random.fork_rng(devices=[]):  # a trained or a cached checker leaves the global generator alike
+        torch.manual_seed(seed)
+        net = small_cnn(c, k, side)  # seeded as the measured recipe was
+        t = time.perf_counter()
+        adversarial_training(net, x, y, eps=eps, epochs=epochs, steps=steps, seed=seed, progress=progress)
+        seconds = time.perf_counter() - t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({n: v.contiguous() for n, v in net.state_dict().items()}, str(path), metadata={"training_seconds": f"{seconds:.1f}"})
     return net, seconds, False

@@ -96,12 +96,14 @@ def adaptive_table(run: dict[str, Any]) -> str:
     dets = list(ad["detectors"])
     lines = ["| eps | attack | " + " | ".join(f"{d} evasion (misclassified)" for d in dets) + " |", "|---|---|" + "---|" * len(dets)]
     first = ad["detectors"][dets[0]]
-    for eps, attacks in first.items():
+    for eps in first:
+        # every detector's attacks, in order (hfguard's BPDA row and a checker's joint attack are not everyone's)
+        attacks = list(dict.fromkeys(a for d in dets for a in ad["detectors"][d][eps] if a != "best of all (per image)")) + ["best of all (per image)"]
         for att in attacks:
             cells = []
             for d in dets:
                 r = ad["detectors"][d][eps].get(att)
-                cells.append("n/a (no filter)" if r is None else f"{r['evasion_rate']:.3f} ({r['misclassified_rate']:.3f})")
+                cells.append(("n/a (no filter)" if "BPDA" in att else "n/a") if r is None else f"{r['evasion_rate']:.3f} ({r['misclassified_rate']:.3f})")
             lines.append(f"| {eps.split('=')[1]} | {att} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
