@@ -90,6 +90,17 @@ def crosscheck_table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checker_line(c: dict[str, Any]) -> str:
+    """What the bench's robust checker is and how far it agrees with the model (``hfguard bench --checker``)."""
+    how = "FGSM with a random start" if c["steps"] == 1 else f"PGD-{c['steps']}"
+    cached = "loaded from the cache; its" if c["loaded_from_cache"] else "its"
+    return (f"Robust checker (`hfguard + robust checker`): the small CNN trained by {how} adversarial training at eps {c['eps']:g} for "
+            f"{c['epochs']} epochs on the fit images ({cached} training took {c['training_seconds']:.0f} s); clean test accuracy "
+            f"{c['test_accuracy']:.3f}, agreement with the model {c['test_agreement_with_model']:.3f} on the test images and "
+            f"{c['agreement_with_model']:.3f} on the calibration images; {c['classes_on_pooled_tail']} classes take the pooled tail of its term "
+            f"(fewer than {c['min_class_rows']} calibration rows).")
+
+
 def adaptive_table(run: dict[str, Any]) -> str:
     """Rows: eps x attack; columns: hfguard and the strongest peer; evasion rate (misclassified rate)."""
     ad = run["adaptive"]
@@ -223,6 +234,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"batch {cfg['latency_batch']}, median of {cfg['latency_repeats']} interleaved pairs in the same run. Twin gap: largest "
         "|differentiable twin - real score| over the clean score spread (the twin steers the adaptive attacks; evasion is judged on the real score).",
     ]
+    if not cfg.get("peers", True):
+        out[-1] += (" **No peers or ablations ran in this run** (`--no-peers`): only hfguard" + (" and hfguard with the robust checker, the "
+                    "only detector attacked adaptively here (hfguard alone and the peers under the same attacks: the main bench)" if cfg.get("checker") else "")
+                    + "; the sentences on peers describe the full bench.")
     for arch, run in result["runs"].items():
         run = {**run, "target_fpr": cfg["fpr"]}
         out += [
@@ -232,6 +247,7 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Fitted on {run['n_fit']} images; tested on the first {run['n_test']} test images (torchattacks on the first {cfg['n_cross']}); "
             f"hfguard watches {run['hfguard_layers']} and scores {run['hfguard_score_features']}. {run['seconds'] / 60:.1f} min.",
+            *(["", checker_line(run["checker"])] if "checker" in run else []),
             "",
             "### AUROC [95 % CI] (best per row in bold)",
             "",
