@@ -33,10 +33,11 @@ of FGSM with a random start, and ``--trades BETA`` with TRADES (Zhang et al. 201
 ``--checker-term gap`` replaces the cross-entropy by the checker's top logit minus its logit for the model's answer
 (flat where the two agree); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
 it leaves the checker term more of the false-alarm budget). ``--arch resnet`` wraps the small ResNet instead; the
-checker (trained on the data, not on the model) is the same.
+checker (trained on the data, not on the model) is the same. ``--train-labels model`` trains the checker on the wrapped
+model's predictions for the training images instead of their labels (robust imitation: more agreement with the model).
 
 Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
-      [--checker-term ce|gap] [--guard-quantile 0.99] [--combined-only] [--joint | --stress] [--tag T]
+      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -292,6 +293,8 @@ def main() -> None:
                     "or its top logit minus its logit for that answer")
     ap.add_argument("--guard-quantile", type=float, default=0.99, help="the clean quantile that is one unit of hfguard's term")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
+    ap.add_argument("--train-labels", choices=("true", "model"), default="true", help="the checker's training labels: the dataset's, "
+                    "or the wrapped model's predictions on the training images (a checker that imitates the model, robustly)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
     if args.trades and args.train_steps < 2:
@@ -302,7 +305,8 @@ def main() -> None:
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
-    checker, train_seconds, cached = cached_checker(train[0], train[1], args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
+    labels = train[1] if args.train_labels == "true" else batched(model, train[0]).argmax(1)
+    checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,
                         guard_quantile=args.guard_quantile)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
@@ -355,7 +359,7 @@ def main() -> None:
     md = ["# A robust checker beside hfguard (issue 12, idea 2; validation split)", "", f"Command: `{command}`. "
           + __doc__.split("\n\n")[1].replace("\n", " ") + " " + __doc__.split("\n\n")[2].replace("\n", " "), "",
           f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
-          f"checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
+          f"{'the model' if args.train_labels == 'model' else 'the true'} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
           f"{args.guard_quantile:g}; {args.arch}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",
           "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
