@@ -72,6 +72,10 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
         cfg = BenchConfig(
             "digits", archs=("cnn",), n_cal=300, n_test=539, n_cross=539, n_adaptive=200, n_spectral=900,
             eps=(0.15, 0.1, 0.05), adaptive_eps=(0.15, 0.05), l2_eps=1.0, square_queries=1000, squeeze_bits=2, squeeze_median=1,
+            # 958 fit images are 8 batches an epoch: after 6 epochs the checker classifies 0.573 of the 300 calibration images
+            # (never the test images) correctly, after 150 0.977 (PGD-40 accuracy 0.59 at eps 0.15, 0.957 at 0.05; 60 epochs:
+            # 0.977, 0.567, 0.917), for 59 s of training on 1 thread
+            checker_epochs=150,
         )
     elif dataset == "fashion-mnist":
         cfg = BenchConfig(
@@ -84,6 +88,6 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
         cfg = replace(
             cfg, n_fit=600, n_cal=200, n_test=60, n_cross=30, n_adaptive=16, n_spectral=100, pgd_steps=5, cw_steps=5,
             square_queries=20, adaptive_queries=20, adaptive_steps=4, lambdas=(1.0,), latency_repeats=2, latency_batch=32, bootstrap=10,
-            adaptive_eps=(cfg.adaptive_eps[0],),
+            adaptive_eps=(cfg.adaptive_eps[0],), checker_epochs=2,
         )
     return replace(cfg, **overrides)
