@@ -54,8 +54,9 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
+from hfguard.bench.checker import checker_path, load_checker, save_checker
 from hfguard.checker import adversarial_training, sign_steps
-from hfguard.data import cache_dir, cached_model, small_cnn
+from hfguard.data import cached_model, small_cnn
 from hfguard.evaluate import auroc
 
 ATTACKS = {"orthogonal CE": ("orthogonal", "ce"), "selective CE": ("selective", "ce"), "selective margin": ("selective", "margin"),
@@ -81,34 +82,17 @@ def _recipe(steps: int, trades: float) -> str:
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
                    trades: float = 0.0) -> tuple[torch.nn.Module, float, bool]:
     """:func:`fast_adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per setting and
-    cached as safetensors with its training time.
-
-    The file name carries a digest of the recipe, the seed and the training images and labels, so a change to any of
-    them trains afresh. Returns ``(checker, training_seconds, loaded_from_cache)``.
+    cached as safetensors with its training time (:mod:`hfguard.bench.checker`'s cache: the bench's ``--checker``
+    shares the PGD-5 file). Returns ``(checker, training_seconds, loaded_from_cache)``.
     """
-    import hashlib
-
-    from safetensors.torch import load_file, safe_open, save_file
-
-    recipe = _recipe(steps, trades)
-    h = hashlib.sha256(f"{recipe}|eps={eps!r}|epochs={epochs}|seed={seed}".encode())
-    h.update(x.contiguous().numpy().tobytes())
-    h.update(y.contiguous().numpy().tobytes())
     kind = f"-trades{trades:g}-k{steps}" if trades else "" if steps == 1 else f"-pgd{steps}"
-    path = cache_dir() / f"robust-checker-fashion-mnist-eps{eps:g}-e{epochs}{kind}-{h.hexdigest()[:16]}.safetensors"
+    path = checker_path("fashion-mnist", _recipe(steps, trades), x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
     if path.exists():
-        net = small_cnn(1, 10, 28)
-        net.load_state_dict(load_file(str(path)))
-        with safe_open(str(path), framework="pt") as f:
-            seconds = float(f.metadata()["training_seconds"])
-        for p in net.parameters():
-            p.requires_grad_(False)
-        return net.eval(), seconds, True
+        return (*load_checker(path, small_cnn(1, 10, 28)), True)
     t = time.time()
     net = trades_training(x, y, eps, epochs, seed, steps, trades) if trades else fast_adversarial_training(x, y, eps, epochs, seed, steps)
     seconds = time.time() - t
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata={"training_seconds": f"{seconds:.1f}"})
+    save_checker(path, net, seconds)
     return net, seconds, False
 
 
