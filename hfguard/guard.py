@@ -255,7 +255,8 @@ class Guard(ModelPass):
             return self.score(x) > self.calibrated_threshold
 
     def check(self, x: Tensor) -> Verdict:
-        """Everything about a batch in one model pass (plus one pass over the flagged rows under ``policy="filter"``).
+        """Everything about a batch in one model pass (plus one pass over the flagged rows under ``policy="filter"``, and
+        one pass of the checker network when the guard has one).
 
         Raises:
             NotFittedError: before ``fit``.
