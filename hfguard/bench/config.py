@@ -74,7 +74,7 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
             eps=(0.15, 0.1, 0.05), adaptive_eps=(0.15, 0.05), l2_eps=1.0, square_queries=1000, squeeze_bits=2, squeeze_median=1,
             # 958 fit images are 8 batches an epoch: after 6 epochs the checker classifies 0.573 of the 300 calibration images
             # (never the test images) correctly, after 150 0.977 (PGD-40 accuracy 0.59 at eps 0.15, 0.957 at 0.05; 60 epochs:
-            # 0.977, 0.567, 0.917), for 59 s of training on 1 thread
+            # 0.977, 0.567, 0.917), for 33 s of training on 1 thread (benchmarks/checker_epochs.py)
             checker_epochs=150,
         )
     elif dataset == "fashion-mnist":
