@@ -54,7 +54,7 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
-from hfguard.bench.checker import checker_path, load_checker, save_checker
+from hfguard.bench.checker import checker_path, load_checker, recipe, save_checker
 from hfguard.checker import adversarial_training, sign_steps
 from hfguard.data import cached_model, small_cnn
 from hfguard.evaluate import auroc
@@ -66,17 +66,14 @@ ATTACKS = {"orthogonal CE": ("orthogonal", "ce"), "selective CE": ("selective", 
 JOINT = "joint targeted (model and checker to the runner-up, minus the score)"
 
 
-#: name the training recipes in the cache key: change them whenever the training functions change
-RECIPE = "fgsm-rs step 1.25 eps, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
-#: ``--train-steps K`` (K > 1): the attack in training is PGD with K steps of 2.5 eps / K from a random start
-PGD_RECIPE = "pgd-{k} step 2.5 eps/k random start, half clean half adversarial CE, Adam 1e-3, batch 128, small_cnn, v1"
+#: the recipes of FGSM-RS and PGD-K training are :func:`hfguard.bench.checker.recipe`'s (the library trains them);
 #: ``--trades BETA``: TRADES (Zhang et al. 2019): K steps maximise KL(checker(x) || checker(x')) from x + 0.001 N(0, 1),
 #: loss = CE(checker(x), y) + BETA KL
 TRADES_RECIPE = "trades beta {beta} pgd-{k} on KL step 2.5 eps/k start 0.001 randn, Adam 1e-3, batch 128, small_cnn, v1"
 
 
 def _recipe(steps: int, trades: float) -> str:
-    return TRADES_RECIPE.format(beta=trades, k=steps) if trades else RECIPE if steps == 1 else PGD_RECIPE.format(k=steps)
+    return TRADES_RECIPE.format(beta=trades, k=steps) if trades else recipe(steps)
 
 
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,

@@ -122,11 +122,16 @@ def per_image_lambda_pgd(detector: Detector, x: Tensor, y: Tensor, eps: float, s
     return weighted_pgd(detector.diff_both, x, y, eps, threshold=detector.threshold, scale=scale, steps=steps)
 
 
+def _runner_up(model: Any, x: Tensor, y: Tensor) -> Tensor:
+    """(N,) each image's most likely class under ``model`` other than its label: the target of the targeted attacks."""
+    with torch.no_grad():
+        logits = model(x)
+    return logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).argmax(1)
+
+
 def trajectory_attack(guard: Any, x: Tensor, y: Tensor, eps: float, steps: int) -> Tensor:
     """Targeted PGD lowering, at every watched layer and the logits, the distance to the runner-up class's expectation."""
-    with torch.no_grad():
-        logits = guard.model(x)
-        target = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).argmax(1)
+    target = _runner_up(guard.model, x, y)
     n_sources = len(guard.layers) + 1  # watched layers and the logits (not the input spectrum)
     rows = torch.arange(len(x))
 
@@ -147,9 +152,7 @@ def joint_targeted_pgd(detector: HFGuardDetector, x: Tensor, y: Tensor, eps: flo
     first iterate that evades the real score, else the last."""
     guard = detector.guard
     net = guard._checker()
-    with torch.no_grad():
-        logits = guard.model(x)
-        target = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).argmax(1)
+    target = _runner_up(guard.model, x, y)
     held: dict[str, Tensor] = {}
 
     def model(xr: Tensor) -> Tensor:

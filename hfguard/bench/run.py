@@ -140,7 +140,8 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
     x_fit, y_fit = split.x_train[:fit_end], split.y_train[:fit_end]
     x, y = split.x_test[: cfg.n_test], split.y_test[: cfg.n_test]
     with torch.no_grad():
-        correct = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]) == y
+        model_pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+    correct = model_pred == y
     res: dict[str, Any] = {
         "arch": arch,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -159,7 +160,6 @@ def bench_model(model: nn.Module, split: Split, cfg: BenchConfig, *, arch: str =
         fit_seconds[hc.name] = time.perf_counter() - t - (0.0 if res["checker"]["loaded_from_cache"] else res["checker"]["training_seconds"])
         with torch.no_grad():
             checker_pred = torch.cat([hc.guard.checker(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
-            model_pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
         res["checker"].update(test_accuracy=float((checker_pred == y).float().mean()), test_agreement_with_model=float((checker_pred == model_pred).float().mean()))
         variants.append(hc)
     detectors: list[P.Detector] = [hf, *variants, *ablations, *peers]
