@@ -44,6 +44,8 @@ Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import sys
 import time
 import warnings
@@ -77,30 +79,33 @@ def _recipe(steps: int, trades: float) -> str:
 
 
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
-                   trades: float = 0.0) -> tuple[torch.nn.Module, float, bool]:
-    """:func:`fast_adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per setting and
-    cached as safetensors with its training time (:mod:`hfguard.bench.checker`'s cache: the bench's ``--checker``
-    shares the PGD-5 file). Returns ``(checker, training_seconds, loaded_from_cache)``.
+                   trades: float = 0.0, schedule: str = "constant", init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, bool]:
+    """:func:`hfguard.checker.adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per
+    setting and cached as safetensors with its training time (:mod:`hfguard.bench.checker`'s cache: the bench's
+    ``--checker`` shares the PGD-5 file). ``init``: a network whose copy, weights included, is trained instead of a
+    fresh ``small_cnn`` (the wrapped model: an adversarially fine-tuned copy of it). Returns ``(checker,
+    training_seconds, loaded_from_cache)``.
     """
     kind = f"-trades{trades:g}-k{steps}" if trades else "" if steps == 1 else f"-pgd{steps}"
-    path = checker_path("fashion-mnist", _recipe(steps, trades), x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
+    name = _recipe(steps, trades)
+    if schedule != "constant":
+        name, kind = name + f", {schedule} lr", kind + f"-{schedule}"
+    if init is not None:  # the starting weights are part of the recipe
+        digest = hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes() for v in init.state_dict().values())).hexdigest()[:16]
+        name, kind = name + f", initialised from {type(init).__name__} {digest}", kind + "-init"
+    path = checker_path("fashion-mnist", name, x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
     if path.exists():
-        return (*load_checker(path, small_cnn(1, 10, 28)), True)
+        return (*load_checker(path, small_cnn(1, 10, 28) if init is None else copy.deepcopy(init)), True)
     t = time.time()
-    net = trades_training(x, y, eps, epochs, seed, steps, trades) if trades else fast_adversarial_training(x, y, eps, epochs, seed, steps)
+    if trades:
+        net = trades_training(x, y, eps, epochs, seed, steps, trades)
+    else:  # seeded as the measured recipe was (a fresh small CNN's weights come from this seed)
+        torch.manual_seed(seed)
+        net = small_cnn(1, 10, 28) if init is None else copy.deepcopy(init).requires_grad_(True)
+        adversarial_training(net, x, y, eps=eps, epochs=epochs, steps=steps, seed=seed, schedule=schedule)
     seconds = time.time() - t
     save_checker(path, net, seconds)
     return net, seconds, False
-
-
-def fast_adversarial_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1) -> torch.nn.Module:
-    """FGSM with a random start (step 1.25 eps), loss = half clean + half adversarial cross-entropy, Adam 1e-3.
-
-    ``steps`` > 1: PGD with that many steps of 2.5 eps / steps from the same random start (Madry et al.'s attack; the
-    loss keeps its clean half). The library's :func:`hfguard.checker.adversarial_training` since 0.8 (same weights).
-    """
-    torch.manual_seed(seed)
-    return adversarial_training(small_cnn(1, 10, 28), x, y, eps=eps, epochs=epochs, steps=steps, seed=seed)
 
 
 def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int, steps: int, beta: float) -> torch.nn.Module:
@@ -276,6 +281,9 @@ def main() -> None:
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--train-labels", choices=("true", "model"), default="true", help="the checker's training labels: the dataset's, "
                     "or the wrapped model's predictions on the training images (a checker that imitates the model, robustly)")
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="the checker's learning rate: constant or cosine to 0")
+    ap.add_argument("--init", choices=("scratch", "model"), default="scratch", help="train a fresh small CNN, or a copy of the wrapped model "
+                    "(adversarial fine-tuning: the checker starts from the model's own answers)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
     if args.trades and args.train_steps < 2:
@@ -287,7 +295,10 @@ def main() -> None:
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     labels = train[1] if args.train_labels == "true" else batched(model, train[0]).argmax(1)
-    checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades)
+    if args.init == "model" and args.trades:
+        ap.error("--init model trains by adversarial_training, not TRADES")
+    checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
+                                                    schedule=args.schedule, init=model if args.init == "model" else None)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,
                         guard_quantile=args.guard_quantile)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
@@ -341,7 +352,8 @@ def main() -> None:
           + __doc__.split("\n\n")[1].replace("\n", " ") + " " + __doc__.split("\n\n")[2].replace("\n", " "), "",
           f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
           f"{'the model' if args.train_labels == 'model' else 'the true'} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
-          f"{args.guard_quantile:g}; {args.arch}.", "",
+          f"{args.guard_quantile:g}; {args.arch}; learning rate {args.schedule}; "
+          f"{'a copy of the wrapped model, fine-tuned' if args.init == 'model' else 'a fresh small CNN'}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",
           "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     if len(rows) == 1:  # one detector: a column of measures reads better than a row of twenty-five

@@ -19,6 +19,7 @@ defence. Cost: one more forward pass of the checker per ``check``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,13 +79,15 @@ def combined_score(guard_score: Tensor, term: Tensor, pred: Tensor, guard_median
 
 
 def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, epochs: int = 6, steps: int = 5, batch_size: int = 128,
-                         lr: float = 1e-3, seed: int = 0, normalize: tuple[Any, Any] | None = None, progress: bool = False) -> nn.Module:
+                         lr: float = 1e-3, schedule: str = "constant", seed: int = 0, normalize: tuple[Any, Any] | None = None,
+                         progress: bool = False) -> nn.Module:
     """Trains ``net`` (in place) as a checker: PGD adversarial training at L-inf radius ``eps`` in pixel space.
 
     Each batch: ``steps`` signed-gradient steps of ``2.5 eps / steps`` on the cross-entropy from a uniform random
     start in the eps-ball (``steps=1``: one step of ``1.25 eps``, fast adversarial training, Wong et al. 2020),
     then one Adam step on half the clean and half the adversarial cross-entropy. The measured recipe
     (``benchmarks/robust_checker.py``, Fashion-MNIST): ``steps=5``, 6 epochs, ``eps`` the attack radius to resist.
+    ``schedule="cosine"`` decays the learning rate from ``lr`` to 0 over the batches (cosine); ``"constant"`` keeps it.
 
     Args:
         net: the checker, taking the model's inputs (``normalize`` applied) and returning (N, K) logits.
@@ -98,6 +101,8 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
         raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if steps < 1 or epochs < 1 or not eps > 0:
         raise ValueError(f"need steps >= 1, epochs >= 1 and eps > 0; got steps={steps}, epochs={epochs}, eps={eps}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if normalize is None:
         mean = std = None
     else:
@@ -109,6 +114,7 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     step = 1.25 * eps if steps == 1 else 2.5 * eps / steps
+    batches, done = epochs * -(-len(x) // batch_size), 0
     for _ in tqdm(range(epochs), desc="checker adversarial training (epochs)", disable=not progress, leave=False):
         net.train()
         perm = torch.randperm(len(x), generator=gen).to(x.device)
@@ -116,9 +122,13 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
             xb, yb = x[perm[i : i + batch_size]], y[perm[i : i + batch_size]]
             delta = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * eps).to(xb.device)  # drawn on the CPU: the same start on any device
             xa = sign_steps(lambda xr: F.cross_entropy(forward(xr), yb), xb, (xb + delta).clamp(0, 1), eps, step, steps)  # noqa: B023
+            if schedule == "cosine":
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * done / batches))
             opt.zero_grad()
             (0.5 * F.cross_entropy(forward(xb), yb) + 0.5 * F.cross_entropy(forward(xa), yb)).backward()
             opt.step()
+            done += 1
     for p in net.parameters():
         p.requires_grad_(False)
         p.grad = None
