@@ -1,0 +1,107 @@
+"""Issue 12: why does the robust checker stop near 0.2 evasion at eps 0.03? Each evading image, classified (VALIDATION run).
+
+``benchmarks/robust_checker.py`` measured the combined detector (hfguard + a PGD-5 checker, per-class units) at
+0.472 / 0.242 best-of-four evasion (eps 0.1 / 0.03) on the CNN's validation split, and 0.489 / 0.202 with a checker
+fine-tuned from the model with a cosine learning rate. This script reruns the same four detector-aware attacks on
+the same 200 validation images (Fashion-MNIST test 5000-5199) and, for each image some attack evades on (the first
+evading attack's image, in the suite's order), asks what the checker does there:
+
+* **checker fooled too**: its answer on the adversarial image is the model's wrong answer (the checker's own
+  robust error; only a more robust checker closes it);
+* **checker right, its doubt tolerated**: the checker still answers the true class, but its cross-entropy on the
+  model's wrong answer stays inside the clean tail of that class (a more confident checker, or tighter tails, would
+  close it);
+* **checker wrong on the clean image already**: the model was moved to the checker's clean answer (agreement);
+* other (the checker answers a third class).
+
+It also measures, on the 5000 clean calibration images, how many of the images where the two networks disagree the
+combined detector lets through (the tolerance the 5 % false-alarm budget forces), and the checker's mean
+confidence (top softmax probability) on the clean validation images.
+
+Run:  python benchmarks/checker_floor.py   (uses the cached checkers of robust_checker.py; trains them if absent)
+Writes benchmarks/results/checker-floor.{json,md}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from combiner_validation import validation_split, write_results  # benchmarks/
+from robust_checker import ATTACKS, Combined, _one, batched, cached_checker
+
+import hfguard
+from hfguard.data import cached_model
+
+#: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5`` and ``--init model --schedule cosine``)
+CHECKERS = {"PGD-5, fresh small CNN (the bench's)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"}}
+EPS = (0.1, 0.03)
+CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
+
+
+def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
+    """Runs the four attacks at ``eps`` and classifies each evaded image (rates over the model's correct images)."""
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+        clean_c = det.checker(x).argmax(1)
+    first = torch.zeros_like(x)
+    evaded = torch.zeros_like(ok)
+    for mode, loss in ATTACKS.values():
+        xa = _one(det, model, x, y, eps, 100, det.scale, mode, loss)
+        with torch.no_grad():
+            logits, s = det.logits_and_score(xa)
+        new = ok & (logits.argmax(1) != y) & (s <= det.threshold) & ~evaded
+        first[new], evaded = xa[new], evaded | new
+    with torch.no_grad():
+        m_adv, c_logits = model(first).argmax(1), det.checker(first)
+        c_adv = c_logits.argmax(1)
+        term = F.cross_entropy(c_logits, m_adv, reduction="none")
+        units = (term - det.unit_a[0][m_adv]) / det.unit_a[1][m_adv].clamp_min(1e-6)
+    cases = {CASES[0]: c_adv == m_adv, CASES[1]: c_adv == y, CASES[2]: (clean_c == m_adv) & (c_adv != m_adv) & (c_adv != y)}
+    cases[CASES[3]] = ~(cases[CASES[0]] | cases[CASES[1]] | cases[CASES[2]])
+    n = float(ok.sum())
+    out = {"evaded": float(evaded.sum()) / n}
+    out.update({k: float((v & evaded).sum()) / n for k, v in cases.items()})
+    out["checker term of the evaders, in units (median)"] = float(units[evaded].median()) if bool(evaded.any()) else float("nan")
+    return out
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    t0 = time.time()
+    train, calibration, xv, yv = validation_split(1000)
+    model = cached_model("fashion-mnist", "cnn")
+    guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
+    rows = {}
+    for name, kw in CHECKERS.items():
+        checker, _, cached = cached_checker(train[0], train[1], 0.1, 6, steps=5, schedule=kw.get("schedule", "constant"),
+                                            init=model if kw.get("init") else None)
+        det = Combined(guard, checker, calibration[0], per_class=True)
+        with torch.no_grad():
+            det.scale = float(batched(det.score, calibration[0]).std())
+            lg, s = batched(lambda z: torch.cat([t.reshape(len(z), -1) for t in det.logits_and_score(z)], 1), calibration[0]).split([10, 1], 1)
+            disagree = batched(checker, calibration[0]).argmax(1) != lg.argmax(1)
+            conf = F.softmax(batched(checker, xv), 1).max(1).values
+        row = {"checker loaded from cache": cached, "clean disagreement (calibration)": float(disagree.float().mean()),
+               "disagreements let through (calibration)": float((disagree & (s[:, 0] <= det.threshold)).float().mean()),
+               "checker mean confidence (validation)": float(conf.mean())}
+        for eps in EPS:
+            row.update({f"eps {eps} {k}": v for k, v in classify(det, model, xv[:200], yv[:200], eps).items()})
+        rows[name] = row
+        print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, f"{time.time() - t0:.0f}s", flush=True)
+    command = "python benchmarks/" + " ".join([sys.argv[0].split("/")[-1], *sys.argv[1:]])
+    cols = list(next(iter(rows.values())))
+    md = ["# Why the checker's evasion stops near 0.2 at eps 0.03 (issue 12; validation split)", "", f"Command: `{command}`.", "",
+          __doc__.split("\n\n", 1)[1].split("\n\nRun:")[0], "",
+          "Rates are over the model's correctly classified images among the 200 (one image is about 0.0056).", "",
+          "| measure | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    md += [f"| {c} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for r in rows.values()) + " |" for c in cols]
+    write_results("checker-floor", {"command": command, "hfguard": hfguard.__version__, "rows": rows}, md + [""], t0)
+
+
+if __name__ == "__main__":
+    main()
