@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,21 @@ def test_adversarial_training_checks_its_arguments_and_freezes_the_net(digits):
     net = adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=1, steps=1,
                                normalize=([0.5], [0.25]))
     assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+def test_adversarial_training_cosine_schedule_decays_the_learning_rate(digits, monkeypatch):
+    with pytest.raises(ValueError, match="schedule must be"):
+        adversarial_training(small_cnn(1, 10, 8), digits.x_train, digits.y_train, eps=0.1, schedule="step")
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=2, steps=1, lr=0.01, schedule="cosine")
+    assert seen == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)])  # 2 batches an epoch
+    seen.clear()
+    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=2, steps=1, lr=0.01)
+    assert seen == [0.01] * 4
