@@ -6,12 +6,13 @@ fine-tuned from the model with a cosine learning rate. This script reruns the sa
 the same 200 validation images (Fashion-MNIST test 5000-5199) and, for each image some attack evades on (the first
 evading attack's image, in the suite's order), asks what the checker does there:
 
-* **checker fooled too**: its answer on the adversarial image is the model's wrong answer (the checker's own
-  robust error; only a more robust checker closes it);
+* **checker fooled too**: its answer on the adversarial image is the model's wrong answer, and was not on the
+  clean image (the checker's own robust error; only a more robust checker closes it);
 * **checker right, its doubt tolerated**: the checker still answers the true class, but its cross-entropy on the
   model's wrong answer stays inside the clean tail of that class (a more confident checker, or tighter tails, would
   close it);
-* **checker wrong on the clean image already**: the model was moved to the checker's clean answer (agreement);
+* **checker wrong on the clean image already**: the model was moved to the checker's (wrong) answer on the clean
+  image, which the checker keeps (clean agreement closes it);
 * other (the checker answers a third class).
 
 It also measures, on the 5000 clean calibration images, how many of the images where the two networks disagree the
@@ -60,7 +61,7 @@ def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
         c_adv = c_logits.argmax(1)
         term = F.cross_entropy(c_logits, m_adv, reduction="none")
         units = (term - det.unit_a[0][m_adv]) / det.unit_a[1][m_adv].clamp_min(1e-6)
-    cases = {CASES[0]: c_adv == m_adv, CASES[1]: c_adv == y, CASES[2]: (clean_c == m_adv) & (c_adv != m_adv) & (c_adv != y)}
+    cases = {CASES[0]: (c_adv == m_adv) & (clean_c != m_adv), CASES[1]: c_adv == y, CASES[2]: (c_adv == m_adv) & (clean_c == m_adv)}
     cases[CASES[3]] = ~(cases[CASES[0]] | cases[CASES[1]] | cases[CASES[2]])
     n = float(ok.sum())
     out = {"evaded": float(evaded.sum()) / n}
