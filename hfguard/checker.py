@@ -88,6 +88,9 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     then one Adam step on half the clean and half the adversarial cross-entropy. The measured recipe
     (``benchmarks/robust_checker.py``, Fashion-MNIST): ``steps=5``, 6 epochs, ``eps`` the attack radius to resist.
     ``schedule="cosine"`` decays the learning rate from ``lr`` to 0 over the batches (cosine); ``"constant"`` keeps it.
+    ``net`` may be a fresh network or a copy of the wrapped model (``copy.deepcopy(model).requires_grad_(True)``):
+    adversarial fine-tuning from the model's weights, which on Fashion-MNIST left the checker closer to the model
+    (``benchmarks/robust_checker.py --init model --schedule cosine``). Parameters with ``requires_grad`` off stay as they are.
 
     Args:
         net: the checker, taking the model's inputs (``normalize`` applied) and returning (N, K) logits.
@@ -101,6 +104,9 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
         raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if steps < 1 or epochs < 1 or not eps > 0:
         raise ValueError(f"need steps >= 1, epochs >= 1 and eps > 0; got steps={steps}, epochs={epochs}, eps={eps}")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ValueError("the checker has no trainable parameters (requires_grad is off for all of them); for a copy of a frozen model "
+                         "call copy.deepcopy(model).requires_grad_(True)")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if normalize is None:

@@ -160,6 +160,8 @@ def test_adversarial_training_checks_its_arguments_and_freezes_the_net(digits):
         adversarial_training(small_cnn(1, 10, 8), digits.x_train, digits.y_train, eps=0.1, steps=0)
     with pytest.raises(ValueError, match="expected images"):
         adversarial_training(small_cnn(1, 10, 8), digits.x_train[:, 0], digits.y_train, eps=0.1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        adversarial_training(small_cnn(1, 10, 8).requires_grad_(False), digits.x_train, digits.y_train, eps=0.1)
     net = adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=1, steps=1,
                                normalize=([0.5], [0.25]))
     assert not net.training and not any(p.requires_grad for p in net.parameters())
