@@ -2,7 +2,7 @@
 
 On ``mobilenet_v3_small`` at 224x224 (random weights made usable, as ``benchmarks/check_parts.py``), batch 16, the
 guard's spectrum is the largest part of what ``check`` adds. This times, interleaved in one process (median of 25
-rounds, inference mode): the bare forward, the spectrum alone, both one after the other, and both at once (the
+rounds after a warm-up, inference mode; ``spectrum_cost.timed``): the bare forward, the spectrum alone, both one after the other, and both at once (the
 spectrum on a second Python thread while the main thread runs the forward; torch releases the GIL inside its ops),
 and ``check``. If "threaded" came out near the forward alone, ``check`` could overlap them.
 
@@ -13,15 +13,13 @@ Writes benchmarks/results/spectrum-overlap.json.
 from __future__ import annotations
 
 import json
-import random
-import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
 from check_parts import _synthetic  # benchmarks/
+from spectrum_cost import timed
 
 import hfguard
 
@@ -37,19 +35,8 @@ def main(rounds: int = 25) -> None:
 
     fns = {"forward": lambda: model(x), "spectrum": lambda: guard._spectral(x), "serial": lambda: (model(x), guard._spectral(x)),
            "threaded": threaded, "check": lambda: guard.check(x)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
-        for f in fns.values():  # warm-up
-            f()
-            f()
-        for _ in range(rounds):
-            order = list(fns)
-            random.shuffle(order)
-            for k in order:
-                t = time.perf_counter()
-                fns[k]()
-                times[k].append(time.perf_counter() - t)
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        ms = timed(fns, rounds)
     result = {"command": "python benchmarks/" + " ".join([sys.argv[0].split("/")[-1], *sys.argv[1:]]), "hfguard": hfguard.__version__,
               "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", "family": "mobilenet_v3_small", "input": list(x.shape),
               "median_ms": ms, "rounds": rounds}
