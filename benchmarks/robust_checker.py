@@ -33,11 +33,12 @@ of FGSM with a random start, and ``--trades BETA`` with TRADES (Zhang et al. 201
 ``--checker-term gap`` replaces the cross-entropy by the checker's top logit minus its logit for the model's answer
 (flat where the two agree); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
 it leaves the checker term more of the false-alarm budget). ``--arch resnet`` wraps the small ResNet instead; the
-checker (trained on the data, not on the model) is the same. ``--train-labels model`` trains the checker on the wrapped
+checker (trained on the data, not on the model) is the same. ``--train-labels soft`` trains it on the wrapped model's
+softmax outputs (cross-entropy against them: robust distillation of the model). ``--train-labels model`` trains the checker on the wrapped
 model's predictions for the training images instead of their labels (robust imitation: more agreement with the model).
 
 Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
-      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model] [--combined-only] [--joint | --stress] [--tag T]
+      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model|soft] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -279,8 +280,8 @@ def main() -> None:
                     "or its top logit minus its logit for that answer")
     ap.add_argument("--guard-quantile", type=float, default=0.99, help="the clean quantile that is one unit of hfguard's term")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
-    ap.add_argument("--train-labels", choices=("true", "model"), default="true", help="the checker's training labels: the dataset's, "
-                    "or the wrapped model's predictions on the training images (a checker that imitates the model, robustly)")
+    ap.add_argument("--train-labels", choices=("true", "model", "soft"), default="true", help="the checker's training labels: the dataset's, "
+                    "the wrapped model's predictions on the training images (a checker that imitates the model, robustly), or its softmax outputs")
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="the checker's learning rate: constant or cosine to 0")
     ap.add_argument("--init", choices=("scratch", "model"), default="scratch", help="train a fresh small CNN, or a copy of the wrapped model "
                     "(adversarial fine-tuning: the checker starts from the model's own answers)")
@@ -294,7 +295,8 @@ def main() -> None:
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
-    labels = train[1] if args.train_labels == "true" else batched(model, train[0]).argmax(1)
+    labels = {"true": lambda: train[1], "model": lambda: batched(model, train[0]).argmax(1),
+              "soft": lambda: F.softmax(batched(model, train[0]), 1)}[args.train_labels]()
     if args.init == "model" and args.trades:
         ap.error("--init model trains by adversarial_training, not TRADES")
     checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
@@ -351,7 +353,7 @@ def main() -> None:
     md = ["# A robust checker beside hfguard (issue 12, idea 2; validation split)", "", f"Command: `{command}`. "
           + __doc__.split("\n\n")[1].replace("\n", " ") + " " + __doc__.split("\n\n")[2].replace("\n", " "), "",
           f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
-          f"{'the model' if args.train_labels == 'model' else 'the true'} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
+          f"{ {'model': 'the model', 'soft': 'the model softmax', 'true': 'the true'}[args.train_labels]} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
           f"{args.guard_quantile:g}; {args.arch}; learning rate {args.schedule}; "
           f"{'a copy of the wrapped model, fine-tuned' if args.init == 'model' else 'a fresh small CNN'}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",

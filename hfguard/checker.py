@@ -94,7 +94,8 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
 
     Args:
         net: the checker, taking the model's inputs (``normalize`` applied) and returning (N, K) logits.
-        x: (N, C, H, W) clean pixel images in [0, 1]; y: (N,) labels.
+        x: (N, C, H, W) clean pixel images in [0, 1]; y: (N,) labels, or (N, K) class probabilities (e.g. the wrapped
+            model's softmax: robust distillation of the model; the cross-entropy takes them as soft targets).
         normalize: ``(mean, std)`` per channel, as given to :func:`hfguard.protect`: the net gets ``(x - mean) / std``.
 
     Returns:
