@@ -183,3 +183,13 @@ def test_adversarial_training_cosine_schedule_decays_the_learning_rate(digits, m
     seen.clear()
     adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=2, steps=1, lr=0.01)
     assert seen == [0.01] * 4
+
+
+def test_adversarial_training_soft_targets_match_hard_labels_when_one_hot(digits):
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    nets = []
+    for target in (y, torch.nn.functional.one_hot(y, 10).float()):
+        torch.manual_seed(3)
+        nets.append(adversarial_training(small_cnn(1, 10, 8), x, target, eps=0.1, epochs=1, steps=2, seed=3))
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
