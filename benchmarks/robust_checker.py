@@ -33,12 +33,14 @@ of FGSM with a random start, and ``--trades BETA`` with TRADES (Zhang et al. 201
 ``--checker-term gap`` replaces the cross-entropy by the checker's top logit minus its logit for the model's answer
 (flat where the two agree); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
 it leaves the checker term more of the false-alarm budget). ``--arch resnet`` wraps the small ResNet instead; the
-checker (trained on the data, not on the model) is the same. ``--train-labels soft`` trains it on the wrapped model's
+checker (a fresh small CNN trained on the data, unless ``--init model``) is the same. ``--schedule cosine`` decays
+the checker's learning rate to 0 (cosine); ``--init model`` trains a copy of the wrapped model instead of a fresh
+small CNN (adversarial fine-tuning; with ``--arch resnet`` the checker is then a small ResNet). ``--train-labels soft`` trains it on the wrapped model's
 softmax outputs (cross-entropy against them: robust distillation of the model). ``--train-labels model`` trains the checker on the wrapped
 model's predictions for the training images instead of their labels (robust imitation: more agreement with the model).
 
 Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
-      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model|soft] [--combined-only] [--joint | --stress] [--tag T]
+      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model|soft] [--schedule constant|cosine] [--init scratch|model] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -87,12 +89,14 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
     fresh ``small_cnn`` (the wrapped model: an adversarially fine-tuned copy of it). Returns ``(checker,
     training_seconds, loaded_from_cache)``.
     """
+    if trades and (schedule != "constant" or init is not None):
+        raise ValueError("TRADES training takes a fresh small CNN and a constant learning rate")
     kind = f"-trades{trades:g}-k{steps}" if trades else "" if steps == 1 else f"-pgd{steps}"
     name = _recipe(steps, trades)
     if schedule != "constant":
         name, kind = name + f", {schedule} lr", kind + f"-{schedule}"
     if init is not None:  # the starting weights are part of the recipe
-        digest = hashlib.sha256(b"".join(v.detach().contiguous().numpy().tobytes() for v in init.state_dict().values())).hexdigest()[:16]
+        digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for v in init.state_dict().values())).hexdigest()[:16]
         name, kind = name + f", initialised from {type(init).__name__} {digest}", kind + "-init"
     path = checker_path("fashion-mnist", name, x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
     if path.exists():
@@ -289,6 +293,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.trades and args.train_steps < 2:
         ap.error("--trades needs --train-steps K with K > 1 (one step on the KL term is FGSM)")
+    if args.trades and (args.init == "model" or args.schedule != "constant"):
+        ap.error("--trades trains a fresh small CNN at a constant learning rate (no --init model, no --schedule)")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     t0 = time.time()
@@ -297,8 +303,6 @@ def main() -> None:
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     labels = {"true": lambda: train[1], "model": lambda: batched(model, train[0]).argmax(1),
               "soft": lambda: F.softmax(batched(model, train[0]), 1)}[args.train_labels]()
-    if args.init == "model" and args.trades:
-        ap.error("--init model trains by adversarial_training, not TRADES")
     checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
                                                     schedule=args.schedule, init=model if args.init == "model" else None)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,

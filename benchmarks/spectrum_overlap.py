@@ -28,7 +28,11 @@ def main(rounds: int = 25) -> None:
     model, guard, _, x = _synthetic("mobilenet_v3_small", 224, 16)
 
     def threaded() -> None:
-        t = threading.Thread(target=guard._spectral, args=(x,))
+        def spectrum_here() -> None:
+            with torch.inference_mode():  # inference mode is per thread
+                guard._spectral(x)
+
+        t = threading.Thread(target=spectrum_here)
         t.start()
         model(x)
         t.join()

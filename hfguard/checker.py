@@ -89,8 +89,10 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     (``benchmarks/robust_checker.py``, Fashion-MNIST): ``steps=5``, 6 epochs, ``eps`` the attack radius to resist.
     ``schedule="cosine"`` decays the learning rate from ``lr`` to 0 over the batches (cosine); ``"constant"`` keeps it.
     ``net`` may be a fresh network or a copy of the wrapped model (``copy.deepcopy(model).requires_grad_(True)``):
-    adversarial fine-tuning from the model's weights, which on Fashion-MNIST left the checker closer to the model
-    (``benchmarks/robust_checker.py --init model --schedule cosine``). Parameters with ``requires_grad`` off stay as they are.
+    adversarial fine-tuning from the model's weights. On Fashion-MNIST that together with the cosine schedule left
+    the checker a little closer to the model (``benchmarks/robust_checker.py --init model --schedule cosine``; the two
+    changes were measured together). Parameters with ``requires_grad`` off keep their values (all are frozen on
+    return); ``net`` runs in train mode, so its BatchNorm running statistics follow the clean and adversarial batches.
 
     Args:
         net: the checker, taking the model's inputs (``normalize`` applied) and returning (N, K) logits.
@@ -101,8 +103,13 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     Returns:
         ``net`` in eval mode with ``requires_grad`` off and no ``.grad`` (a checker is only attacked, never trained, by the guard).
     """
-    if x.dim() != 4 or len(x) != len(y):
-        raise ValueError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.dim() != 4 or y.dim() not in (1, 2) or len(x) != len(y):
+        raise ValueError(f"expected images (N, C, H, W) and labels (N,) or probabilities (N, K), got {tuple(x.shape)} and {tuple(y.shape)}")
+    y = y.detach().to(x.device)  # a softmax computed with gradients must not tie each step to the model's graph
+    if y.dtype.is_floating_point != (y.dim() == 2):
+        raise ValueError(f"expected integer labels (N,) or floating-point probabilities (N, K), got a {y.dim()}-d {y.dtype} tensor")
+    if y.dim() == 2 and len(y) and (bool((y < 0).any()) or float((y.sum(1) - 1).abs().max()) > 1e-3):
+        raise ValueError("probability targets (N, K) must be non-negative with rows summing to 1 (pass softmax outputs, not logits)")
     if steps < 1 or epochs < 1 or not eps > 0:
         raise ValueError(f"need steps >= 1, epochs >= 1 and eps > 0; got steps={steps}, epochs={epochs}, eps={eps}")
     if not any(p.requires_grad for p in net.parameters()):

@@ -178,11 +178,11 @@ def test_adversarial_training_cosine_schedule_decays_the_learning_rate(digits, m
         return step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording)
-    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=2, steps=1, lr=0.01, schedule="cosine")
-    assert seen == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)])  # 2 batches an epoch
+    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:300], digits.y_train[:300], eps=0.1, epochs=2, steps=1, lr=0.01, schedule="cosine")
+    assert seen == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])  # 3 batches an epoch, the last partial
     seen.clear()
-    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:256], digits.y_train[:256], eps=0.1, epochs=2, steps=1, lr=0.01)
-    assert seen == [0.01] * 4
+    adversarial_training(small_cnn(1, 10, 8), digits.x_train[:300], digits.y_train[:300], eps=0.1, epochs=2, steps=1, lr=0.01)
+    assert seen == [0.01] * 6
 
 
 def test_adversarial_training_soft_targets_match_hard_labels_when_one_hot(digits):
@@ -193,3 +193,25 @@ def test_adversarial_training_soft_targets_match_hard_labels_when_one_hot(digits
         nets.append(adversarial_training(small_cnn(1, 10, 8), x, target, eps=0.1, epochs=1, steps=2, seed=3))
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # genuinely soft targets are used as such, not through their argmax
+    soft = 0.6 * torch.nn.functional.one_hot(y, 10).float() + 0.4 * torch.nn.functional.one_hot((y + 1) % 10, 10).float()
+    torch.manual_seed(3)
+    net = adversarial_training(small_cnn(1, 10, 8), x, soft, eps=0.1, epochs=1, steps=2, seed=3)
+    assert any(not torch.allclose(a, b) for a, b in zip(nets[0].parameters(), net.parameters()))
+
+
+def test_adversarial_training_checks_its_targets_and_leaves_frozen_parameters(digits):
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    with pytest.raises(ValueError, match="integer labels"):
+        adversarial_training(small_cnn(1, 10, 8), x, y.float(), eps=0.1)
+    with pytest.raises(ValueError, match="integer labels"):
+        adversarial_training(small_cnn(1, 10, 8), x, torch.nn.functional.one_hot(y, 10), eps=0.1)
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        adversarial_training(small_cnn(1, 10, 8), x, torch.randn(len(y), 10), eps=0.1)  # logits, not probabilities
+    teacher = small_cnn(1, 10, 8)
+    probs = torch.softmax(teacher(x), 1)  # computed with gradients: training must not reach into the teacher
+    net = small_cnn(1, 10, 8)
+    net[0].requires_grad_(False)
+    before = net[0].weight.clone()
+    adversarial_training(net, x, probs, eps=0.1, epochs=2, steps=1)
+    assert torch.equal(net[0].weight, before) and all(p.grad is None for p in teacher.parameters())
