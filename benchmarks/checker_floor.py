@@ -2,7 +2,8 @@
 
 ``benchmarks/robust_checker.py`` measured the combined detector (hfguard + a PGD-5 checker, per-class units) at
 0.472 / 0.242 best-of-four evasion (eps 0.1 / 0.03) on the CNN's validation split, and 0.489 / 0.202 with a checker
-fine-tuned from the model with a cosine learning rate. This script reruns the same four detector-aware attacks on
+fine-tuned from the model with a cosine learning rate (``--init model --schedule cosine``; a third column trains
+that one on the model's softmax outputs, ``--train-labels soft``). This script reruns the same four detector-aware attacks on
 the same 200 validation images (Fashion-MNIST test 5000-5199) and, for each image some attack evades on (the first
 evading attack's image, in the suite's order), asks what the checker does there:
 
@@ -39,7 +40,8 @@ import hfguard
 from hfguard.data import cached_model
 
 #: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5`` and ``--init model --schedule cosine``)
-CHECKERS = {"PGD-5, fresh small CNN (the bench's)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"}}
+CHECKERS = {"PGD-5, fresh small CNN (the bench's)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
+            "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True}}
 EPS = (0.1, 0.03)
 CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
 
@@ -81,7 +83,8 @@ def main() -> None:
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     rows = {}
     for name, kw in CHECKERS.items():
-        checker, _, cached = cached_checker(train[0], train[1], 0.1, 6, steps=5, schedule=kw.get("schedule", "constant"),
+        labels = F.softmax(batched(model, train[0]), 1) if kw.get("soft") else train[1]
+        checker, _, cached = cached_checker(train[0], labels, 0.1, 6, steps=5, schedule=kw.get("schedule", "constant"),
                                             init=model if kw.get("init") else None)
         det = Combined(guard, checker, calibration[0], per_class=True)
         with torch.no_grad():
