@@ -39,7 +39,7 @@ from robust_checker import ATTACKS, Combined, _one, batched, cached_checker
 import hfguard
 from hfguard.data import cached_model
 
-#: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5`` and ``--init model --schedule cosine``)
+#: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5``, with ``--init model --schedule cosine``, and with ``--train-labels soft`` too)
 CHECKERS = {"PGD-5, fresh small CNN (the bench's)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
             "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True}}
 EPS = (0.1, 0.03)
