@@ -46,7 +46,7 @@ EPS = (0.1, 0.03)
 CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
 
 
-def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, float]:
+def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, scale: float) -> dict[str, float]:
     """Runs the four attacks at ``eps`` and classifies each evaded image (rates over the model's correct images)."""
     with torch.no_grad():
         ok = model(x).argmax(1) == y
@@ -55,7 +55,7 @@ def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
     m_adv = y.clone()  # the model's answer on each image's first evading adversarial, as judged when it evaded
     evaded = torch.zeros_like(ok)
     for mode, loss in ATTACKS.values():
-        xa = _one(det, model, x, y, eps, 100, det.scale, mode, loss)
+        xa = _one(det, model, x, y, eps, 100, scale, mode, loss)
         with torch.no_grad():
             logits, s = det.logits_and_score(xa)
         new = ok & (logits.argmax(1) != y) & (s <= det.threshold) & ~evaded
@@ -88,15 +88,14 @@ def main() -> None:
                                             init=model if kw.get("init") else None)
         det = Combined(guard, checker, calibration[0], per_class=True)
         with torch.no_grad():
-            det.scale = float(batched(det.score, calibration[0]).std())
-            lg, s = batched(lambda z: torch.cat([t.reshape(len(z), -1) for t in det.logits_and_score(z)], 1), calibration[0]).split([10, 1], 1)
-            disagree = batched(checker, calibration[0]).argmax(1) != lg.argmax(1)
+            s = batched(det.score, calibration[0])
+            disagree = batched(checker, calibration[0]).argmax(1) != batched(model, calibration[0]).argmax(1)
             conf = F.softmax(batched(checker, xv), 1).max(1).values
         row = {"checker loaded from cache": cached, "clean disagreement (calibration)": float(disagree.float().mean()),
-               "disagreeing and not flagged (share of all calibration images)": float((disagree & (s[:, 0] <= det.threshold)).float().mean()),
+               "disagreeing and not flagged (share of all calibration images)": float((disagree & (s <= det.threshold)).float().mean()),
                "checker mean confidence (validation)": float(conf.mean())}
         for eps in EPS:
-            row.update({f"eps {eps} {k}": v for k, v in classify(det, model, xv[:200], yv[:200], eps).items()})
+            row.update({f"eps {eps} {k}": v for k, v in classify(det, model, xv[:200], yv[:200], eps, float(s.std())).items()})
         rows[name] = row
         print(name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, f"{time.time() - t0:.0f}s", flush=True)
     command = "python benchmarks/" + " ".join([sys.argv[0].split("/")[-1], *sys.argv[1:]])
