@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import sys
 import time
 import warnings
@@ -59,7 +58,7 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
-from hfguard.bench.checker import checker_path, load_checker, recipe, save_checker
+from hfguard.bench.checker import checker_path, load_checker, recipe, recipe_kind, save_checker
 from hfguard.checker import adversarial_training, sign_steps
 from hfguard.data import cached_model, small_cnn
 from hfguard.evaluate import auroc
@@ -91,13 +90,10 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
     """
     if trades and (schedule != "constant" or init is not None):
         raise ValueError("TRADES training takes a fresh small CNN and a constant learning rate")
-    kind = f"-trades{trades:g}-k{steps}" if trades else "" if steps == 1 else f"-pgd{steps}"
-    name = _recipe(steps, trades)
-    if schedule != "constant":
-        name, kind = name + f", {schedule} lr", kind + f"-{schedule}"
-    if init is not None:  # the starting weights are part of the recipe
-        digest = hashlib.sha256(b"".join(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for v in init.state_dict().values())).hexdigest()[:16]
-        name, kind = name + f", initialised from {type(init).__name__} {digest}", kind + "-init"
+    if trades:
+        name, kind = _recipe(steps, trades), f"-trades{trades:g}-k{steps}"
+    else:  # the library's names (the bench's --checker shares the cache)
+        name, kind = recipe(steps, schedule, init), recipe_kind(steps, schedule, init)
     path = checker_path("fashion-mnist", name, x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
     if path.exists():
         return (*load_checker(path, small_cnn(1, 10, 28) if init is None else copy.deepcopy(init)), True)

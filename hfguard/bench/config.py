@@ -45,11 +45,17 @@ class BenchConfig:
     squeeze_bits: int = 4
     squeeze_median: int = 3  # 1 = no median squeezer
     threads: int | None = None
-    #: also fit and attack "hfguard + robust checker" (hfguard.checker): the dataset's small CNN trained with PGD-``checker_steps``
+    #: also fit and attack "hfguard + robust checker" (hfguard.checker): a checker trained with PGD-``checker_steps``
     #: adversarial training at eps ``eps_hi`` for ``checker_epochs`` epochs on the fit images (cached after the first run)
     checker: bool = False
     checker_epochs: int = 6
     checker_steps: int = 5
+    #: "model": the checker is a copy of the wrapped model, fine-tuned from its weights; "scratch": the dataset's small CNN
+    checker_init: str = "model"
+    #: "softmax": the model's softmax on the fit images as soft targets (robust distillation); "labels": the true labels
+    checker_targets: str = "softmax"
+    #: the checker's learning rate: "cosine" (to 0 over the batches) or "constant"
+    checker_schedule: str = "cosine"
     #: False: no peers and no ablations (hfguard's detectors only; the adaptive suite attacks the checker variant alone if any)
     peers: bool = True
     extra: dict[str, Any] = field(default_factory=dict)

@@ -29,7 +29,7 @@ from hfguard.bench.attack_suite import own_attacks, run_attacks, success_rate, s
 from hfguard.bench.config import BenchConfig, preset
 from hfguard.bench.metrics import attack_metrics, clean_view
 from hfguard.bench.plots import histograms, roc_grid
-from hfguard.bench.tables import markdown
+from hfguard.bench.tables import checker_recipe, markdown
 from hfguard.data import Split, cached_model, load_dataset
 from hfguard.evaluate import jsonable, relative_latency
 from hfguard.selfattack import DEFAULT_FAMILIES
@@ -68,15 +68,22 @@ def fit_checker_variant(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: T
     """hfguard with the bench's robust checker (:mod:`hfguard.bench.checker`), fitted like hfguard; and the checker's facts."""
     from hfguard.bench.checker import cached_checker
 
-    net, train_s, cached = cached_checker(cfg.dataset, x_fit, y_fit, eps=cfg.eps_hi, epochs=cfg.checker_epochs, steps=cfg.checker_steps, progress=progress)
+    if cfg.checker_init not in ("model", "scratch") or cfg.checker_targets not in ("softmax", "labels"):
+        raise ValueError(f"checker_init must be 'model' or 'scratch' and checker_targets 'softmax' or 'labels', got {cfg.checker_init!r} and {cfg.checker_targets!r}")
+    targets = y_fit
+    if cfg.checker_targets == "softmax":
+        with torch.no_grad():
+            targets = torch.cat([model(x_fit[i : i + 512]).softmax(1) for i in range(0, len(x_fit), 512)])
+    net, train_s, cached = cached_checker(cfg.dataset, x_fit, targets, eps=cfg.eps_hi, epochs=cfg.checker_epochs, steps=cfg.checker_steps,
+                                          schedule=cfg.checker_schedule, init=model if cfg.checker_init == "model" else None, progress=progress)
     det = P.HFGuardDetector(model, fpr=cfg.fpr, checker=net)
     det.name = WITH_CHECKER
-    how = "FGSM with a random start" if cfg.checker_steps == 1 else f"PGD-{cfg.checker_steps}"
-    det.implementation = f"hfguard (checker: the small CNN, {how} adversarial training at eps {cfg.eps_hi:g}, {cfg.checker_epochs} epochs, on the fit images)"
+    info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.eps_hi,
+            "init": cfg.checker_init, "targets": cfg.checker_targets, "schedule": cfg.checker_schedule}
+    det.implementation = f"hfguard (checker: {checker_recipe(info)})"
     det.trained_on = "clean images (+ attacks it generates on them in fit); the checker: adversarial training on the same images"
     det.fit(x_fit, y_fit, x_cal)
-    info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.eps_hi,
-            **det.guard.fit_report.get("checker", {})}
+    info.update(det.guard.fit_report.get("checker", {}))
     return det, info
 
 

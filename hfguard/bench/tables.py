@@ -90,12 +90,20 @@ def crosscheck_table(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checker_recipe(c: dict[str, Any]) -> str:
+    """How the bench's checker was made, from its facts (results written before 0.8.2 lack init, targets and schedule:
+    those runs trained the small CNN on the true labels at a constant learning rate)."""
+    how = "FGSM with a random start" if c["steps"] == 1 else f"PGD-{c['steps']}"
+    net = "a copy of the model, fine-tuned from its weights," if c.get("init", "scratch") == "model" else "the small CNN"
+    targets = "the model's softmax as soft targets (robust distillation)" if c.get("targets", "labels") == "softmax" else "the true labels"
+    lr = "a cosine learning rate" if c.get("schedule", "constant") == "cosine" else "a constant learning rate"
+    return f"{net} trained by {how} adversarial training at eps {c['eps']:g} for {c['epochs']} epochs on the fit images, with {targets} and {lr}"
+
+
 def checker_line(c: dict[str, Any]) -> str:
     """What the bench's robust checker is and how far it agrees with the model (``hfguard bench --checker``)."""
-    how = "FGSM with a random start" if c["steps"] == 1 else f"PGD-{c['steps']}"
     cached = "loaded from the cache; its" if c["loaded_from_cache"] else "its"
-    return (f"Robust checker (`hfguard + robust checker`): the small CNN trained by {how} adversarial training at eps {c['eps']:g} for "
-            f"{c['epochs']} epochs on the fit images ({cached} training took {c['training_seconds']:.0f} s); clean test accuracy "
+    return (f"Robust checker (`hfguard + robust checker`): {checker_recipe(c)} ({cached} training took {c['training_seconds']:.0f} s); clean test accuracy "
             f"{c['test_accuracy']:.3f}, agreement with the model {c['test_agreement_with_model']:.3f} on the test images and "
             f"{c['agreement_with_model']:.3f} on the calibration images; {c['classes_on_pooled_tail']} classes take the pooled tail of its term "
             f"(fewer than {c['min_class_rows']} calibration rows).")
