@@ -37,10 +37,11 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 from robust_checker import ATTACKS, Combined, _one, batched, cached_checker
 
 import hfguard
+from hfguard.bench.checker import model_softmax
 from hfguard.data import cached_model
 
 #: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5``, with ``--init model --schedule cosine``, and with ``--train-labels soft`` too)
-CHECKERS = {"PGD-5, fresh small CNN (the bench's)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
+CHECKERS = {"PGD-5, fresh small CNN (the bench's before 0.8.2)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
             "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True}}
 EPS = (0.1, 0.03)
 CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
@@ -83,7 +84,7 @@ def main() -> None:
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     rows = {}
     for name, kw in CHECKERS.items():
-        labels = F.softmax(batched(model, train[0]), 1) if kw.get("soft") else train[1]
+        labels = model_softmax(model, train[0]) if kw.get("soft") else train[1]
         checker, _, cached = cached_checker(train[0], labels, 0.1, 6, steps=5, schedule=kw.get("schedule", "constant"),
                                             init=model if kw.get("init") else None)
         det = Combined(guard, checker, calibration[0], per_class=True)

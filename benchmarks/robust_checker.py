@@ -58,7 +58,7 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
-from hfguard.bench.checker import checker_path, load_checker, recipe, recipe_kind, save_checker
+from hfguard.bench.checker import checker_path, load_checker, model_softmax, recipe, recipe_kind, save_checker
 from hfguard.checker import adversarial_training, sign_steps
 from hfguard.data import cached_model, small_cnn
 from hfguard.evaluate import auroc
@@ -84,7 +84,7 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
                    trades: float = 0.0, schedule: str = "constant", init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, bool]:
     """:func:`hfguard.checker.adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per
     setting and cached as safetensors with its training time (:mod:`hfguard.bench.checker`'s cache: the bench's
-    ``--checker`` shares the PGD-5 file). ``init``: a network whose copy, weights included, is trained instead of a
+    ``--checker`` shares the file of ``--train-steps 5 --init model --schedule cosine --train-labels soft``, its default). ``init``: a network whose copy, weights included, is trained instead of a
     fresh ``small_cnn`` (the wrapped model: an adversarially fine-tuned copy of it). Returns ``(checker,
     training_seconds, loaded_from_cache)``.
     """
@@ -298,7 +298,7 @@ def main() -> None:
     model = cached_model("fashion-mnist", args.arch)
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     labels = {"true": lambda: train[1], "model": lambda: batched(model, train[0]).argmax(1),
-              "soft": lambda: F.softmax(batched(model, train[0]), 1)}[args.train_labels]()
+              "soft": lambda: model_softmax(model, train[0])}[args.train_labels]()
     checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
                                                     schedule=args.schedule, init=model if args.init == "model" else None)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,

@@ -14,8 +14,26 @@ from torch import Tensor, nn
 
 from hfguard.checker import adversarial_training
 from hfguard.data import cache_dir, small_cnn
+from hfguard.errors import ModelError
 
-__all__ = ["cached_checker", "recipe", "recipe_kind", "weights_tag", "checker_path", "load_checker", "save_checker"]
+__all__ = ["cached_checker", "model_softmax", "recipe", "recipe_kind", "weights_tag", "checker_path", "load_checker", "save_checker"]
+
+#: the batch of :func:`model_softmax` (part of the soft targets' bytes, hence of the cache key: keep it fixed)
+SOFTMAX_BATCH = 512
+
+
+def model_softmax(model: nn.Module, x: Tensor) -> Tensor:
+    """The model's softmax on ``x`` in eval mode (its mode restored), in batches of :data:`SOFTMAX_BATCH`: the soft
+    targets of robust distillation. The bench and ``benchmarks/robust_checker.py`` both use it, so their targets
+    agree bit for bit and they share a cached checker."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([model(x[i : i + SOFTMAX_BATCH]).softmax(1) for i in range(0, len(x), SOFTMAX_BATCH)])
+    finally:
+        model.train(was)
+
 
 
 def weights_tag(net: nn.Module) -> str:
@@ -80,6 +98,10 @@ def cached_checker(dataset: str, x: Tensor, y: Tensor, *, eps: float, epochs: in
     ``(x, y)`` (pixels in [0, 1]; ``y`` labels, or (N, K) probabilities such as the model's softmax) with ``schedule``,
     and cached (:func:`checker_path`). ``init`` itself is never changed."""
     k = y.shape[1] if y.dim() == 2 else int(y.max()) + 1
+    if init is not None:
+        out = model_softmax(init, x[:1])
+        if out.dim() != 2 or out.shape[1] != k:
+            raise ModelError(f"the checker's starting network must return (N, {k}) logits for the {k} classes of the targets, got {tuple(out.shape)}")
 
     def fresh() -> nn.Module:
         return small_cnn(x.shape[1], k, x.shape[-1]) if init is None else copy.deepcopy(init).requires_grad_(True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from hfguard.errors import SettingsError
+
 __all__ = ["BenchConfig", "preset"]
 
 
@@ -68,6 +70,12 @@ class BenchConfig:
     def eps_lo(self) -> float:
         return min(self.eps)
 
+    def __post_init__(self) -> None:
+        choices = {"checker_init": ("model", "scratch"), "checker_targets": ("softmax", "labels"), "checker_schedule": ("cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -78,9 +86,10 @@ def preset(dataset: str, *, tiny: bool = False, **overrides: Any) -> BenchConfig
         cfg = BenchConfig(
             "digits", archs=("cnn",), n_cal=300, n_test=539, n_cross=539, n_adaptive=200, n_spectral=900,
             eps=(0.15, 0.1, 0.05), adaptive_eps=(0.15, 0.05), l2_eps=1.0, square_queries=1000, squeeze_bits=2, squeeze_median=1,
-            # 958 fit images are 8 batches an epoch: after 6 epochs the checker classifies 0.573 of the 300 calibration images
-            # (never the test images) correctly, after 150 0.977 (PGD-40 accuracy 0.59 at eps 0.15, 0.957 at 0.05; 60 epochs:
-            # 0.977, 0.567, 0.917), for 33 s of training on 1 thread (benchmarks/checker_epochs.py)
+            # 958 fit images are 8 batches an epoch: after 6 epochs a fresh small CNN checker classifies 0.573 of the 300
+            # calibration images (never the test images) correctly, after 150 0.977 (PGD-40 accuracy 0.59 at eps 0.15, 0.957
+            # at 0.05; 60 epochs: 0.977, 0.567, 0.917), for 33 s of training on 1 thread (benchmarks/checker_epochs.py). The
+            # epochs were measured for that recipe (fresh CNN, true labels, constant lr) and kept for the fine-tuned copy.
             checker_epochs=150,
         )
     elif dataset == "fashion-mnist":

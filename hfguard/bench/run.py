@@ -66,14 +66,9 @@ WITH_CHECKER = "hfguard + robust checker"
 
 def fit_checker_variant(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: Tensor, cfg: BenchConfig, progress: bool = True) -> tuple[P.HFGuardDetector, dict[str, Any]]:
     """hfguard with the bench's robust checker (:mod:`hfguard.bench.checker`), fitted like hfguard; and the checker's facts."""
-    from hfguard.bench.checker import cached_checker
+    from hfguard.bench.checker import cached_checker, model_softmax
 
-    if cfg.checker_init not in ("model", "scratch") or cfg.checker_targets not in ("softmax", "labels"):
-        raise ValueError(f"checker_init must be 'model' or 'scratch' and checker_targets 'softmax' or 'labels', got {cfg.checker_init!r} and {cfg.checker_targets!r}")
-    targets = y_fit
-    if cfg.checker_targets == "softmax":
-        with torch.no_grad():
-            targets = torch.cat([model(x_fit[i : i + 512]).softmax(1) for i in range(0, len(x_fit), 512)])
+    targets = model_softmax(model, x_fit) if cfg.checker_targets == "softmax" else y_fit
     net, train_s, cached = cached_checker(cfg.dataset, x_fit, targets, eps=cfg.eps_hi, epochs=cfg.checker_epochs, steps=cfg.checker_steps,
                                           schedule=cfg.checker_schedule, init=model if cfg.checker_init == "model" else None, progress=progress)
     det = P.HFGuardDetector(model, fpr=cfg.fpr, checker=net)
@@ -81,7 +76,8 @@ def fit_checker_variant(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: T
     info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.eps_hi,
             "init": cfg.checker_init, "targets": cfg.checker_targets, "schedule": cfg.checker_schedule}
     det.implementation = f"hfguard (checker: {checker_recipe(info)})"
-    det.trained_on = "clean images (+ attacks it generates on them in fit); the checker: adversarial training on the same images"
+    det.trained_on = ("clean images (+ attacks it generates on them in fit); the checker: adversarial training on the same images"
+                      + (", against the model's softmax" if cfg.checker_targets == "softmax" else ""))
     det.fit(x_fit, y_fit, x_cal)
     info.update(det.guard.fit_report.get("checker", {}))
     return det, info
