@@ -35,7 +35,6 @@ def model_softmax(model: nn.Module, x: Tensor) -> Tensor:
         model.train(was)
 
 
-
 def weights_tag(net: nn.Module) -> str:
     """16 hex digits of SHA-256 over ``net``'s state (values in order): the starting weights of a fine-tuned checker."""
     raw = b"".join(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for v in net.state_dict().values())
