@@ -285,9 +285,11 @@ def run_bench(dataset: str = "digits", out: str = "benchmarks/results", *, archs
         result["runs"][arch] = run
         save_scores(run, out_dir / f"{stem}-{arch}-scores.npz")
         draw(run, stem, arch, out_dir)
-    result["seconds"] = time.perf_counter() - t0
-    (out_dir / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=2))
-    (out_dir / f"{stem}.md").write_text(markdown(result))
+        # after each architecture, so that a run stopped later keeps what it measured (marked partial until the end)
+        result["complete"] = len(result["runs"]) == len(cfg.archs)
+        result["seconds"] = time.perf_counter() - t0
+        (out_dir / f"{stem}.json").write_text(json.dumps(jsonable(result), indent=2))
+        (out_dir / f"{stem}.md").write_text(markdown(result))
     return result
 
 

@@ -233,6 +233,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}` ({result['machine']}; torch {v['torch']}, torchattacks {v['torchattacks']}, pytorch-ood {v['pytorch-ood']}; "
         f"{result['seconds'] / 60:.1f} min in all).",
         "",
+        *([f"**Partial result:** the run stopped after {', '.join(result['runs'])} of {', '.join(cfg['archs'])}.", ""]
+          if result.get("complete") is False else []),
         f"Every detector is fitted on the same clean training images; the peers' thresholds are calibrated at {cfg['fpr']:.0%} FPR on "
         f"{cfg['n_cal']} held-out clean training images that the model never trained on; hfguard sets its threshold on the same images "
         "(`fit(..., calibration_data=...)`). Only successful "

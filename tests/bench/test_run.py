@@ -29,6 +29,7 @@ def bench_out(tmp_path_factory):
 def test_writes_json_markdown_and_plots(bench_out):
     for name in ("digits.json", "digits.md", "digits-cnn-roc.png", "digits-cnn-hist.png", "digits-cnn-scores.npz"):
         assert (bench_out / name).stat().st_size > 1000, name
+    assert json.loads((bench_out / "digits.json").read_text())["complete"] is True and "Partial" not in (bench_out / "digits.md").read_text()
 
 
 def test_replot_redraws_from_the_saved_scores(bench_out):
@@ -187,3 +188,25 @@ def test_the_checker_variant_alone_is_fitted_reported_and_attacked(tmp_path, mon
     assert main(["bench", "--dataset", "digits", "--tiny", "--quiet", "--checker", "--no-peers", "--tag", "chk", "--out", str(out)]) == 0
     assert json.loads((out / "digits-chk.json").read_text())["runs"]["cnn"]["checker"]["loaded_from_cache"] is True
     assert main(["bench", "--dataset", "digits", "--replot", "--tag", "chk", "--out", str(out)]) == 0
+
+
+def test_a_run_stopped_after_one_architecture_keeps_its_results(tmp_path, monkeypatch):
+    from hfguard.bench import run as R
+
+    monkeypatch.setenv("HFGUARD_CACHE", str(tmp_path / "cache"))
+    real_model, real_bench = R.cached_model, R.bench_model
+    monkeypatch.setattr(R, "cached_model", lambda dataset, arch, **kw: real_model(dataset, "cnn", **kw))  # no resnet to train
+
+    def bench_model(model, split, cfg, *, arch="model", progress=True):
+        if arch == "resnet":
+            raise KeyboardInterrupt  # the user stops the run during the second architecture
+        return real_bench(model, split, cfg, arch=arch, progress=progress)
+
+    monkeypatch.setattr(R, "bench_model", bench_model)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        R.run_bench("digits", str(out), archs=("cnn", "resnet"), cfg=preset("digits", tiny=True, peers=False), progress=False)
+    result = json.loads((out / "digits.json").read_text())
+    assert list(result["runs"]) == ["cnn"] and result["complete"] is False and result["seconds"] > 0
+    assert "**Partial result:** the run stopped after cnn of cnn, resnet." in (out / "digits.md").read_text()
+    assert (out / "digits-cnn-roc.png").exists() and (out / "digits-cnn-scores.npz").exists()
