@@ -47,7 +47,6 @@ Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 import warnings
@@ -58,8 +57,9 @@ from combiner_validation import validation_split, write_results  # benchmarks/
 
 import hfguard
 from hfguard.attacks import cw_l2, detector_pgd, evasion_loss, pgd, random_search, square_linf, weighted_pgd
-from hfguard.bench.checker import checker_path, load_checker, model_softmax, recipe, recipe_kind, save_checker
-from hfguard.checker import adversarial_training, sign_steps
+from hfguard.bench.checker import cached_checker as bench_cached_checker
+from hfguard.bench.checker import checker_path, load_checker, model_softmax, recipe, save_checker
+from hfguard.checker import sign_steps
 from hfguard.data import cached_model, small_cnn
 from hfguard.evaluate import auroc
 
@@ -82,28 +82,21 @@ def _recipe(steps: int, trades: float) -> str:
 
 def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, seed: int = 0, steps: int = 1,
                    trades: float = 0.0, schedule: str = "constant", init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, bool]:
-    """:func:`hfguard.checker.adversarial_training` (or :func:`trades_training` when ``trades`` > 0), trained once per
-    setting and cached as safetensors with its training time (:mod:`hfguard.bench.checker`'s cache: the bench's
+    """:func:`hfguard.bench.checker.cached_checker` (the library's training and cache), or :func:`trades_training` when
+    ``trades`` > 0, trained once per setting and cached as safetensors with its training time (one cache: the bench's
     ``--checker`` shares the file of ``--train-steps 5 --init model --schedule cosine --train-labels soft``, its default). ``init``: a network whose copy, weights included, is trained instead of a
     fresh ``small_cnn`` (the wrapped model: an adversarially fine-tuned copy of it). Returns ``(checker,
     training_seconds, loaded_from_cache)``.
     """
     if trades and (schedule != "constant" or init is not None):
         raise ValueError("TRADES training takes a fresh small CNN and a constant learning rate")
-    if trades:
-        name, kind = _recipe(steps, trades), f"-trades{trades:g}-k{steps}"
-    else:  # the library's names (the bench's --checker shares the cache)
-        name, kind = recipe(steps, schedule, init), recipe_kind(steps, schedule, init)
-    path = checker_path("fashion-mnist", name, x, y, eps=eps, epochs=epochs, seed=seed, kind=kind)
+    if not trades:  # the library's cache and training (the bench's --checker shares the file)
+        return bench_cached_checker("fashion-mnist", x, y, eps=eps, epochs=epochs, steps=steps, seed=seed, schedule=schedule, init=init)
+    path = checker_path("fashion-mnist", _recipe(steps, trades), x, y, eps=eps, epochs=epochs, seed=seed, kind=f"-trades{trades:g}-k{steps}")
     if path.exists():
-        return (*load_checker(path, small_cnn(1, 10, 28) if init is None else copy.deepcopy(init)), True)
+        return (*load_checker(path, small_cnn(1, 10, 28)), True)
     t = time.time()
-    if trades:
-        net = trades_training(x, y, eps, epochs, seed, steps, trades)
-    else:  # seeded as the measured recipe was (a fresh small CNN's weights come from this seed)
-        torch.manual_seed(seed)
-        net = small_cnn(1, 10, 28) if init is None else copy.deepcopy(init).requires_grad_(True)
-        adversarial_training(net, x, y, eps=eps, epochs=epochs, steps=steps, seed=seed, schedule=schedule)
+    net = trades_training(x, y, eps, epochs, seed, steps, trades)
     seconds = time.time() - t
     save_checker(path, net, seconds)
     return net, seconds, False

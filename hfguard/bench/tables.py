@@ -91,8 +91,8 @@ def crosscheck_table(run: dict[str, Any]) -> str:
 
 
 def checker_recipe(c: dict[str, Any]) -> str:
-    """How the bench's checker was made, from its facts (results written before 0.8.2 (the version that made the copy the default) lack init, targets and schedule:
-    those runs trained the small CNN on the true labels at a constant learning rate)."""
+    """How the bench's checker was made, from its facts. Results written before 0.8.2 lack init, targets and schedule:
+    those runs trained the small CNN on the true labels at a constant learning rate."""
     how = "FGSM with a random start" if c["steps"] == 1 else f"PGD-{c['steps']}"
     net = "a copy of the model, fine-tuned from its weights," if c.get("init", "scratch") == "model" else "the small CNN"
     targets = "the model's softmax as soft targets (robust distillation)" if c.get("targets", "labels") == "softmax" else "the true labels"
