@@ -31,7 +31,8 @@ the checker term's clean-tail units per class the model predicts; ``--combined-o
 ``--train-steps K`` trains the checker with PGD-K (as Madry et al. 2018, but with the same half clean loss) instead
 of FGSM with a random start, and ``--trades BETA`` with TRADES (Zhang et al. 2019, K > 1 steps on the KL term).
 ``--checker-term gap`` replaces the cross-entropy by the checker's top logit minus its logit for the model's answer
-(flat where the two agree); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
+(flat where the two agree); ``--checker-term kl`` by KL(model softmax || checker softmax), which is the cross-entropy
+where the model is confident and shrinks where the model itself is unsure (clean disagreements are mostly there); ``--guard-quantile Q`` makes hfguard's clean quantile Q one unit of its term (above 0.99
 it leaves the checker term more of the false-alarm budget). ``--arch resnet`` wraps the small ResNet instead; the
 checker (a fresh small CNN trained on the data, unless ``--init model``) is the same. ``--schedule cosine`` decays
 the checker's learning rate to 0 (cosine); ``--init model`` trains a copy of the wrapped model instead of a fresh
@@ -40,7 +41,7 @@ softmax outputs (cross-entropy against them: robust distillation of the model). 
 model's predictions for the training images instead of their labels (robust imitation: more agreement with the model).
 
 Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
-      [--checker-term ce|gap] [--guard-quantile 0.99] [--train-labels true|model|soft] [--schedule constant|cosine] [--init scratch|model] [--combined-only] [--joint | --stress] [--tag T]
+      [--checker-term ce|gap|kl] [--guard-quantile 0.99] [--train-labels true|model|soft] [--schedule constant|cosine] [--init scratch|model] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -132,8 +133,9 @@ def trades_training(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, s
 class Combined:
     """hfguard's score and the checker's disagreement, each in units of its clean tail, combined by their maximum.
 
-    ``term``: ``"ce"``, the checker's cross-entropy on the model's answer, or ``"gap"``, its top logit minus its logit
-    for the model's answer (the attacker must make the model's wrong answer the checker's top, not only likely).
+    ``term``: ``"ce"``, the checker's cross-entropy on the model's answer, ``"gap"``, its top logit minus its logit
+    for the model's answer (the attacker must make the model's wrong answer the checker's top, not only likely), or
+    ``"kl"``, KL(model softmax || checker softmax).
     ``guard_quantile``: the clean quantile that is one unit of hfguard's term; above 0.99 it leaves the checker term
     more of the false-alarm budget.
     ``per_class``: the checker term's units (median and 99th percentile on the calibration split) are taken per class
@@ -159,6 +161,8 @@ class Combined:
         c = self.checker(x)
         if self.term == "gap":  # the checker's top logit over its logit for the model's answer: 0 when it agrees
             return sg, c.max(1).values - c.gather(1, pred[:, None])[:, 0], pred
+        if self.term == "kl":  # KL(model || checker): the cross-entropy on the model's answer where the model is confident
+            return sg, F.kl_div(F.log_softmax(c.float(), 1), F.log_softmax(logits.float(), 1), log_target=True, reduction="none").sum(1), pred
         return sg, F.cross_entropy(c, pred, reduction="none"), pred
 
     def _key(self, pred: torch.Tensor) -> torch.Tensor:
@@ -269,8 +273,8 @@ def main() -> None:
     ap.add_argument("--restart-steps", type=int, default=300)
     ap.add_argument("--queries", type=int, default=1000, help="--stress: queries of the gradient-free attacks")
     ap.add_argument("--per-class-units", action="store_true", help="the checker term's clean-tail units per predicted class")
-    ap.add_argument("--checker-term", choices=("ce", "gap"), default="ce", help="the checker's cross-entropy on the model's answer, "
-                    "or its top logit minus its logit for that answer")
+    ap.add_argument("--checker-term", choices=("ce", "gap", "kl"), default="ce", help="the checker's cross-entropy on the model's answer, "
+                    "its top logit minus its logit for that answer, or KL(model softmax || checker softmax)")
     ap.add_argument("--guard-quantile", type=float, default=0.99, help="the clean quantile that is one unit of hfguard's term")
     ap.add_argument("--combined-only", action="store_true", help="skip hfguard alone (it does not depend on the checker)")
     ap.add_argument("--train-labels", choices=("true", "model", "soft"), default="true", help="the checker's training labels: the dataset's, "
