@@ -85,7 +85,8 @@ def cached_checker(x: torch.Tensor, y: torch.Tensor, eps: float, epochs: int, se
                    trades: float = 0.0, schedule: str = "constant", init: torch.nn.Module | None = None) -> tuple[torch.nn.Module, float, bool]:
     """:func:`hfguard.bench.checker.cached_checker` (the library's training and cache), or :func:`trades_training` when
     ``trades`` > 0, trained once per setting and cached as safetensors with its training time (one cache: the bench's
-    ``--checker`` shares the file of ``--train-steps 5 --init model --schedule cosine --train-labels soft``, its default). ``init``: a network whose copy, weights included, is trained instead of a
+    ``--checker`` shares the file of ``--train-eps 0.05 --train-steps 5 --init model --schedule cosine --train-labels soft``, its
+    default since 0.8.3; 0.8.2's was the same at ``--train-eps 0.1``). ``init``: a network whose copy, weights included, is trained instead of a
     fresh ``small_cnn`` (the wrapped model: an adversarially fine-tuned copy of it). Returns ``(checker,
     training_seconds, loaded_from_cache)``.
     """

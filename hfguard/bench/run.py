@@ -69,11 +69,11 @@ def fit_checker_variant(model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_cal: T
     from hfguard.bench.checker import cached_checker, model_softmax
 
     targets = model_softmax(model, x_fit) if cfg.checker_targets == "softmax" else y_fit
-    net, train_s, cached = cached_checker(cfg.dataset, x_fit, targets, eps=cfg.eps_hi, epochs=cfg.checker_epochs, steps=cfg.checker_steps,
+    net, train_s, cached = cached_checker(cfg.dataset, x_fit, targets, eps=cfg.checker_eps, epochs=cfg.checker_epochs, steps=cfg.checker_steps,
                                           schedule=cfg.checker_schedule, init=model if cfg.checker_init == "model" else None, progress=progress)
     det = P.HFGuardDetector(model, fpr=cfg.fpr, checker=net)
     det.name = WITH_CHECKER
-    info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.eps_hi,
+    info = {"training_seconds": train_s, "loaded_from_cache": cached, "epochs": cfg.checker_epochs, "steps": cfg.checker_steps, "eps": cfg.checker_eps,
             "init": cfg.checker_init, "targets": cfg.checker_targets, "schedule": cfg.checker_schedule}
     det.implementation = f"hfguard (checker: {checker_recipe(info)})"
     det.trained_on = ("clean images (+ attacks it generates on them in fit); the checker: adversarial training on the same images"

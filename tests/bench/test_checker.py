@@ -80,10 +80,19 @@ def test_bad_checker_settings_and_starting_networks_get_typed_errors(tmp_path, m
         preset("digits", checker_targets="probabilities")
     with pytest.raises(SettingsError, match="checker_schedule"):
         preset("digits", checker_schedule="step")
+    for bad in (0.0, -0.5, 1.5):  # a share of the largest attack eps, never zero or beyond it
+        with pytest.raises(SettingsError, match="checker_eps_scale"):
+            preset("fashion-mnist", checker_eps_scale=bad)
     x, _ = _data()
     with pytest.raises(ModelError, match=r"\(N, 3\) logits"):  # a 10-class model cannot start a 3-class checker
         cached_checker("digits", x, torch.full((len(x), 3), 1 / 3), eps=0.1, epochs=1, steps=1, init=small_cnn(1, 10, 8))
     assert not list(tmp_path.glob("robust-checker-*"))
+
+
+def test_the_checker_trains_at_half_the_largest_attack_eps_unless_told():
+    assert preset("fashion-mnist").checker_eps == pytest.approx(0.05) and preset("digits").checker_eps == pytest.approx(0.075)
+    assert preset("fashion-mnist", checker_eps_scale=1.0).checker_eps == pytest.approx(0.1)  # the recipe before 0.8.3
+    assert "eps 0.05 " in checker_recipe({"steps": 5, "eps": preset("fashion-mnist").checker_eps, "epochs": 6})
 
 
 def test_the_results_say_how_the_checker_was_made():
