@@ -183,6 +183,7 @@ def test_the_checker_variant_alone_is_fitted_reported_and_attacked(tmp_path, mon
     assert JOINT in eps and 0 <= eps[JOINT]["evasion_rate"] <= eps["best of all (per image)"]["evasion_rate"]  # the checker-aware attack ran
     assert run["checker"]["loaded_from_cache"] is False and run["checker"]["training_seconds"] > 0
     assert 0 <= run["checker"]["test_agreement_with_model"] <= 1
+    assert run["checker"]["eps"] == 0.075 and "at eps 0.075 " in (out / "digits-chk.md").read_text()  # half digits' largest eps, 0.15
     assert (out / "digits-chk-cnn-roc.png").exists() and "no peers in this run" in (out / "digits-chk.md").read_text()
     # the second run finds the trained checker in the cache
     assert main(["bench", "--dataset", "digits", "--tiny", "--quiet", "--checker", "--no-peers", "--tag", "chk", "--out", str(out)]) == 0
