@@ -53,7 +53,7 @@ class BenchConfig:
     checker_epochs: int = 6
     checker_steps: int = 5
     #: the checker's training radius as a share of the largest attack eps (0.8.3: 0.5; before, 1.0). Chosen on the
-    #: Fashion-MNIST CNN's validation split (benchmarks/robust_checker.py --train-eps 0.05 against 0.1): the half-eps
+    #: Fashion-MNIST CNN's validation split (benchmarks/robust_checker.py --train-eps 0.05 against 0.1 and 0.03): the half-eps
     #: checker agrees more with the model and is evaded less at the small eps, more at the large one
     checker_eps_scale: float = 0.5
     #: "model": the checker is a copy of the wrapped model, fine-tuned from its weights; "scratch": the dataset's small CNN
