@@ -39,9 +39,11 @@ the checker's learning rate to 0 (cosine); ``--init model`` trains a copy of the
 small CNN (adversarial fine-tuning; with ``--arch resnet`` the checker is then a small ResNet). ``--train-labels soft`` trains it on the wrapped model's
 softmax outputs (cross-entropy against them: robust distillation of the model). ``--train-labels model`` trains the checker on the wrapped
 model's predictions for the training images instead of their labels (robust imitation: more agreement with the model).
+``--extra-checker-eps E ...`` adds checkers of the same recipe at those radii, each its own term of the maximum with
+its own clean tail (the "Checker" line describes the first; its training seconds are the sum over all of them).
 
 Run:  python benchmarks/robust_checker.py [--epochs 6] [--train-eps 0.1] [--train-steps 1] [--trades 0] [--arch cnn] [--per-class-units]
-      [--checker-term ce|gap|kl] [--guard-quantile 0.99] [--train-labels true|model|soft] [--schedule constant|cosine] [--init scratch|model] [--combined-only] [--joint | --stress] [--tag T]
+      [--checker-term ce|gap|kl] [--guard-quantile 0.99] [--train-labels true|model|soft] [--schedule constant|cosine] [--init scratch|model] [--extra-checker-eps E ...] [--combined-only] [--joint | --stress] [--tag T]
 Writes benchmarks/results/robust-checker[-joint|-stress][-T].{json,md}.
 """
 
@@ -144,36 +146,46 @@ class Combined:
     """
 
     def __init__(self, guard, checker: torch.nn.Module, x_cal: torch.Tensor, per_class: bool = False, term: str = "ce",
-                 guard_quantile: float = 0.99) -> None:  # noqa: ANN001
-        self.guard, self.checker, self.term = guard, checker, term
+                 guard_quantile: float = 0.99, extra: tuple[torch.nn.Module, ...] = ()) -> None:  # noqa: ANN001
+        self.guard, self.checker, self.term, self.extra = guard, checker, term, tuple(extra)
         with torch.no_grad():
-            sg, sa, pred = self._terms(x_cal)
+            sg, sas, pred = self._terms(x_cal)
         self.per_class = per_class
         self.unit_g = (float(sg.median()), float(sg.quantile(guard_quantile) - sg.median()))
         key = self._key(pred)
-        med = torch.stack([sa[key == c].median() for c in range(int(key.max()) + 1)])
-        self.unit_a = (med, torch.stack([sa[key == c].quantile(0.99) for c in range(len(med))]) - med)
+        self.units_a = []
+        for sa in sas:  # one clean tail per checker
+            med = torch.stack([sa[key == c].median() for c in range(int(key.max()) + 1)])
+            self.units_a.append((med, torch.stack([sa[key == c].quantile(0.99) for c in range(len(med))]) - med))
+        self.unit_a = self.units_a[0]
         with torch.no_grad():
             self.threshold = float(self.score(x_cal).quantile(0.95))
 
-    def _terms(self, x: torch.Tensor, logits_and_score=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    def _term(self, net: torch.nn.Module, x: torch.Tensor, logits: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        c = net(x)
+        if self.term == "gap":  # the checker's top logit over its logit for the model's answer: 0 when it agrees
+            return c.max(1).values - c.gather(1, pred[:, None])[:, 0]
+        if self.term == "kl":  # KL(model || checker): the cross-entropy on the model's answer where the model is confident
+            return F.kl_div(F.log_softmax(c.float(), 1), F.log_softmax(logits.float(), 1), log_target=True, reduction="none").sum(1)
+        return F.cross_entropy(c, pred, reduction="none")
+
+    def _terms(self, x: torch.Tensor, logits_and_score=None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:  # noqa: ANN001
+        """hfguard's score, each checker's term (the main checker first) and the model's predictions."""
         logits, sg = logits_and_score if logits_and_score is not None else self.guard.logits_and_score(x)
         pred = logits.argmax(1)
-        c = self.checker(x)
-        if self.term == "gap":  # the checker's top logit over its logit for the model's answer: 0 when it agrees
-            return sg, c.max(1).values - c.gather(1, pred[:, None])[:, 0], pred
-        if self.term == "kl":  # KL(model || checker): the cross-entropy on the model's answer where the model is confident
-            return sg, F.kl_div(F.log_softmax(c.float(), 1), F.log_softmax(logits.float(), 1), log_target=True, reduction="none").sum(1), pred
-        return sg, F.cross_entropy(c, pred, reduction="none"), pred
+        return sg, [self._term(net, x, logits, pred) for net in (self.checker, *self.extra)], pred
 
     def _key(self, pred: torch.Tensor) -> torch.Tensor:
         """Which clean tail each image's checker term is measured against: its predicted class, or one shared tail."""
         return pred if self.per_class else torch.zeros_like(pred)
 
-    def _combine(self, sg: torch.Tensor, sa: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        (mg, ug), (ma, ua) = self.unit_g, self.unit_a
+    def _combine(self, sg: torch.Tensor, sas: list[torch.Tensor], pred: torch.Tensor) -> torch.Tensor:
+        mg, ug = self.unit_g
         k = self._key(pred)
-        return torch.maximum((sg - mg) / ug, (sa - ma[k]) / ua[k].clamp_min(1e-6))
+        out = (sg - mg) / ug
+        for sa, (ma, ua) in zip(sas, self.units_a):
+            out = torch.maximum(out, (sa - ma[k]) / ua[k].clamp_min(1e-6))
+        return out
 
     def logits_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         both = self.guard.logits_and_score(x)
@@ -217,7 +229,8 @@ def adaptive_masks(det, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
             t = lg.masked_fill(F.one_hot(y, lg.shape[1]).bool(), float("-inf")).argmax(1)
 
         def loss(logits: torch.Tensor, _t: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
-            return -F.cross_entropy(logits, t, reduction="none") - F.cross_entropy(det.checker(xr), t, reduction="none") - det.score(xr)
+            pushed = sum(F.cross_entropy(net(xr), t, reduction="none") for net in (det.checker, *det.extra))
+            return -F.cross_entropy(logits, t, reduction="none") - pushed - det.score(xr)
 
         def evaded(logits: torch.Tensor, _t: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -283,6 +296,8 @@ def main() -> None:
     ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="the checker's learning rate: constant or cosine to 0")
     ap.add_argument("--init", choices=("scratch", "model"), default="scratch", help="train a fresh small CNN, or a copy of the wrapped model "
                     "(adversarial fine-tuning: the checker starts from the model's own answers)")
+    ap.add_argument("--extra-checker-eps", type=float, nargs="*", default=[], help="more checkers, the same recipe at these radii, "
+                    "each one more term of the maximum (units and threshold on the calibration split as for the first)")
     ap.add_argument("--tag", default="", help="suffix of the results' file names (e.g. for another checker setting)")
     args = ap.parse_args()
     if args.trades and args.train_steps < 2:
@@ -299,8 +314,14 @@ def main() -> None:
               "soft": lambda: model_softmax(model, train[0])}[args.train_labels]()
     checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
                                                     schedule=args.schedule, init=model if args.init == "model" else None)
+    extra = []
+    for e in args.extra_checker_eps:
+        net, seconds, _ = cached_checker(train[0], labels, e, args.epochs, steps=args.train_steps, trades=args.trades,
+                                         schedule=args.schedule, init=model if args.init == "model" else None)
+        extra.append(net)
+        train_seconds += seconds
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,
-                        guard_quantile=args.guard_quantile)
+                        guard_quantile=args.guard_quantile, extra=extra)
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
@@ -353,6 +374,7 @@ def main() -> None:
           f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
           f"{ {'model': 'the model', 'soft': 'the model softmax', 'true': 'the true'}[args.train_labels]} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
           f"{args.guard_quantile:g}; {args.arch}; learning rate {args.schedule}; "
+          + "".join(f"a second checker of the same recipe at eps {e:g} (its own term in the maximum); " for e in args.extra_checker_eps) +
           f"{'a copy of the wrapped model, fine-tuned' if args.init == 'model' else 'a fresh small CNN'}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",
           "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
