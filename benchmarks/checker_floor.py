@@ -21,12 +21,13 @@ in-sample), the share of them where the two networks disagree, and the share of 
 combined detector does not flag (with more disagreement than the 5 % false-alarm budget, some must pass), and the
 checker's mean confidence (top softmax probability) on the 1000 clean validation images.
 
-Run:  python benchmarks/checker_floor.py   (uses the cached checkers of robust_checker.py; trains them if absent)
-Writes benchmarks/results/checker-floor.{json,md}.
+Run:  python benchmarks/checker_floor.py [--checkers I ...] [--tag T]   (the cached checkers of robust_checker.py; trains them if absent)
+Writes benchmarks/results/checker-floor[-T].{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -40,9 +41,11 @@ import hfguard
 from hfguard.bench.checker import model_softmax
 from hfguard.data import cached_model
 
-#: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5``, with ``--init model --schedule cosine``, and with ``--train-labels soft`` too)
+#: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5``, with ``--init model --schedule cosine``, with
+#: ``--train-labels soft`` too, and that at ``--train-eps 0.05``; eps 0.1 unless given)
 CHECKERS = {"PGD-5, fresh small CNN (the bench's before 0.8.2)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
-            "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True}}
+            "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True},
+            "the same at eps 0.05 (the bench's since 0.8.3)": {"init": True, "schedule": "cosine", "soft": True, "eps": 0.05}}
 EPS = (0.1, 0.03)
 CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
 
@@ -82,10 +85,15 @@ def main() -> None:
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", "cnn")
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkers", type=int, nargs="*", default=list(range(len(CHECKERS))),
+                    help="which of the checkers, by position (0-based) in: " + "; ".join(CHECKERS))
+    ap.add_argument("--tag", default="", help="suffix of the results' file names")
+    args = ap.parse_args()
     rows = {}
-    for name, kw in CHECKERS.items():
+    for name, kw in [list(CHECKERS.items())[i] for i in args.checkers]:
         labels = model_softmax(model, train[0]) if kw.get("soft") else train[1]
-        checker, _, cached = cached_checker(train[0], labels, 0.1, 6, steps=5, schedule=kw.get("schedule", "constant"),
+        checker, _, cached = cached_checker(train[0], labels, kw.get("eps", 0.1), 6, steps=5, schedule=kw.get("schedule", "constant"),
                                             init=model if kw.get("init") else None)
         det = Combined(guard, checker, calibration[0], per_class=True)
         with torch.no_grad():
@@ -107,7 +115,7 @@ def main() -> None:
           "0.0056); the first rows are over the 5000 calibration or the 1000 validation images, as named.", "",
           "| measure | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     md += [f"| {c} | " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for r in rows.values()) + " |" for c in cols]
-    write_results("checker-floor", {"command": command, "hfguard": hfguard.__version__, "rows": rows}, md + [""], t0)
+    write_results("checker-floor" + (f"-{args.tag}" if args.tag else ""), {"command": command, "hfguard": hfguard.__version__, "rows": rows}, md + [""], t0)
 
 
 if __name__ == "__main__":
