@@ -3,7 +3,9 @@
 ``benchmarks/robust_checker.py`` measured the combined detector (hfguard + a PGD-5 checker, per-class units) at
 0.472 / 0.242 best-of-four evasion (eps 0.1 / 0.03) on the CNN's validation split, and 0.489 / 0.202 with a checker
 fine-tuned from the model with a cosine learning rate (``--init model --schedule cosine``; a third column trains
-that one on the model's softmax outputs, ``--train-labels soft``). This script reruns the same four detector-aware attacks on
+that one on the model's softmax outputs, ``--train-labels soft``; the fourth and fifth train that at eps 0.05 for 6 and
+12 epochs, the bench's checkers of 0.8.3 and 0.8.4; ``--checkers`` picks columns by position). The model is whichever
+``cached_model("fashion-mnist", "cnn")`` holds, so runs on different machines may differ. This script reruns the same four detector-aware attacks on
 the same 200 validation images (Fashion-MNIST test 5000-5199) and, for each image some attack evades on (the first
 evading attack's image, in the suite's order), asks what the checker does there:
 
@@ -42,10 +44,11 @@ from hfguard.bench.checker import model_softmax
 from hfguard.data import cached_model
 
 #: name -> cached_checker keywords (robust_checker.py's runs: ``--train-steps 5``, with ``--init model --schedule cosine``, with
-#: ``--train-labels soft`` too, and that at ``--train-eps 0.05``; eps 0.1 unless given)
+#: ``--train-labels soft`` too, and that at ``--train-eps 0.05`` for 6 and 12 epochs; eps 0.1 and 6 epochs unless given)
 CHECKERS = {"PGD-5, fresh small CNN (the bench's before 0.8.2)": {}, "PGD-5, fine-tuned copy of the model, cosine lr": {"init": True, "schedule": "cosine"},
             "the same, on the model's softmax": {"init": True, "schedule": "cosine", "soft": True},
-            "the same at eps 0.05 (the bench's since 0.8.3)": {"init": True, "schedule": "cosine", "soft": True, "eps": 0.05}}
+            "the same at eps 0.05 (the bench's in 0.8.3)": {"init": True, "schedule": "cosine", "soft": True, "eps": 0.05},
+            "the same, 12 epochs (the bench's since 0.8.4)": {"init": True, "schedule": "cosine", "soft": True, "eps": 0.05, "epochs": 12}}
 EPS = (0.1, 0.03)
 CASES = ("checker fooled too", "checker right, its doubt tolerated", "checker wrong on the clean image already", "other")
 
@@ -93,7 +96,7 @@ def main() -> None:
     rows = {}
     for name, kw in [list(CHECKERS.items())[i] for i in args.checkers]:
         labels = model_softmax(model, train[0]) if kw.get("soft") else train[1]
-        checker, _, cached = cached_checker(train[0], labels, kw.get("eps", 0.1), 6, steps=5, schedule=kw.get("schedule", "constant"),
+        checker, _, cached = cached_checker(train[0], labels, kw.get("eps", 0.1), kw.get("epochs", 6), steps=5, schedule=kw.get("schedule", "constant"),
                                             init=model if kw.get("init") else None)
         det = Combined(guard, checker, calibration[0], per_class=True)
         with torch.no_grad():
