@@ -87,8 +87,8 @@ def adversarial_training(net: nn.Module, x: Tensor, y: Tensor, *, eps: float, ep
     start in the eps-ball (``steps=1``: one step of ``1.25 eps``, fast adversarial training, Wong et al. 2020),
     then one Adam step on half the clean and half the adversarial cross-entropy. The measured recipe
     (``benchmarks/robust_checker.py``, Fashion-MNIST): ``steps=5``; the bench's checker, a copy of the model, trains
-    12 epochs at half the largest attack radius (each was evaded less on the validation split than 6 epochs, or the
-    full radius).
+    12 epochs at half the largest attack radius (on the validation split 12 epochs were evaded less than 6 at both
+    budgets; half the radius less than the full one at the small budget, more at the large one).
     ``schedule="cosine"`` decays the learning rate from ``lr`` to 0 over the batches (cosine); ``"constant"`` keeps it.
     ``net`` may be a fresh network or a copy of the wrapped model (``copy.deepcopy(model).requires_grad_(True)``):
     adversarial fine-tuning from the model's weights. On Fashion-MNIST that together with the cosine schedule left

@@ -29,7 +29,7 @@ def test_guard_moves_with_to(digits_model, digits):
 
 def test_compiled_model_gives_the_eager_scores(digits_model, digits):
     """Inductor's code for the model gives the eager guard's scores. Both fit with ``calibration="clean"``: a
-    self-attack fit compiles a forward and a backward graph per batch shape (about a minute here) and runs past
+    self-attack fit compiles a forward and a backward graph per batch shape (63 s here, beside another job) and runs past
     torch's limit of 8 versions, after which the model runs uncompiled anyway."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dynamo's notes on graph breaks at the hooks; the small clean split's note
