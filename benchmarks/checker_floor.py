@@ -82,17 +82,19 @@ def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkers", type=int, nargs="*", default=list(range(len(CHECKERS))),
+                    help="which of the checkers, by position (0-based) in: " + "; ".join(CHECKERS))
+    ap.add_argument("--tag", default="", help="suffix of the results' file names")
+    args = ap.parse_args()
+    if not all(0 <= i < len(CHECKERS) for i in args.checkers):
+        ap.error(f"--checkers takes positions 0 to {len(CHECKERS) - 1}, got {args.checkers}")
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     t0 = time.time()
     train, calibration, xv, yv = validation_split(1000)
     model = cached_model("fashion-mnist", "cnn")
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkers", type=int, nargs="*", default=list(range(len(CHECKERS))),
-                    help="which of the checkers, by position (0-based) in: " + "; ".join(CHECKERS))
-    ap.add_argument("--tag", default="", help="suffix of the results' file names")
-    args = ap.parse_args()
     rows = {}
     for name, kw in [list(CHECKERS.items())[i] for i in args.checkers]:
         labels = model_softmax(model, train[0]) if kw.get("soft") else train[1]
