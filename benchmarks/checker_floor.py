@@ -71,7 +71,7 @@ def classify(det: Combined, model: torch.nn.Module, x: torch.Tensor, y: torch.Te
         c_logits = det.checker(first)
         c_adv = c_logits.argmax(1)
         term = F.cross_entropy(c_logits, m_adv, reduction="none")
-        units = (term - det.unit_a[0][m_adv]) / det.unit_a[1][m_adv].clamp_min(1e-6)
+        units = (term - det.units_a[0][0][m_adv]) / det.units_a[0][1][m_adv].clamp_min(1e-6)
     cases = {CASES[0]: (c_adv == m_adv) & (clean_c != m_adv), CASES[1]: c_adv == y, CASES[2]: (c_adv == m_adv) & (clean_c == m_adv)}
     cases[CASES[3]] = ~(cases[CASES[0]] | cases[CASES[1]] | cases[CASES[2]])
     n = float(ok.sum())

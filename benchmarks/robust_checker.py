@@ -157,7 +157,6 @@ class Combined:
         for sa in sas:  # one clean tail per checker
             med = torch.stack([sa[key == c].median() for c in range(int(key.max()) + 1)])
             self.units_a.append((med, torch.stack([sa[key == c].quantile(0.99) for c in range(len(med))]) - med))
-        self.unit_a = self.units_a[0]
         with torch.no_grad():
             self.threshold = float(self.score(x_cal).quantile(0.95))
 
@@ -312,16 +311,11 @@ def main() -> None:
     guard = hfguard.protect(model, progress=False).fit(train, calibration_data=calibration)
     labels = {"true": lambda: train[1], "model": lambda: batched(model, train[0]).argmax(1),
               "soft": lambda: model_softmax(model, train[0])}[args.train_labels]()
-    checker, train_seconds, cached = cached_checker(train[0], labels, args.train_eps, args.epochs, steps=args.train_steps, trades=args.trades,
-                                                    schedule=args.schedule, init=model if args.init == "model" else None)
-    extra = []
-    for e in args.extra_checker_eps:
-        net, seconds, _ = cached_checker(train[0], labels, e, args.epochs, steps=args.train_steps, trades=args.trades,
-                                         schedule=args.schedule, init=model if args.init == "model" else None)
-        extra.append(net)
-        train_seconds += seconds
+    trained = [cached_checker(train[0], labels, e, args.epochs, steps=args.train_steps, trades=args.trades, schedule=args.schedule,
+                              init=model if args.init == "model" else None) for e in (args.train_eps, *args.extra_checker_eps)]
+    (checker, _, cached), train_seconds = trained[0], sum(t[1] for t in trained)
     combined = Combined(guard, checker, calibration[0], per_class=args.per_class_units, term=args.checker_term,
-                        guard_quantile=args.guard_quantile, extra=extra)
+                        guard_quantile=args.guard_quantile, extra=[t[0] for t in trained[1:]])
     dets = {"hfguard": GuardAlone(guard), "hfguard + robust checker": combined}
     with torch.no_grad():
         pred_m, pred_c = batched(model, xv).argmax(1), batched(checker, xv).argmax(1)
@@ -374,7 +368,7 @@ def main() -> None:
           f"Settings: checker trained by {_recipe(args.train_steps, args.trades)} at eps {args.train_eps:g} for {args.epochs} epochs; "
           f"{ {'model': 'the model', 'soft': 'the model softmax', 'true': 'the true'}[args.train_labels]} labels; checker term {args.checker_term}, {'per-class' if args.per_class_units else 'shared'} units; hfguard unit quantile "
           f"{args.guard_quantile:g}; {args.arch}; learning rate {args.schedule}; "
-          + "".join(f"a second checker of the same recipe at eps {e:g} (its own term in the maximum); " for e in args.extra_checker_eps) +
+          + "".join(f"another checker of the same recipe at eps {e:g} (its own term in the maximum); " for e in args.extra_checker_eps) +
           f"{'a copy of the wrapped model, fine-tuned' if args.init == 'model' else 'a fresh small CNN'}.", "",
           "Checker: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), "",
           "| detector | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]

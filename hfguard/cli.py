@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bench.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     bench.add_argument("--checker", action="store_true", help="also fit and attack hfguard with a robust checker network (hfguard.checker; "
-                       "by default a copy of each model fine-tuned against its softmax at half the largest eps; the first run trains them: about 20 "
-                       "minutes for the Fashion-MNIST CNN on 2 CPU cores, longer for the ResNet)")
+                       "by default a copy of each model fine-tuned against its softmax at half the largest eps for 12 epochs; the first run trains "
+                       "them: about 45 minutes for the Fashion-MNIST CNN on 2 CPU cores, longer for the ResNet)")
     bench.add_argument("--no-peers", action="store_true", help="skip the peers and ablations (with --checker: attack only the checker variant)")
     bench.add_argument("--tag", default="", help="write <dataset>-<tag>.json, .md and plots instead of <dataset>.*")
     bench.add_argument("--replot", action="store_true", help="only redraw the plots and rewrite the markdown from the JSON and the saved scores in --out")
