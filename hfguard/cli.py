@@ -62,7 +62,7 @@ def run_bench_command(args: argparse.Namespace, command: str) -> int:
         return 0
     if not args.quiet:
         logging.getLogger("hfguard.bench").setLevel(logging.INFO)
-    cfg = preset(args.dataset, tiny=args.tiny, threads=args.threads, checker=args.checker, peers=not args.no_peers)
+    cfg = preset(args.dataset, tiny=args.tiny, threads=args.threads, checker=args.checker, peers=not args.no_peers, checker_init=args.checker_init)
     try:
         result = run_bench(args.dataset, args.out, archs=tuple(args.arch) if args.arch else None, cfg=cfg, progress=not args.quiet, command=command,
                            tag=args.tag)
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--checker", action="store_true", help="also fit and attack hfguard with a robust checker network (hfguard.checker; "
                        "by default a copy of each model fine-tuned against its softmax at half the largest eps for 12 epochs; the first run trains "
                        "them: about 45 minutes for the Fashion-MNIST CNN on 2 CPU cores, longer for the ResNet)")
+    bench.add_argument("--checker-init", default="model", choices=["model", "scratch"],
+                       help="with --checker: 'model' fine-tunes a copy of each model (default); 'scratch' trains the dataset's small CNN "
+                       "against the model's softmax (cheaper for a model costlier than that CNN, such as the Fashion-MNIST ResNet)")
     bench.add_argument("--no-peers", action="store_true", help="skip the peers and ablations (with --checker: attack only the checker variant)")
     bench.add_argument("--tag", default="", help="write <dataset>-<tag>.json, .md and plots instead of <dataset>.*")
     bench.add_argument("--replot", action="store_true", help="only redraw the plots and rewrite the markdown from the JSON and the saved scores in --out")

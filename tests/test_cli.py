@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from hfguard.cli import main, run_demo
 
 
@@ -39,3 +41,23 @@ def test_demo_refuses_a_test_count_it_cannot_honour(tmp_path, monkeypatch, capsy
         assert main(["demo", "--out", str(tmp_path / "d"), "--n-test", n, "--quiet"]) == 2
         assert f"n_test must be between 1 and the 539 test images of digits, got {n}" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # refused before any training
+
+
+def test_bench_passes_the_checker_init_to_the_settings(tmp_path, monkeypatch):
+    from hfguard.bench import run as R
+    from hfguard.errors import DatasetNotAvailableError
+
+    seen = {}
+
+    def fake_run_bench(dataset, out, *, archs, cfg, progress, command, tag):
+        seen["cfg"], seen["command"] = cfg, command
+        raise DatasetNotAvailableError("stop here")  # the settings are all this test reads
+
+    monkeypatch.setattr(R, "run_bench", fake_run_bench)
+    args = ["bench", "--dataset", "fashion-mnist", "--arch", "resnet", "--checker", "--checker-init", "scratch", "--quiet", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert seen["cfg"].checker and seen["cfg"].checker_init == "scratch" and "--checker-init scratch" in seen["command"]
+    assert main(args[:-5] + ["--quiet", "--out", str(tmp_path)]) == 2
+    assert seen["cfg"].checker_init == "model"  # the default
+    with pytest.raises(SystemExit):
+        main(["bench", "--checker-init", "imagenet"])
