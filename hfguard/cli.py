@@ -75,6 +75,8 @@ def run_bench_command(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hfguard.bench.config import CHOICES  # light: the bench's extras are imported only when it runs
+
     parser = argparse.ArgumentParser(prog="hfguard", description="Protect a PyTorch image classifier against adversarial examples.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a small CNN, fit a guard, attack it, print the table and write a ROC plot")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--checker", action="store_true", help="also fit and attack hfguard with a robust checker network (hfguard.checker; "
                        "by default a copy of each model fine-tuned against its softmax at half the largest eps for 12 epochs; the first run trains "
                        "them: about 45 minutes for the Fashion-MNIST CNN on 2 CPU cores, longer for the ResNet)")
-    bench.add_argument("--checker-init", default="model", choices=["model", "scratch"],
+    bench.add_argument("--checker-init", default="model", choices=CHOICES["checker_init"],
                        help="with --checker: 'model' fine-tunes a copy of each model (default); 'scratch' trains the dataset's small CNN "
                        "against the model's softmax (cheaper for a model costlier than that CNN, such as the Fashion-MNIST ResNet)")
     bench.add_argument("--no-peers", action="store_true", help="skip the peers and ablations (with --checker: attack only the checker variant)")

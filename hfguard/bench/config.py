@@ -7,7 +7,10 @@ from typing import Any
 
 from hfguard.errors import SettingsError
 
-__all__ = ["BenchConfig", "preset"]
+__all__ = ["BenchConfig", "preset", "CHOICES"]
+
+#: the allowed values of BenchConfig's string settings (the CLI offers the same)
+CHOICES = {"checker_init": ("model", "scratch"), "checker_targets": ("softmax", "labels"), "checker_schedule": ("cosine", "constant")}
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,7 @@ class BenchConfig:
         return self.checker_eps_scale * self.eps_hi
 
     def __post_init__(self) -> None:
-        choices = {"checker_init": ("model", "scratch"), "checker_targets": ("softmax", "labels"), "checker_schedule": ("cosine", "constant")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 < self.checker_eps_scale <= 1:
